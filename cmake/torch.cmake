@@ -1,0 +1,34 @@
+# Locates the installed torch by asking Python (no find_package(Torch): its CUDA
+# probing needs hints that differ between torch builds; see BUILD_NOTES.md).
+execute_process(
+  COMMAND ${Python_EXECUTABLE} -c
+  "import os, torch, sysconfig; d=os.path.dirname(torch.__file__); print(d); print(int(torch._C._GLIBCXX_USE_CXX11_ABI)); print(torch.version.cuda or ''); print(sysconfig.get_paths()['purelib'])"
+  OUTPUT_VARIABLE _dspark_torch_info OUTPUT_STRIP_TRAILING_WHITESPACE
+  RESULT_VARIABLE _dspark_torch_rc)
+if(NOT _dspark_torch_rc EQUAL 0)
+  message(FATAL_ERROR "dspark_ops needs torch installed in ${Python_EXECUTABLE} (build with --no-build-isolation)")
+endif()
+string(REPLACE "\n" ";" _dspark_torch_info "${_dspark_torch_info}")
+list(GET _dspark_torch_info 0 DSPARK_TORCH_DIR)
+list(GET _dspark_torch_info 1 DSPARK_TORCH_CXX11_ABI)
+list(GET _dspark_torch_info 2 DSPARK_TORCH_CUDA)
+list(GET _dspark_torch_info 3 DSPARK_SITE_PACKAGES)
+
+set(DSPARK_TORCH_INCLUDE_DIRS ${DSPARK_TORCH_DIR}/include
+    ${DSPARK_TORCH_DIR}/include/torch/csrc/api/include)
+set(DSPARK_TORCH_LIBRARY_DIR ${DSPARK_TORCH_DIR}/lib)
+set(DSPARK_TORCH_DEFINITIONS _GLIBCXX_USE_CXX11_ABI=${DSPARK_TORCH_CXX11_ABI}
+    TORCH_EXTENSION_NAME=_C TORCH_API_INCLUDE_EXTENSION_H)
+set(DSPARK_TORCH_LIBRARIES c10 torch_cpu torch)
+# The CUDA wheels put the toolkit headers that ATen/cuda includes (cuBLAS, cuSPARSE) here.
+file(GLOB DSPARK_TORCH_CUDA_INCLUDE_DIRS ${DSPARK_SITE_PACKAGES}/nvidia/cu*/include)
+set(DSPARK_TORCH_CUDA_LIBRARIES c10_cuda torch_cuda)
+
+# CUTLASS/CuTe headers come from the nvidia-cutlass wheel when it is installed (third_party/README.md).
+execute_process(
+  COMMAND ${Python_EXECUTABLE} -c
+  "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))"
+  OUTPUT_VARIABLE CUTLASS_INCLUDE_DIRS OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+if(CUTLASS_INCLUDE_DIRS)
+  message(STATUS "dspark_ops: CUTLASS headers at ${CUTLASS_INCLUDE_DIRS}")
+endif()

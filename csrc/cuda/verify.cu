@@ -1,0 +1,254 @@
+// CUDA kernel of `verify`: one CTA per request row, positions in order, each
+// position a few block-wide passes over the vocabulary (max, softmax
+// numerators, radix-select histograms for the filters, inverse-CDF draw).
+// The arithmetic comes from the same headers as the CPU kernel (Philox, exp,
+// fixed-point masses, radix walk, acceptance rule), so both pick the same
+// tokens. No host sync, no allocation beyond the outputs: graph-capturable.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "../bindings/verify.h"
+#include "dspark/filters.h"
+#include "dspark/verify_problem.h"
+
+namespace dspark {
+namespace {
+
+constexpr int kThreads = 512;
+using U64 = unsigned long long;
+
+struct Shared {
+  union {
+    typename cub::BlockReduce<float, kThreads>::TempStorage reduce_f;
+    typename cub::BlockReduce<U64, kThreads>::TempStorage reduce_u;
+    typename cub::BlockReduce<long long, kThreads>::TempStorage reduce_i;
+    typename cub::BlockScan<U64, kThreads>::TempStorage scan;
+  } cub;
+  U64 hist[kRadixBins];
+  float f;
+  U64 u;
+  long long i;
+  uint32_t prefix;
+  int flag;
+};
+
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return a > b ? a : b; }
+};
+struct MinOp {
+  __device__ long long operator()(long long a, long long b) const { return a < b ? a : b; }
+};
+
+template <typename T>
+__device__ float block_max(const T* x, index_t n, Shared& sh, bool* finite) {
+  float mx = -INFINITY;
+  int bad = 0;
+  for (index_t v = threadIdx.x; v < n; v += kThreads) {
+    const float f = to_float(x[v]);
+    mx = f > mx ? f : mx;
+    bad |= (float_bits(f) & 0x7F800000u) == 0x7F800000u;
+  }
+  const float r = cub::BlockReduce<float, kThreads>(sh.cub.reduce_f).Reduce(mx, MaxOp());
+  *finite = !__syncthreads_or(bad);
+  if (threadIdx.x == 0) sh.f = r;
+  __syncthreads();
+  return sh.f;
+}
+
+__device__ U64 block_sum(U64 v, Shared& sh) {
+  const U64 r = cub::BlockReduce<U64, kThreads>(sh.cub.reduce_u).Sum(v);
+  if (threadIdx.x == 0) sh.u = r;
+  __syncthreads();
+  const U64 out = sh.u;
+  __syncthreads();
+  return out;
+}
+
+template <typename T>
+__device__ __forceinline__ float numerator(const T* x, index_t v, float max, float inv_t) {
+  return exp_nonpositive((to_float(x[v]) - max) * inv_t);
+}
+
+template <typename T>
+__device__ U64 block_kept_mass(const T* x, index_t n, float max, float inv_t, uint32_t floor_bits, Shared& sh) {
+  U64 acc = 0;
+  for (index_t v = threadIdx.x; v < n; v += kThreads) {
+    const float e = numerator(x, v, max, inv_t);
+    acc += float_bits(e) >= floor_bits ? mass_of(e) : 0;
+  }
+  return block_sum(acc, sh);
+}
+
+template <bool kByMass, typename T>
+__device__ uint32_t block_radix_select(const T* x, index_t n, float max, float inv_t, uint32_t floor_bits,
+                                       uint64_t want, Shared& sh) {
+  uint32_t prefix = 0;
+  for (int level = 0; level < kRadixLevels; ++level) {
+    for (int i = threadIdx.x; i < kRadixBins; i += kThreads) sh.hist[i] = 0;
+    __syncthreads();
+    for (index_t v = threadIdx.x; v < n; v += kThreads) {
+      const float e = numerator(x, v, max, inv_t);
+      const uint32_t bits = float_bits(e);
+      if (radix_candidate(bits, level, prefix, floor_bits))
+        atomicAdd(&sh.hist[radix_bin(bits, level)], kByMass ? static_cast<U64>(mass_of(e)) : U64{1});
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int bin = radix_walk(sh.hist, reinterpret_cast<U64*>(&want));
+      sh.flag = bin;
+      if (bin >= 0) sh.prefix = radix_extend(prefix, level, bin);
+    }
+    __syncthreads();
+    if (sh.flag < 0) return floor_bits;  // fewer than `want`: keep everything
+    prefix = sh.prefix;
+    __syncthreads();
+  }
+  return prefix > floor_bits ? prefix : floor_bits;
+}
+
+// First v (in [0, n)) whose cumulative mass exceeds U = scaled_draw(bits, total).
+template <typename MassFn>
+__device__ index_t block_draw(index_t n, uint64_t total, uint64_t bits, MassFn mass, Shared& sh) {
+  const U64 u = scaled_draw(bits, total);
+  U64 running = 0;
+  if (threadIdx.x == 0) sh.i = -1;
+  __syncthreads();
+  for (index_t start = 0; start < n; start += kThreads) {
+    const index_t v = start + threadIdx.x;
+    const U64 m = v < n ? static_cast<U64>(mass(v)) : 0;
+    U64 incl, tile_total;
+    cub::BlockScan<U64, kThreads>(sh.cub.scan).InclusiveSum(m, incl, tile_total);
+    if (m > 0 && running + incl > u && running + incl - m <= u) sh.i = v;
+    __syncthreads();
+    if (sh.i >= 0) break;
+    running += tile_total;
+  }
+  const index_t out = sh.i;
+  __syncthreads();
+  return out >= 0 ? out : n - 1;  // n - 1 only if `total` were not the exact sum
+}
+
+template <typename L, typename Q>
+__global__ void __launch_bounds__(kThreads) verify_kernel(VerifyProblem P) {
+  __shared__ Shared sh;
+  const index_t b = blockIdx.x, V = P.vocab, K = P.num_draft_max;
+  int32_t* out = P.tokens + b * (K + 1);
+  for (index_t j = threadIdx.x; j <= K; j += kThreads) out[j] = -1;
+  auto finish = [&](index_t accepted, int32_t err) {
+    if (threadIdx.x == 0) {
+      P.num_accepted[b] = static_cast<int32_t>(accepted);
+      P.row_error[b] = err;
+      if (err != kRowOk)
+        for (index_t j = 0; j <= K; ++j) out[j] = -1;
+    }
+  };
+  __syncthreads();
+
+  const SamplingParams sp = P.params(b);
+  const index_t l = P.num_draft[b];
+  if (!params_valid(sp) || l < 0 || l > K) return finish(-1, kRowBadParams);
+  const int32_t* drafts = P.draft_tokens + b * K;
+  const bool greedy = sp.temperature == 0.0f;
+  const bool one_hot = P.draft_probs == nullptr;
+  const float inv_t = greedy ? 1.0f : 1.0f / sp.temperature;
+
+  for (index_t j = 0; j <= l; ++j) {
+    const L* x = static_cast<const L*>(P.logits) + b * P.logits_stride_b + j * P.logits_stride_k;
+    bool finite;
+    const float max = block_max(x, V, sh, &finite);
+    if (!finite) return finish(-1, kRowNonFiniteLogits);
+    const bool is_draft = j < l;
+    const index_t xj = is_draft ? drafts[j] : 0;
+    if (is_draft && (xj < 0 || xj >= V)) return finish(-1, kRowDraftTokenOutOfRange);
+
+    if (greedy) {
+      long long first = V;
+      for (index_t v = threadIdx.x; v < V; v += kThreads)
+        if (to_float(x[v]) == max) { first = v; break; }
+      const long long best_r = cub::BlockReduce<long long, kThreads>(sh.cub.reduce_i).Reduce(first, MinOp());
+      if (threadIdx.x == 0) sh.i = best_r;
+      __syncthreads();
+      const index_t best = sh.i;
+      __syncthreads();
+      if (is_draft && xj == best) {
+        if (threadIdx.x == 0) out[j] = static_cast<int32_t>(xj);
+        continue;
+      }
+      if (threadIdx.x == 0) out[j] = static_cast<int32_t>(best);
+      return finish(j, kRowOk);
+    }
+
+    U64 acc = 0;
+    for (index_t v = threadIdx.x; v < V; v += kThreads) acc += mass_of(numerator(x, v, max, inv_t));
+    const uint64_t z_all = block_sum(acc, sh);
+    uint32_t t = 0;
+    uint64_t z_k = z_all;
+    if (sp.top_k > 0 && sp.top_k < V) {
+      t = block_radix_select<false>(x, V, max, inv_t, 0, static_cast<uint64_t>(sp.top_k), sh);
+      z_k = block_kept_mass(x, V, max, inv_t, t, sh);
+    }
+    if (sp.top_p < 1.0f) t = block_radix_select<true>(x, V, max, inv_t, t, top_p_target(sp.top_p, z_k), sh);
+    const uint32_t min_p_bits = min_p_floor_bits(sp.min_p);
+    t = t > min_p_bits ? t : min_p_bits;
+    const uint64_t z = t == 0 ? z_all : block_kept_mass(x, V, max, inv_t, t, sh);
+    auto p_mass = [&](index_t v) -> uint64_t {
+      const float e = numerator(x, v, max, inv_t);
+      return float_bits(e) >= t ? mass_of(e) : 0;
+    };
+    const Q* q = one_hot ? nullptr
+                         : static_cast<const Q*>(P.draft_probs) + b * P.draft_probs_stride_b + j * P.draft_probs_stride_k;
+
+    index_t token;
+    if (is_draft) {
+      const float qx = one_hot ? 1.0f : to_float(q[xj]);
+      if (!(qx > 0.0f)) return finish(-1, kRowZeroDraftProb);
+      const float u = uniform_open01(random_words(sp.seed, sp.offset, j, Purpose::kVerifyAccept).v[0]);
+      if (accept_draft(u, qx, p_mass(xj), z)) {
+        if (threadIdx.x == 0) out[j] = static_cast<int32_t>(xj);
+        __syncthreads();
+        continue;
+      }
+      auto residual = [&](index_t v) -> uint64_t {
+        const uint64_t qm = one_hot ? (v == xj ? z : 0) : draft_mass(to_float(q[v]), z);
+        return residual_mass(p_mass(v), qm);
+      };
+      U64 r_acc = 0;
+      for (index_t v = threadIdx.x; v < V; v += kThreads) r_acc += residual(v);
+      const uint64_t r_total = block_sum(r_acc, sh);
+      const uint64_t bits = random_u64(random_words(sp.seed, sp.offset, j, Purpose::kVerifySample));
+      token = r_total > 0 ? block_draw(V, r_total, bits, residual, sh) : block_draw(V, z, bits, p_mass, sh);
+    } else {
+      const uint64_t bits = random_u64(random_words(sp.seed, sp.offset, j, Purpose::kVerifySample));
+      token = block_draw(V, z, bits, p_mass, sh);
+    }
+    if (threadIdx.x == 0) out[j] = static_cast<int32_t>(token);
+    return finish(j, kRowOk);
+  }
+}
+
+template <typename L>
+void launch_typed(const VerifyProblem& P, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(P.batch));
+  switch (P.draft_probs_dtype) {
+    case FloatCode::f32: verify_kernel<L, float><<<grid, kThreads, 0, stream>>>(P); break;
+    case FloatCode::bf16: verify_kernel<L, bf16_bits><<<grid, kThreads, 0, stream>>>(P); break;
+    case FloatCode::f16: verify_kernel<L, fp16_bits><<<grid, kThreads, 0, stream>>>(P); break;
+  }
+}
+
+}  // namespace
+
+void verify_cuda_launch(const VerifyProblem& P) {
+  if (P.batch == 0) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (P.logits_dtype) {
+    case FloatCode::f32: launch_typed<float>(P, stream); break;
+    case FloatCode::bf16: launch_typed<bf16_bits>(P, stream); break;
+    case FloatCode::f16: launch_typed<fp16_bits>(P, stream); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace dspark

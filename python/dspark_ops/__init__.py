@@ -1,0 +1,9 @@
+"""dspark_ops: kernels for DSpark-style speculative decoding (torch.ops.dspark.*)."""
+from __future__ import annotations
+
+from ._ops import build_info, ops
+from .verify import verify
+
+__version__ = "0.1.0"
+
+__all__ = ["build_info", "ops", "verify", "__version__"]
