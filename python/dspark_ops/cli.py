@@ -13,7 +13,7 @@ def _info(args) -> int:
     info = dspark_ops.build_info()
     print(f"dspark_ops {dspark_ops.__version__}")
     print(f"torch      {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
-    print(f"backends   CPU ({info['cpu_isa']})" + (f", CUDA sm_{', sm_'.join(info['cuda_archs'].split(';'))}"
+    print(f"backends   CPU ({info['cpu_isa']})" + (f", CUDA sm_{', sm_'.join(info['cuda_archs'].split(','))}"
                                                    if info["cuda_archs"] else ", CUDA not compiled"))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     print(f"GPU        {gpu}")

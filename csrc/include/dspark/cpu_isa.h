@@ -1,5 +1,7 @@
 // Run-time choice among the per-ISA builds of a CPU kernel (cmake/cpu_isa.cmake).
 #pragma once
+#include <cstdlib>
+#include <cstring>
 
 namespace dspark::cpu {
 
@@ -7,6 +9,11 @@ enum class Isa { generic, avx2, avx512 };
 
 inline Isa best_isa() {
   static const Isa isa = [] {
+    // DSPARK_CPU_ISA=generic|avx2 forces a lesser build (tests run every variant).
+    if (const char* forced = std::getenv("DSPARK_CPU_ISA")) {
+      if (std::strcmp(forced, "generic") == 0) return Isa::generic;
+      if (std::strcmp(forced, "avx2") == 0) return Isa::avx2;
+    }
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
