@@ -158,9 +158,12 @@ class _Drafter(nn.Module):
     architectures: tuple[str, ...]
 
     def _setup(self, config, target: LlamaModel, device, dtype):
+        """Validate against the target, bind it, build the shared parts; returns the resolved (device, dtype)."""
         if not isinstance(target, LlamaModel):
             raise TypeError(f"target must be a LlamaModel, got {type(target).__name__}")
         config.validate_against(target.config)
+        device = target.device if device is None else device
+        dtype = parse_dtype(dtype) or target.dtype
         self.config = config
         # The target is shared, not owned: not a submodule, so it is neither saved nor trained with the drafter.
         self.__dict__["target"] = target
@@ -171,6 +174,7 @@ class _Drafter(nn.Module):
         self.norm = RMSNorm(d, config.backbone.rms_norm_eps, device=device, dtype=dtype)
         b = config.backbone
         self.rotary = RotaryEmbedding(b.head_dim, b.rope_theta, b.rope_scaling, device=device)
+        return device, dtype
 
     def set_linear_impl(self, fn) -> None:
         """Route the drafter's own projections through ``fn(x, weight, bias)`` (the LM head is the target's)."""
@@ -234,9 +238,7 @@ class DSparkDrafter(_Drafter):
     def __init__(self, config: DSparkConfig, target: LlamaModel, *, device=None, dtype=None,
                  init_std: float = 0.02, seed: int | None = None):
         super().__init__()
-        device = target.device if device is None else device
-        dtype = parse_dtype(dtype) or target.dtype
-        self._setup(config, target, device, dtype)
+        device, dtype = self._setup(config, target, device, dtype)
         b, d, r = config.backbone, config.backbone.hidden_size, config.markov_rank
         self.hidden_norm = RMSNorm(d, b.rms_norm_eps, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(b, self.linear_impl, device=device, dtype=dtype)
@@ -432,9 +434,7 @@ class Eagle3Drafter(_Drafter):
     def __init__(self, config: Eagle3Config, target: LlamaModel, *, device=None, dtype=None,
                  init_std: float = 0.02, seed: int | None = None):
         super().__init__()
-        device = target.device if device is None else device
-        dtype = parse_dtype(dtype) or target.dtype
-        self._setup(config, target, device, dtype)
+        device, dtype = self._setup(config, target, device, dtype)
         self.layers = nn.ModuleList(Eagle3Layer(config.backbone, self.linear_impl, device=device, dtype=dtype)
                                     for _ in range(config.backbone.num_hidden_layers))
         init_normal_(self, init_std, torch.Generator().manual_seed(seed) if seed is not None else None)
