@@ -1,5 +1,7 @@
 """Pure-PyTorch reference semantics of every dspark op: the executable specification tests compare against."""
 from .attention import append_kv, draft_block_attention, gather_kv, kv_rollback
+from .linear import linear, linear_silu_mul
 from .verify import filtered_masses, verify
 
-__all__ = ["append_kv", "draft_block_attention", "filtered_masses", "gather_kv", "kv_rollback", "verify"]
+__all__ = ["append_kv", "draft_block_attention", "filtered_masses", "gather_kv", "kv_rollback", "linear",
+           "linear_silu_mul", "verify"]
