@@ -29,7 +29,7 @@ VARIANTS = {
 def tiny_config(layers=2, **kw) -> LlamaConfig:
     kw.pop("attention_bias", None)
     base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
                 max_position_embeddings=64)
     base.update(kw)
     return LlamaConfig(**base)
