@@ -277,9 +277,10 @@ def tiny_drafter(target, *, layers=2, rank=6, conf=True, with_markov=True, block
     return drafter.eval()
 
 
-def test_dspark_block_matches_reference_and_training_path(seed):
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qknorm", "plain"])
+def test_dspark_block_matches_reference_and_training_path(qk_norm, seed):
     target = tiny_model("llama-gqa-tied", seed=seed)
-    drafter = tiny_drafter(target, seed=seed + 1)
+    drafter = tiny_drafter(target, seed=seed + 1, qk_norm=qk_norm)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB - 1, (2, 12), generator=gen)
     anchors = torch.tensor([7, 4])
@@ -438,6 +439,19 @@ def test_load_deepspec_dspark_layout(tmp_path, seed):
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, architectures=["Gemma4DSparkModel"])))
     with pytest.raises(ValueError, match="unknown drafter architecture 'Gemma4DSparkModel'"):
         load_drafter(tmp_path, target)
+
+
+def test_load_deepspec_eagle3_layout(tmp_path, seed):
+    target = tiny_model("qwen3-qknorm-untied", seed=seed)
+    drafter = tiny_eagle3(target, seed)
+    deepspec_folder(tmp_path, drafter, target, "Qwen3Eagle3Model", dict(
+        target_layer_ids=[0, 1], num_target_layers=2, ttt_length=7, step_loss_decay=0.8, draft_num_hidden_layers=1))
+    loaded = load_drafter(tmp_path, target)
+    assert isinstance(loaded, Eagle3Drafter) and loaded.config.ttt_length == 7
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        feats = target(ids, hidden_layers=[0, 1]).layer_hidden
+        torch.testing.assert_close(loaded(ids, feats), drafter(ids, feats), rtol=0, atol=0)
 
 
 def tiny_eagle3(target, seed, layer_ids=(0, 1)):

@@ -225,7 +225,8 @@ class _Drafter(nn.Module):
                 raise ValueError(f"{name} in the drafter checkpoint has shape {list(t.shape)}, "
                                  f"the target's is {list(shape)}")
 
-        load_slots(model.slots(), files, ignore=lambda n: n in _SHARED_TENSORS, check=check_shared)
+        load_slots(model.slots(), files, ignore=lambda n: n in _SHARED_TENSORS or n.endswith("rotary_emb.inv_freq"),
+                   check=lambda n, t: check_shared(n, t) if n in _SHARED_TENSORS else None)
         return model.eval()
 
 
