@@ -626,3 +626,27 @@ def test_linear_impl_hook_sees_every_projection():
     matrices = {id(p) for n, p in list(model.named_parameters()) + list(drafter.named_parameters())
                 if p.dim() == 2 and "markov" not in n}
     assert {id(w) for w in seen} == matrices
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision_matches_cpu(dtype, seed):
+    target = tiny_model("qwen3-qknorm-untied", seed=seed)
+    drafter = tiny_drafter(target, seed=seed)
+    ids = torch.randint(0, VOCAB - 1, (2, 12))
+    with torch.no_grad():
+        want = target(ids, hidden_layers=[-1, 0, 1])
+        want_blk = drafter.forward_train(ids, want.layer_hidden, torch.tensor([[8], [8]]))
+        target.to("cuda", dtype)
+        drafter.to("cuda", dtype)
+        assert target.rotary.inv_freq.dtype == torch.float32
+        cache = DenseKVCache.for_model(target, 2, 16)
+        got = torch.cat([target(ids[:, :8].cuda(), kv=cache).logits, target(ids[:, 8:].cuda(), kv=cache).logits], 1)
+        feats = target(ids.cuda(), hidden_layers=[-1, 0, 1]).layer_hidden
+        dcache = DenseKVCache.for_model(drafter, 2, 16)
+        drafter.extend_context(feats[:, :8], kv=dcache)
+        blk = drafter.draft_block(ids[:, 8].cuda(), kv=dcache)
+    scale = want.logits.abs().max()
+    assert (got.float().cpu() - want.logits).abs().max() < 0.05 * scale
+    assert (blk.logits.float().cpu() - want_blk.logits[:, 0]).abs().max() < 0.05 * want_blk.logits.abs().max()
