@@ -647,6 +647,6 @@ def test_cuda_half_precision_matches_cpu(dtype, seed):
         dcache = DenseKVCache.for_model(drafter, 2, 16)
         drafter.extend_context(feats[:, :8], kv=dcache)
         blk = drafter.draft_block(ids[:, 8].cuda(), kv=dcache)
-    scale = want.logits.abs().max()
-    assert (got.float().cpu() - want.logits).abs().max() < 0.05 * scale
-    assert (blk.logits.float().cpu() - want_blk.logits[:, 0]).abs().max() < 0.05 * want_blk.logits.abs().max()
+    tol = 0.1 if dtype == torch.bfloat16 else 0.03     # of the largest logit; bf16 keeps 8 mantissa bits
+    assert (got.float().cpu() - want.logits).abs().max() < tol * want.logits.abs().max()
+    assert (blk.logits.float().cpu() - want_blk.logits[:, 0]).abs().max() < tol * want_blk.logits.abs().max()
