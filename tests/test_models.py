@@ -261,6 +261,10 @@ def test_bad_inputs():
         tiny_config(num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(ValueError, match="dtype"):
         LlamaModel(tiny_config(), dtype="int8")
+    with pytest.raises(ValueError, match="QK-norm"):
+        tiny_config(qk_norm=True)    # a llama config cannot say qk_norm
+    with pytest.raises(ValueError, match="model_type"):
+        tiny_config(model_type="gemma")
 
 
 # --------------------------------------------------------------------------- drafters
