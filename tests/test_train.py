@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import dspark_ops
-from dspark_ops.calibrate import calibration_report, expected_calibration_error, sequential_temperature_scaling
-from dspark_ops.models import LlamaConfig, LlamaModel, load_drafter
-from dspark_ops.train import (DataRecipe, LossWeights, Sample, TrainConfig, Trainer, build_drafter, drafter_losses,
-                              position_weights, prepare_dataset, soft_acceptance)
+from dspark_ops.calibrate import calibration_report, sequential_temperature_scaling
+from dspark_ops.models import DenseKVCache, LlamaConfig, LlamaModel, load_drafter
+from dspark_ops.train import (LossWeights, Sample, TrainConfig, Trainer, build_drafter, drafter_losses,
+                              eagle3_ttt_logits, position_weights, soft_acceptance)
 from dspark_ops.train.calibration import calibrate_drafter, collect_confidence
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +120,28 @@ def test_a_few_steps_lower_the_loss(tmp_path, variant):
     assert all(not torch.equal(a, b) for a, b in zip(before, trainer.drafter.parameters()))
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert (tmp_path / "checkpoint" / "trainer.pt").is_file()
+
+
+def test_eagle3_training_time_test_matches_inference_drafting():
+    """TTT logits of an anchor equal the logits of drafting step by step through a dense cache (teacher forced)."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    drafter = build_drafter(tiny_cfg("eagle3", block_size=5, seed=seed % 1000), target)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (2, 24), generator=g)
+    feats = target(ids, hidden_layers=[0, 2]).layer_hidden
+    anchors = torch.tensor([[3, 11, 17], [1, 9, 18]])
+    with torch.no_grad():
+        ttt = eagle3_ttt_logits(drafter, ids, feats, anchors)
+        for b in range(2):
+            for i, a in enumerate(anchors[b].tolist()):
+                cache = DenseKVCache.for_model(drafter, 1, 40)
+                h = drafter(ids[b:b + 1, 1:a + 1], feats[b:b + 1, :a], kv=cache)[:, -1:]
+                steps = [drafter.compute_logits(h)]
+                for j in range(2, 6):
+                    h = drafter(ids[b:b + 1, a + j - 1:a + j], h, kv=cache, from_target=False)
+                    steps.append(drafter.compute_logits(h))
+                torch.testing.assert_close(ttt[b, i], torch.cat(steps, 1)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_save_load_gives_identical_outputs(tmp_path):
