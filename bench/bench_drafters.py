@@ -16,8 +16,11 @@ the EAGLE-3-style drafter (autoregressive, not an engine drafter) runs in the
 chain-drafting loop below over dense caches, verified by the same
 ``dspark_ops.verify`` op, so tau means the same thing for all three.
 
-    python bench/bench_drafters.py --data-dir DATA --dspark DIR [--dflash DIR] [--eagle3 DIR]
+    python bench/bench_drafters.py --data-dir DATA --dspark DIR [--dflash DIR] [--eagle3 DIR] [--speed]
     python bench/bench_drafters.py ... --quick      # 3 prompts per domain, 48 tokens
+    # one process per drafter (in parallel), then one table and plot:
+    python bench/bench_drafters.py --data-dir DATA --eagle3 DIR --json e.json   (etc.)
+    python bench/bench_drafters.py --combine d.json f.json e.json
 """
 from __future__ import annotations
 
@@ -163,21 +166,74 @@ def speed(target, drafter, prompts, max_new_tokens, eos) -> dict:
     return res
 
 
+def report(results: dict, temperatures, domains, png) -> None:
+    """The tau table, the gains of DSpark over the baselines, and the conditional-acceptance PNG."""
+    print("\n| drafter | T | " + " | ".join(domains) + " | macro tau |")
+    print("|---|---|" + "---|" * (len(domains) + 1))
+    for name in results:
+        for T in temperatures:
+            r = results[name][str(T)]
+            print(f"| {name} | {T:g} | " + " | ".join(f"{r[d]['tau']:.2f}" for d in domains)
+                  + f" | {r['macro_tau']:.2f} |")
+    if "DSpark" in results:
+        for other in ("DFlash", "EAGLE-3"):
+            if other in results:
+                gains = [results["DSpark"][str(T)]["macro_tau"] / results[other][str(T)]["macro_tau"] - 1
+                         for T in temperatures]
+                print(f"DSpark macro tau vs {other}: " + ", ".join(f"T={T:g} {g:+.1%}"
+                                                                   for T, g in zip(temperatures, gains)))
+    print("\nconditional acceptance by position (pooled over domains):")
+    for name in results:
+        for T in temperatures:
+            cond = results[name][str(T)]["pooled"]["conditional"]
+            print(f"  {name:8s} T={T:g}: " + " ".join(f"{c:.3f}" for c in cond))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(temperatures), figsize=(5.5 * len(temperatures), 4), squeeze=False)
+    for ax, T in zip(axes[0], temperatures):
+        for name in results:
+            cond = results[name][str(T)]["pooled"]["conditional"]
+            ax.plot(range(1, len(cond) + 1), cond, marker="o", label=name)
+        ax.set_title(f"conditional acceptance per position, T={T:g}")
+        ax.set_xlabel("draft position k")
+        ax.set_ylabel("P(accept k | accepted < k)")
+        ax.set_ylim(0, 1)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"plot: {png}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2-135m")
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--dspark", required=True)
+    ap.add_argument("--data-dir")
+    ap.add_argument("--dspark")
     ap.add_argument("--dflash")
     ap.add_argument("--eagle3")
-    ap.add_argument("--prompts-per-domain", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--speed-prompts", type=int, default=4)
+    ap.add_argument("--prompts-per-domain", type=int, default=6)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--speed", action="store_true", help="also time the DSpark engine against plain decoding")
+    ap.add_argument("--speed-prompts", type=int, default=3)
     ap.add_argument("--temperatures", type=float, nargs="*", default=[0.0, 1.0])
     ap.add_argument("--png", default="bench/drafters_acceptance.png")
-    ap.add_argument("--json", default=None, help="also write the raw numbers here")
+    ap.add_argument("--json", default=None, help="write the raw numbers here")
+    ap.add_argument("--combine", nargs="*", default=None,
+                    help="only print the table and plot of earlier --json files (runs nothing)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.combine:
+        results, temps = {}, None
+        for f in args.combine:
+            d = json.loads(Path(f).read_text())
+            results.update(d["tau"])
+            temps = d["temperatures"]
+            domains = d["domains"]
+        report(results, temps, domains, args.png)
+        return
+    if not args.data_dir:
+        ap.error("--data-dir is required (unless --combine)")
     if args.quick:
         args.prompts_per_domain, args.max_new_tokens, args.speed_prompts = 3, 48, 2
 
@@ -209,52 +265,26 @@ def main():
             results[name][str(T)]["pooled"] = {"tau": pooled.tau, "conditional": pooled.conditional()}
             taus = [results[name][str(T)][d]["tau"] for d in prompts]
             results[name][str(T)]["macro_tau"] = sum(taus) / len(taus)
-
-    print("\n| drafter | T | " + " | ".join(prompts) + " | macro tau |")
-    print("|---|---|" + "---|" * (len(prompts) + 1))
-    for name in results:
-        for T in args.temperatures:
-            r = results[name][str(T)]
-            print(f"| {name} | {T:g} | " + " | ".join(f"{r[d]['tau']:.2f}" for d in prompts)
-                  + f" | {r['macro_tau']:.2f} |")
-    if "DSpark" in results:
-        for other in ("DFlash", "EAGLE-3"):
-            if other in results:
-                gains = [results["DSpark"][str(T)]["macro_tau"] / results[other][str(T)]["macro_tau"] - 1
-                         for T in args.temperatures]
-                print(f"DSpark macro tau vs {other}: " + ", ".join(f"T={T:g} {g:+.1%}"
-                                                                   for T, g in zip(args.temperatures, gains)))
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(args.temperatures), figsize=(5.5 * len(args.temperatures), 4), squeeze=False)
-    for ax, T in zip(axes[0], args.temperatures):
-        for name in results:
-            cond = results[name][str(T)]["pooled"]["conditional"]
-            ax.plot(range(1, len(cond) + 1), cond, marker="o", label=name)
-        ax.set_title(f"conditional acceptance per position, T={T:g}")
-        ax.set_xlabel("draft position k")
-        ax.set_ylabel("P(accept k | accepted < k)")
-        ax.set_ylim(0, 1)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.png, dpi=100)
-    print(f"plot: {args.png}")
-
-    drafter = load_drafter(args.dspark, target, dtype="float32")
-    sp_prompts = [p for ps in prompts.values() for p in ps[:max(1, args.speed_prompts // len(prompts) + 1)]]
-    sp_prompts = sp_prompts[:args.speed_prompts]
-    sp = speed(target, drafter, sp_prompts, args.max_new_tokens, eos)
-    ratio = sp["dspark"]["decode_tok_s"] / sp["plain"]["decode_tok_s"]
-    print(f"\nbatch 1, T=0, {len(sp_prompts)} prompts x {args.max_new_tokens} tokens: plain "
-          f"{sp['plain']['decode_tok_s']:.1f} tok/s, DSpark {sp['dspark']['decode_tok_s']:.1f} tok/s "
-          f"-> {ratio:.2f}x (end to end incl. prefill: {sp['plain']['e2e_tok_s']:.1f} vs "
-          f"{sp['dspark']['e2e_tok_s']:.1f}); identical greedy output: {sp['identical']}")
-    if args.json:
+    if results:
+        report(results, args.temperatures, list(prompts), args.png)
+    out = {"tau": results, "temperatures": args.temperatures, "domains": list(prompts)}
+    if args.speed:
+        if not args.dspark:
+            ap.error("--speed needs --dspark")
+        drafter = load_drafter(args.dspark, target, dtype="float32")
+        sp_prompts = [ps[i] for i in range(args.speed_prompts) for ps in prompts.values() if i < len(ps)]
+        sp_prompts = sp_prompts[:args.speed_prompts]
+        sp = speed(target, drafter, sp_prompts, args.max_new_tokens, eos)
+        ratio = sp["dspark"]["decode_tok_s"] / sp["plain"]["decode_tok_s"]
+        print(f"\nbatch 1, T=0, {len(sp_prompts)} prompts x {args.max_new_tokens} tokens: plain "
+              f"{sp['plain']['decode_tok_s']:.1f} tok/s, DSpark {sp['dspark']['decode_tok_s']:.1f} tok/s "
+              f"-> {ratio:.2f}x decode (end to end incl. prefill: {sp['plain']['e2e_tok_s']:.1f} vs "
+              f"{sp['dspark']['e2e_tok_s']:.1f} tok/s); identical greedy output: {sp['identical']}")
         for k in ("plain", "dspark"):
             sp[k].pop("outputs")
-        Path(args.json).write_text(json.dumps({"tau": results, "speed": sp}, indent=2))
+        out["speed"] = sp
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

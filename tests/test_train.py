@@ -170,15 +170,17 @@ def test_resume_takes_the_same_next_steps(tmp_path, variant):
     seed = fresh_seed()
     target = tiny_target(seed)
     samples = random_samples(seed, n=6)     # 4 steps of 4 cross an epoch boundary
-    cfg = tiny_cfg(variant, max_steps=4, seed=seed % 1000, save_every=2)
+    cfg = tiny_cfg(variant, max_steps=4, seed=seed % 1000, save_every=2, warmup_steps=1)
     straight = Trainer(cfg, target, build_drafter(cfg, target), samples, tmp_path / "a", progress=False)
     straight.train()
-    first = Trainer(tiny_cfg(variant, max_steps=2, seed=seed % 1000, save_every=2), target,
-                    build_drafter(cfg, target), samples, tmp_path / "b", progress=False)
-    first.train()
+    first = Trainer(cfg, target, build_drafter(cfg, target), samples, tmp_path / "b", progress=False)
+    first.train(stop_at=3)                   # stops early on the schedule of max_steps = 4, saving step 3
+    assert first.state.step == 3
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:   # what a run killed after its checkpoint logged
+        f.write(json.dumps({"step": 4, "loss": -1.0}) + "\n")
     torch.manual_seed(fresh_seed())          # the checkpoint restores the RNG, whatever happened in between
     resumed = Trainer(cfg, target, build_drafter(cfg, target), samples, tmp_path / "b", progress=False)
-    assert resumed.load_checkpoint() and resumed.state.step == 2
+    assert resumed.load_checkpoint() and resumed.state.step == 3
     resumed.train()
     for (name, p), q in zip(straight.drafter.named_parameters(), resumed.drafter.parameters()):
         assert torch.equal(p, q), name
@@ -336,3 +338,23 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path):
     # Prompts plus responses longer than the target's context are refused before generating anything.
     res = subprocess.run(cmd + ["--max-prompt-tokens", "250"], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 2 and "exceeds the target's context" in res.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["dspark", "eagle3"])
+def test_cuda_bf16_training_lowers_the_loss_and_loads_on_cpu(tmp_path, variant):
+    seed = fresh_seed()
+    target = tiny_target(seed).cuda()
+    cfg = tiny_cfg(variant, seed=seed % 1000, bf16=True)
+    drafter = build_drafter(cfg, target)
+    assert drafter.fc.weight.is_cuda
+    Trainer(cfg, target, drafter, random_samples(seed), tmp_path, progress=False).train()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in recs[:5]) / 5, sum(r["loss"] for r in recs[-5:]) / 5
+    assert last < 0.9 * first, (seed, first, last)
+    drafter.save_pretrained(tmp_path / "d")
+    cpu_target = tiny_target(seed)
+    loaded = load_drafter(tmp_path / "d", cpu_target)
+    for (name, p), q in zip(drafter.named_parameters(), loaded.parameters()):
+        assert torch.equal(p.cpu(), q), name

@@ -92,13 +92,13 @@ def _train_draft(args) -> int:
         trainer = Trainer(cfg, target, drafter, data["train"], args.out, progress=not args.no_progress)
         if trainer.load_checkpoint():
             print(f"resumed from {args.out}/checkpoint at step {trainer.state.step}", file=sys.stderr)
-        trainer.train()
+        trainer.train(stop_at=args.stop_at_step)
         if rank == 0:
             drafter.to(getattr(torch, args.save_dtype)).save_pretrained(Path(args.out) / "drafter")
             (Path(args.out) / "drafter" / "training.json").write_text(json.dumps(
                 {"command": "dspark " + " ".join(sys.argv[1:]), "train_config": asdict(cfg),
                  "data_recipe": asdict(recipe), "num_train_samples": len(data["train"]),
-                 "steps": trainer.state.step, "tokens": trainer.state.tokens,
+                 "steps": trainer.state.step, "stop_at_step": args.stop_at_step, "tokens": trainer.state.tokens,
                  "train_time_s": round(trainer.state.elapsed_s, 1)}, indent=2))
             print(Path(args.out) / "drafter")
     except (ValueError, FileNotFoundError) as e:
@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--batch-size", type=int, default=4, help="sequences per step, all processes together")
     o.add_argument("--anchors", type=int, default=32, help="anchor blocks per sequence")
     o.add_argument("--max-steps", type=int, default=1000)
+    o.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop after this step, keeping the learning-rate schedule of --max-steps")
     o.add_argument("--lr", type=float, default=1e-3)
     o.add_argument("--warmup-steps", type=int, default=50)
     o.add_argument("--weight-decay", type=float, default=0.01)

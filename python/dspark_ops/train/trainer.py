@@ -370,17 +370,19 @@ class Trainer:
 
     # ---- loop
 
-    def train(self) -> TrainState:
+    def train(self, stop_at: int | None = None) -> TrainState:
+        """Run steps until ``cfg.max_steps`` (or ``stop_at``, earlier, keeping the schedule of max_steps)."""
         cfg = self.cfg
+        end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.out_dir / "metrics.jsonl"
         bar = None
         if self.progress:
             from tqdm import tqdm
-            bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc=f"train {cfg.variant}",
+            bar = tqdm(total=end, initial=min(self.state.step, end), desc=f"train {cfg.variant}",
                        dynamic_ncols=True, mininterval=5.0)
         window_tokens, window_t = 0, time.perf_counter()
-        while self.state.step < cfg.max_steps:
+        while self.state.step < end:
             t0 = time.perf_counter()
             rec = self.train_step()
             dt = time.perf_counter() - t0
@@ -391,7 +393,7 @@ class Trainer:
             if self.rank == 0:
                 rec.update(step=step, lr=self.scheduler.get_last_lr()[0], step_s=round(dt, 3),
                            tokens_total=self.state.tokens, elapsed_s=round(self.state.elapsed_s, 1))
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if step % cfg.log_every == 0 or step == end:
                     now = time.perf_counter()
                     rec["tokens_per_s"] = round(window_tokens / (now - window_t), 1)
                     window_tokens, window_t = 0, now
@@ -402,7 +404,7 @@ class Trainer:
                                         tok_s=rec["tokens_per_s"])
             if bar is not None:
                 bar.update(1)
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
+            if step % cfg.save_every == 0 or step == end:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
@@ -453,6 +455,10 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(**ckpt["state"])
         torch.set_rng_state(ckpt["torch_rng"])
+        metrics = self.out_dir / "metrics.jsonl"
+        if self.rank == 0 and metrics.is_file():   # drop what an interrupted run logged after its checkpoint
+            kept = [l for l in metrics.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.state.step]
+            metrics.write_text("".join(l + "\n" for l in kept))
         return True
 
 
