@@ -105,7 +105,7 @@ VerifyResult verify_cpu(const at::Tensor& target_logits, const at::Tensor& draft
                                             top_k, top_p, min_p, seed, offset, &out);
   auto* rows = DSPARK_ISA_DISPATCH(verify_rows);
   at::parallel_for(0, P.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(static_cast<size_t>(P.vocab));
+    std::vector<float> scratch(2 * static_cast<size_t>(P.vocab));
     rows(P, begin, end, scratch.data());
   });
   for (int64_t b = 0; b < P.batch; ++b) raise_row_error(b, P.row_error[b]);

@@ -8,74 +8,10 @@
 
 #include "dspark/filters.h"
 #include "dspark/verify_problem.h"
+#include "row_ops.h"
 
 namespace dspark::cpu::DSPARK_ISA {
 namespace {
-
-constexpr int kLanes = 16;
-
-template <typename T>
-struct RowMax {
-  float max;
-  bool finite;
-};
-
-// Largest logit and whether every logit is finite (one pass).
-template <typename T>
-RowMax<T> row_max(const T* x, index_t n) {
-  float mx[kLanes];
-  uint32_t bad[kLanes];
-  for (int l = 0; l < kLanes; ++l) { mx[l] = -INFINITY; bad[l] = 0; }
-  index_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float f = to_float(x[i + l]);
-      mx[l] = f > mx[l] ? f : mx[l];
-      bad[l] |= (float_bits(f) & 0x7F800000u) == 0x7F800000u;
-    }
-  }
-  for (; i < n; ++i) {
-    const float f = to_float(x[i]);
-    mx[0] = f > mx[0] ? f : mx[0];
-    bad[0] |= (float_bits(f) & 0x7F800000u) == 0x7F800000u;
-  }
-  RowMax<T> r{mx[0], bad[0] == 0};
-  for (int l = 1; l < kLanes; ++l) {
-    r.max = mx[l] > r.max ? mx[l] : r.max;
-    r.finite = r.finite && bad[l] == 0;
-  }
-  return r;
-}
-
-// Lowest index holding the maximum (the greedy token; ties to the lowest index).
-template <typename T>
-index_t first_index_of(const T* x, index_t n, float value) {
-  for (index_t i = 0; i < n; ++i)
-    if (to_float(x[i]) == value) return i;
-  return 0;
-}
-
-// e_v = exp((x_v - max) / T) into `e`; returns the fixed-point total.
-template <typename T>
-uint64_t softmax_numerators(const T* x, index_t n, float max, float inv_t, float* e) {
-  uint64_t acc[kLanes] = {};
-  index_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float v = exp_nonpositive((to_float(x[i + l]) - max) * inv_t);
-      e[i + l] = v;
-      acc[l] += mass_of(v);
-    }
-  }
-  for (; i < n; ++i) {
-    const float v = exp_nonpositive((to_float(x[i]) - max) * inv_t);
-    e[i] = v;
-    acc[0] += mass_of(v);
-  }
-  uint64_t total = 0;
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
-  return total;
-}
 
 // Fixed-point mass of the tokens with bits(e) >= floor_bits.
 uint64_t kept_mass(const float* e, index_t n, uint32_t floor_bits) {
@@ -92,33 +28,44 @@ uint64_t kept_mass(const float* e, index_t n, uint32_t floor_bits) {
 
 // Exact radix select (filters.h): the largest threshold t >= floor_bits such
 // that the candidates with bits(e) >= t hold at least `want` (count or mass).
+// After the first level only the chosen bin matters: it is copied to `buf`
+// (a few percent of V) so the finer levels do not rescan the vocabulary.
 template <bool kByMass>
-uint32_t radix_select(const float* e, index_t n, uint32_t floor_bits, uint64_t want) {
+uint32_t radix_select(const float* e, index_t n, uint32_t floor_bits, uint64_t want, float* buf) {
   uint64_t hist[kRadixBins];
   uint32_t prefix = 0;
+  const float* cand = e;
+  index_t count = n;
   for (int level = 0; level < kRadixLevels; ++level) {
     std::memset(hist, 0, sizeof(hist));
-    for (index_t i = 0; i < n; ++i) {
-      const uint32_t bits = float_bits(e[i]);
+    for (index_t i = 0; i < count; ++i) {
+      const uint32_t bits = float_bits(cand[i]);
       if (radix_candidate(bits, level, prefix, floor_bits))
-        hist[radix_bin(bits, level)] += kByMass ? mass_of(e[i]) : 1;
+        hist[radix_bin(bits, level)] += kByMass ? mass_of(cand[i]) : 1;
     }
     const int bin = radix_walk(hist, &want);
     if (bin < 0) return floor_bits;  // fewer than `want`: the filter keeps everything
     prefix = radix_extend(prefix, level, bin);
+    if (level == 0) {
+      index_t kept = 0;
+      for (index_t i = 0; i < n; ++i)
+        if (radix_candidate(float_bits(e[i]), 1, prefix, floor_bits)) buf[kept++] = e[i];
+      cand = buf;
+      count = kept;
+    }
   }
   return prefix > floor_bits ? prefix : floor_bits;
 }
 
 // The kept set {v : bits(e_v) >= threshold} after top-k, top-p, min-p.
-uint32_t filter_threshold(const float* e, index_t n, uint64_t z_all, const SamplingParams& sp) {
+uint32_t filter_threshold(const float* e, index_t n, uint64_t z_all, const SamplingParams& sp, float* buf) {
   uint32_t t = 0;
   uint64_t z = z_all;
   if (sp.top_k > 0 && sp.top_k < n) {
-    t = radix_select<false>(e, n, 0, static_cast<uint64_t>(sp.top_k));
+    t = radix_select<false>(e, n, 0, static_cast<uint64_t>(sp.top_k), buf);
     z = kept_mass(e, n, t);
   }
-  if (sp.top_p < 1.0f) t = radix_select<true>(e, n, t, top_p_target(sp.top_p, z));
+  if (sp.top_p < 1.0f) t = radix_select<true>(e, n, t, top_p_target(sp.top_p, z), buf);
   const uint32_t min_p_bits = min_p_floor_bits(sp.min_p);
   return t > min_p_bits ? t : min_p_bits;
 }
@@ -127,23 +74,6 @@ template <typename Q>
 float draft_prob_at(const VerifyProblem& P, index_t b, index_t j, index_t v) {
   const Q* q = static_cast<const Q*>(P.draft_probs) + b * P.draft_probs_stride_b + j * P.draft_probs_stride_k;
   return to_float(q[v]);
-}
-
-// Draws from the fixed-point distribution mass(v) (v in [0, n)) with total
-// `total`: the first v whose cumulative mass exceeds U.
-template <typename MassFn>
-index_t draw(index_t n, uint64_t total, uint64_t bits, MassFn mass) {
-  const uint64_t u = scaled_draw(bits, total);
-  uint64_t cum = 0;
-  index_t last_positive = 0;
-  for (index_t v = 0; v < n; ++v) {
-    const uint64_t m = mass(v);
-    if (m == 0) continue;
-    cum += m;
-    last_positive = v;
-    if (cum > u) return v;
-  }
-  return last_positive;  // unreachable when total is the exact sum
 }
 
 template <typename L, typename Q>
@@ -163,14 +93,14 @@ void verify_row(const VerifyProblem& P, index_t b, float* e) {
 
   for (index_t j = 0; j <= l; ++j) {
     const L* x = static_cast<const L*>(P.logits) + b * P.logits_stride_b + j * P.logits_stride_k;
-    const RowMax<L> rm = row_max(x, V);
+    const RowMax rm = row_max(x, V);
     if (!rm.finite) return fail(kRowNonFiniteLogits);
     const bool is_draft = j < l;
     const index_t xj = is_draft ? drafts[j] : 0;
     if (is_draft && (xj < 0 || xj >= V)) return fail(kRowDraftTokenOutOfRange);
 
     if (greedy) {
-      const index_t best = first_index_of(x, V, rm.max);
+      const index_t best = rm.argmax;
       if (is_draft && xj == best) { out[j] = static_cast<int32_t>(xj); continue; }
       out[j] = static_cast<int32_t>(best);
       P.num_accepted[b] = static_cast<int32_t>(j);
@@ -179,7 +109,7 @@ void verify_row(const VerifyProblem& P, index_t b, float* e) {
     }
 
     const uint64_t z_all = softmax_numerators(x, V, rm.max, 1.0f / sp.temperature, e);
-    const uint32_t t = filter_threshold(e, V, z_all, sp);
+    const uint32_t t = filter_threshold(e, V, z_all, sp, e + V);
     const uint64_t z = t == 0 ? z_all : kept_mass(e, V, t);
     auto p_mass = [&](index_t v) -> uint64_t { return float_bits(e[v]) >= t ? mass_of(e[v]) : 0; };
 
@@ -223,7 +153,7 @@ void verify_rows_typed(const VerifyProblem& P, index_t begin, index_t end, float
 
 }  // namespace
 
-// Rows [begin, end); `scratch` holds V floats.
+// Rows [begin, end); `scratch` holds 2 V floats.
 void verify_rows(const VerifyProblem& P, index_t begin, index_t end, float* scratch) {
   switch (P.logits_dtype) {
     case FloatCode::f32: verify_rows_typed<float>(P, begin, end, scratch); break;

@@ -30,11 +30,18 @@ def per_request(value, name: str, batch: int, device: torch.device, dtype: torch
     if value.is_floating_point() != (dtype.is_floating_point):
         kind = "floating-point" if dtype.is_floating_point else "integer"
         raise TypeError(f"{name} must be a {kind} tensor, got {value.dtype}")
-    if valid is not None and value.device.type == "cpu":
+    if valid is not None and is_concrete_cpu(value):
         bad = [v for v in value.tolist() if not valid(v)]
         if bad:
             raise ValueError(f"{name} must satisfy {rule}, got {bad[0]}")
     return value.to(dtype).contiguous()
+
+
+def is_concrete_cpu(t: torch.Tensor) -> bool:
+    """A real CPU tensor whose values can be read now (not fake, not being traced)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t.device.type == "cpu" and not isinstance(t, FakeTensor) and not torch.compiler.is_compiling()
 
 
 def is_finite_nonneg(v) -> bool:

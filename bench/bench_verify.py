@@ -1,0 +1,132 @@
+"""Benchmark of `verify`.
+
+CPU: the op against the pure-PyTorch reference and against the one-pass floors
+the issue names (torch.logsumexp over the logits for sampling, amax for greedy),
+all measured in the same run. Two draft scenarios bracket the real cost:
+  random  - drafts unrelated to the target: the chain usually ends at position 0
+  target  - drafts sampled from the target with q = p: every draft is accepted,
+            so every position (and the bonus) is processed: the worst case.
+GPU (when CUDA is available): time and achieved bandwidth (logit bytes read /
+time) and FlashInfer's chain_speculative_sampling on the same shapes if importable.
+
+    python bench/bench_verify.py            # full CPU table (a few minutes)
+    python bench/bench_verify.py --quick    # one shape
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import dspark_ops
+from dspark_ops import reference
+
+
+def timeit(fn, *, repeat: int, sync=lambda: None) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make(B, K, V, scenario, device="cpu", dtype=torch.float32, greedy=False):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, K + 1, V, generator=gen).to(dtype)
+    if scenario == "random":
+        drafts = torch.randint(0, V, (B, K), generator=gen)
+        q = torch.softmax(torch.randn(B, K, V, generator=gen), -1)
+    else:  # drafts from the target itself (q = p, or the argmax when greedy): all accepted
+        q = torch.softmax(logits[:, :K].float(), -1)
+        drafts = (logits[:, :K].float().argmax(-1) if greedy
+                  else torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, K))
+    return logits.to(device), drafts.to(device), q.to(device)
+
+
+def cpu_table(shapes, repeat, with_reference):
+    print(f"threads: {torch.get_num_threads()}, cpu isa: {dspark_ops.build_info()['cpu_isa']}")
+    print("| B | K | V | mode | drafts | op ms | floor | floor ms | op/floor | reference ms | ref/op |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for B, K, V in shapes:
+        for mode, kw, floor_name in [("T=1, top_p=0.9", dict(temperature=1.0, top_p=0.9), "logsumexp"),
+                                     ("greedy", dict(temperature=0.0), "amax")]:
+            for scenario in ["random", "target"]:
+                logits, drafts, q = make(B, K, V, scenario, greedy=floor_name == "amax")
+                seeds = torch.arange(B)
+                op = timeit(lambda: dspark_ops.verify(logits, drafts, q, seed=seeds, **kw), repeat=repeat)
+                floor_fn = (lambda: torch.logsumexp(logits, -1)) if floor_name == "logsumexp" else (
+                    lambda: logits.amax(-1))
+                floor = timeit(floor_fn, repeat=repeat)
+                ref = ""
+                if with_reference:
+                    r = timeit(lambda: reference.verify(logits, drafts, q, seed=seeds, **kw), repeat=1)
+                    ref = f"{r * 1e3:.0f} | {r / op:.0f}x"
+                else:
+                    ref = "- | -"
+                print(f"| {B} | {K} | {V} | {mode} | {scenario} | {op * 1e3:.2f} | {floor_name} | "
+                      f"{floor * 1e3:.2f} | {op / floor:.2f} | {ref} |", flush=True)
+
+
+def gpu_table(shapes, repeat):
+    sync = torch.cuda.synchronize
+    try:
+        import flashinfer  # noqa: F401
+        have_fi = True
+    except ImportError:
+        have_fi = False
+    print(f"GPU: {torch.cuda.get_device_name(0)}; flashinfer: {'yes' if have_fi else 'not importable'}")
+    print("| B | K | V | dtype | mode | drafts | op us | GB/s (logits read once) | flashinfer us |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for B, K, V in shapes:
+        for dtype in [torch.float32, torch.bfloat16]:
+            for mode, kw in [("T=1, top_p=0.9", dict(top_p=0.9)), ("T=1", {}), ("greedy", dict(temperature=0.0))]:
+                for scenario in ["random", "target"]:
+                    logits, drafts, q = make(B, K, V, scenario, "cuda", dtype, greedy=mode == "greedy")
+                    seeds = torch.arange(B, device="cuda")
+                    temperature = torch.full((B,), kw.get("temperature", 1.0), device="cuda")
+                    top_p = torch.full((B,), kw.get("top_p", 1.0), device="cuda")
+                    t = timeit(lambda: dspark_ops.verify(logits, drafts, q, seed=seeds, temperature=temperature,
+                                                         top_p=top_p), repeat=repeat, sync=sync)
+                    gbs = logits.numel() * logits.element_size() / t / 1e9
+                    fi = "-"
+                    if have_fi and mode == "T=1" and dtype == torch.float32:
+                        import flashinfer.sampling as fs
+                        tp = torch.softmax(logits.float(), -1)
+                        try:
+                            ft = timeit(lambda: fs.chain_speculative_sampling(q, drafts.int(), tp),
+                                        repeat=repeat, sync=sync)
+                            fi = f"{ft * 1e6:.1f}"
+                        except Exception as e:  # API differs across versions
+                            fi = f"n/a ({type(e).__name__})"
+                    print(f"| {B} | {K} | {V} | {str(dtype)[6:]} | {mode} | {scenario} | {t * 1e6:.1f} | "
+                          f"{gbs:.0f} | {fi} |", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one shape, few repeats")
+    ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference column")
+    ap.add_argument("--gpu", action="store_true", help="GPU table only")
+    args = ap.parse_args()
+    if args.quick:
+        shapes, repeat = [(32, 7, 151936)], 3
+    else:
+        shapes, repeat = [(B, K, V) for B in (1, 8, 32) for K in (5, 7) for V in (32000, 151936)], 5
+    if args.gpu or torch.cuda.is_available():
+        if torch.cuda.is_available():
+            gpu_table(shapes, 20)
+        else:
+            print("no GPU visible")
+        if args.gpu:
+            return
+    cpu_table(shapes, repeat, with_reference=not args.no_reference and not args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+// CPU kernel of `draft_block_attention`: one work item is (request, kv head),
+// and it serves every query row of the request's block for the whole GQA
+// group, so each K/V entry is converted to fp32 once per block rather than
+// once per query row. The context is walked in tiles of kTile positions with
+// an online (flash-style) softmax; nothing of the context is gathered beyond
+// the current tile.
+//
+// Layout inside an item (R = block rows x group, padded to Rp, a multiple of
+// kVec): queries are kept transposed, qt[d][r], so that scores come out as
+// st[j][r] and every softmax step (max, exp, sums, masks) runs across rows
+// in vector lanes. The small matrix products are written as fixed-size lane
+// loops that the compiler keeps in registers (one build per ISA).
+#include <cmath>
+#include <cstring>
+
+#include "dspark/convert.h"
+#include "dspark/paged_kv.h"
+#include "dspark/paged_kv_cpu.h"
+
+namespace dspark::cpu::DSPARK_ISA {
+namespace {
+
+constexpr index_t kVec = kPagedCpuVec;
+constexpr index_t kTile = kPagedCpuTile;
+
+// One rounding where the ISA has FMA; attention is compared with tolerances,
+// so the generic build may round twice.
+inline float madd(float a, float b, float c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// st[j0 + p][r0 + r] = sum_d kf[j0 + p][d] * qt[d][r0 + r] for a kP x kR block.
+template <int kP, int kR>
+void score_block(const float* kf, const float* qt, index_t D, index_t Rp, float* st) {
+  float acc[kP][kR] = {};
+  for (index_t d = 0; d < D; ++d) {
+    const float* qrow = qt + d * Rp;
+    for (int p = 0; p < kP; ++p) {
+      const float k = kf[p * D + d];
+      for (int r = 0; r < kR; ++r) acc[p][r] = madd(k, qrow[r], acc[p][r]);
+    }
+  }
+  for (int p = 0; p < kP; ++p)
+    for (int r = 0; r < kR; ++r) st[p * Rp + r] = acc[p][r];
+}
+
+template <int kP, int kR>
+void scores(const float* kf, const float* qt, index_t D, index_t Rp, float* st) {
+  for (index_t j = 0; j < kTile; j += kP)
+    for (index_t r = 0; r < Rp; r += kR) score_block<kP, kR>(kf + j * D, qt + r, D, Rp, st + j * Rp + r);
+}
+
+// o[r0 + r][d0 + c] = o * corr[r] + sum_{j < tn} st[j][r0 + r] * vf[j][d0 + c] for kRows x kC.
+template <int kRows, int kC>
+void accumulate_block(const float* st, const float* vf, const float* corr, index_t tn, index_t D, index_t Rp,
+                      float* o) {
+  float acc[kRows][kC];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kC; ++c) acc[r][c] = o[r * D + c] * corr[r];
+  for (index_t j = 0; j < tn; ++j) {
+    const float* vrow = vf + j * D;
+    for (int r = 0; r < kRows; ++r) {
+      const float p = st[j * Rp + r];
+      for (int c = 0; c < kC; ++c) acc[r][c] = madd(p, vrow[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kC; ++c) o[r * D + c] = acc[r][c];
+}
+
+template <int kC>
+void accumulate(const float* st, const float* vf, const float* corr, index_t tn, index_t D, index_t Rp, float* o) {
+  constexpr int kRows = 4;  // Rp is a multiple of kVec, hence of kRows
+  for (index_t r = 0; r < Rp; r += kRows)
+    for (index_t d = 0; d < D; d += kC)
+      accumulate_block<kRows, kC>(st + r, vf + d, corr + r, tn, D, Rp, o + r * D + d);
+}
+
+// Online-softmax step for one tile: st holds scores on entry (masked ones
+// -inf) and probabilities exp(s - m_new) on exit; m, l and corr per row.
+void softmax_step(float* st, index_t Rp, float* m, float* l, float* corr) {
+  for (index_t r0 = 0; r0 < Rp; r0 += kVec) {
+    float mx[kVec], safe[kVec], sum[kVec];
+    for (int r = 0; r < kVec; ++r) mx[r] = m[r0 + r];
+    for (index_t j = 0; j < kTile; ++j)
+      for (int r = 0; r < kVec; ++r) mx[r] = st[j * Rp + r0 + r] > mx[r] ? st[j * Rp + r0 + r] : mx[r];
+    // A row that has seen nothing yet keeps max -inf: exp(-inf - 0) = 0 keeps it empty.
+    for (int r = 0; r < kVec; ++r) {
+      safe[r] = mx[r] == -INFINITY ? 0.0f : mx[r];
+      corr[r0 + r] = exp_nonpositive(m[r0 + r] - safe[r]);
+      m[r0 + r] = mx[r];
+      sum[r] = 0.0f;
+    }
+    for (index_t j = 0; j < kTile; ++j)
+      for (int r = 0; r < kVec; ++r) {
+        const float p = exp_nonpositive(st[j * Rp + r0 + r] - safe[r]);
+        st[j * Rp + r0 + r] = p;
+        sum[r] += p;
+      }
+    for (int r = 0; r < kVec; ++r) l[r0 + r] = madd(l[r0 + r], corr[r0 + r], sum[r]);
+  }
+}
+
+template <typename T>
+void load_rows(const T* src, index_t D, float* dst) {
+  for (index_t d = 0; d < D; ++d) dst[d] = to_float(src[d]);
+}
+
+template <typename T>
+void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float* scratch) {
+  const index_t n = P.block_rows(b);
+  if (n == 0) return;
+  const PagedLayout& kv = P.kv;
+  const index_t G = P.group(), D = kv.head_dim, R = n * G, Rp = paged_cpu_rows_padded(R);
+  const index_t len = P.seq_lens[b], row0 = P.cu_q_lens[b];
+  const PagedCpuScratch S(scratch, G, D);
+
+  // Queries, pre-scaled and transposed; padding rows stay 0 and behave like
+  // the last block row (they are never written out).
+  const T* q = static_cast<const T*>(P.q);
+  for (index_t r = 0; r < Rp; ++r) {
+    const index_t i = r < R ? r / G : n - 1;
+    const T* qrow = q + (row0 + i) * P.q_stride_t + (h * G + r % G) * P.q_stride_h;
+    for (index_t d = 0; d < D; ++d) S.qt[d * Rp + r] = r < R ? to_float(qrow[d]) * P.scale : 0.0f;
+    S.row_block_index[r] = static_cast<float>(i);
+    S.m[r] = -INFINITY;
+    S.l[r] = 0.0f;
+  }
+  std::memset(S.o, 0, sizeof(float) * Rp * D);
+
+  const T* kc = static_cast<const T*>(P.k_cache);
+  const T* vc = static_cast<const T*>(P.v_cache);
+  const index_t first_masked = P.causal ? len - n + 1 : len;  // positions >= this are hidden from some row
+  for (index_t p0 = 0; p0 < len; p0 += kTile) {
+    const index_t tn = len - p0 < kTile ? len - p0 : kTile;
+    for (index_t j = 0; j < tn; ++j) {
+      const index_t off = (kv.slot(b, p0 + j) * kv.num_kv_heads + h) * D;
+      load_rows(kc + off, D, S.kf + j * D);
+      load_rows(vc + off, D, S.vf + j * D);
+    }
+    if (tn < kTile) {  // zero rows: 0 * garbage could be NaN
+      std::memset(S.kf + tn * D, 0, sizeof(float) * (kTile - tn) * D);
+      std::memset(S.vf + tn * D, 0, sizeof(float) * (kTile - tn) * D);
+    }
+    if (Rp % 32 == 0)
+      scores<4, 32>(S.kf, S.qt, D, Rp, S.st);
+    else
+      scores<8, 16>(S.kf, S.qt, D, Rp, S.st);
+
+    if (p0 + kTile > first_masked) {
+      for (index_t j = 0; j < kTile; ++j) {
+        const index_t pos = p0 + j;
+        // Row r sees pos iff pos < len and (causal) pos - (len - n) <= its block index.
+        const float rel = pos < len ? static_cast<float>(P.causal ? pos - (len - n) : -1) : INFINITY;
+        float* srow = S.st + j * Rp;
+        for (index_t r = 0; r < Rp; ++r) srow[r] = rel <= S.row_block_index[r] ? srow[r] : -INFINITY;
+      }
+    }
+    softmax_step(S.st, Rp, S.m, S.l, S.corr);
+    if (D % 32 == 0)
+      accumulate<32>(S.st, S.vf, S.corr, tn, D, Rp, S.o);
+    else
+      accumulate<16>(S.st, S.vf, S.corr, tn, D, Rp, S.o);
+  }
+
+  T* out = static_cast<T*>(P.out);
+  for (index_t r = 0; r < R; ++r) {
+    const float inv = 1.0f / S.l[r];
+    T* orow = out + ((row0 + r / G) * P.num_q_heads + h * G + r % G) * D;
+    for (index_t d = 0; d < D; ++d) store_float(orow + d, S.o[r * D + d] * inv);
+  }
+}
+
+}  // namespace
+
+// Work item (request b, kv head h); `scratch` holds paged_cpu_scratch_floats(group, head_dim) floats.
+void block_attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float* scratch) {
+  switch (P.dtype) {
+    case FloatCode::f32: attention_item<float>(P, b, h, scratch); break;
+    case FloatCode::bf16: attention_item<bf16_bits>(P, b, h, scratch); break;
+    case FloatCode::f16: attention_item<fp16_bits>(P, b, h, scratch); break;
+  }
+}
+
+}  // namespace dspark::cpu::DSPARK_ISA

@@ -1,0 +1,49 @@
+// Scratch layout of the CPU draft_block_attention kernel, shared with the
+// binding that allocates it (one buffer per worker thread). Internal linkage
+// (anonymous namespace) so that each per-ISA object keeps its own copy: no
+// COMDAT merging of code compiled for different instruction sets.
+#pragma once
+#include "dspark/paged_kv.h"
+
+namespace dspark {
+namespace {
+
+constexpr index_t kPagedCpuVec = 16;   // query rows per vector (AVX-512 floats; narrower ISAs split it)
+constexpr index_t kPagedCpuTile = 32;  // KV positions per online-softmax step
+
+inline index_t paged_cpu_rows_padded(index_t rows) {
+  return (rows + kPagedCpuVec - 1) / kPagedCpuVec * kPagedCpuVec;
+}
+
+struct PagedCpuScratch {
+  float* qt;               // [D][Rp] scaled queries, transposed
+  float* o;                // [Rp][D] unnormalised outputs
+  float* m;                // [Rp] running max
+  float* l;                // [Rp] running sum
+  float* corr;             // [Rp] rescale factor of the current tile
+  float* row_block_index;  // [Rp] block row i of each row (for the causal mask)
+  float* st;               // [kTile][Rp] scores, then probabilities
+  float* kf;               // [kTile][D] K tile in fp32
+  float* vf;               // [kTile][D] V tile in fp32
+
+  static index_t max_rows(index_t group) { return paged_cpu_rows_padded(kMaxBlockRows * group); }
+  static index_t floats(index_t group, index_t head_dim) {
+    const index_t R = max_rows(group);
+    return 2 * R * head_dim + 4 * R + kPagedCpuTile * R + 2 * kPagedCpuTile * head_dim;
+  }
+  PagedCpuScratch(float* base, index_t group, index_t head_dim) {
+    const index_t R = max_rows(group), D = head_dim;
+    qt = base;
+    o = qt + D * R;
+    m = o + R * D;
+    l = m + R;
+    corr = l + R;
+    row_block_index = corr + R;
+    st = row_block_index + R;
+    kf = st + kPagedCpuTile * R;
+    vf = kf + kPagedCpuTile * D;
+  }
+};
+
+}  // namespace
+}  // namespace dspark
