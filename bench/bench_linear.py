@@ -157,13 +157,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes, M in {1, 8, 16}, short timing")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per (shape, M)")
+    ap.add_argument("--ms", default="", help="comma-separated block heights (default 1,2,4,8,16)")
     ap.add_argument("--only", default="", help="layers whose name contains this text")
     ap.add_argument("--forward-only", action="store_true", help="only the SmolLM2-135M forward")
     ap.add_argument("--stat", default="p20", choices=["p20", "median"], help="statistic over calls")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ms = [1, 8, 16] if args.quick else [1, 2, 4, 8, 16]  # 1 and 8 always: the goals need them
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else ([1, 8, 16] if args.quick else [1, 2, 4, 8, 16])
+    ms = sorted(set(ms) | {1, 8})  # the goals need M = 1 and 8
     shapes = [s for s in (SMOLLM2 if args.quick else SMOLLM2 + QWEN3_8B) if args.only in s[0]]
     budget = args.budget if args.budget is not None else (0.15 if args.quick else 0.4)
     q = 0.2 if args.stat == "p20" else None

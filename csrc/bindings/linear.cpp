@@ -2,7 +2,7 @@
 //
 // The weight arrives packed (python/dspark_ops/linear.py): on CPU as column
 // groups [G, K, 32] (dspark/linear_problem.h), on CUDA as plain rows [N, K] for
-// cuBLAS. Blocks of more than kLinearMaxRows rows (prefill) go to matmul.
+// cuBLAS. Blocks of more than kLinearMaxRows rows (prefill) go to matmul on CPU.
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>

@@ -1,15 +1,15 @@
-// CPU kernel of the small-block linear ops: y[M, N] = x[M, K] W^T for M <= 16,
+// CPU kernel of the small-block linear ops: y[M, N] = x[M, K] W^T for M <= 64,
 // on the packed column-group layout of dspark/linear_problem.h. Compiled once per ISA
 // (cmake/cpu_isa.cmake).
 //
-// The weights are the traffic (M <= 16 rows is far below the arithmetic a
-// core can do per byte of DRAM), so each group of 32 columns is read from
-// memory once per call and reused by every row while it is in L1: a register
-// tile of up to kTileRows rows x 32 columns accumulates over k with one FMA
-// per (row, vector) and one load per weight vector. Blocks with more rows than
-// one tile holds split k into chunks small enough for L1, so the next tile of
-// rows reads the chunk from L1, not DRAM. Partial sums live in a stack
-// buffer: nothing is allocated.
+// Up to about 16 rows the weights are the traffic (the arithmetic per byte of
+// DRAM is below what a core does), beyond that the FMAs; either way each
+// group of 32 columns is read from memory once per call and reused by every
+// row while it is in L1: a register tile of up to kTileRows rows x 32 columns
+// accumulates over k with one FMA per (row, vector) and one load per weight
+// vector. Blocks with more rows than one tile holds split k into chunks small
+// enough for L1, so the next tiles of rows read the chunk from L1, not DRAM.
+// Partial sums live in a stack buffer: nothing is allocated.
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -68,8 +68,8 @@ inline void vstore(float* p, Vec v) { *p = v.v; }
 
 constexpr int kCols = static_cast<int>(kLinearGroupCols);
 constexpr int kVecs = kCols / kLanes;  // weight vectors per k-step of a group
-// k-chunk when rows need several tiles: the group's chunk (16 KiB fp32) plus
-// 16 rows of x (8 KiB) stay in a 32 KiB L1.
+// k-chunk when rows need several tiles: the group's chunk (16 KiB fp32) stays
+// in L1 next to a tile's rows of x (6 KiB for 12 rows).
 constexpr index_t kChunk = 128;
 // Software prefetch distance in the weight stream (about DRAM latency x the
 // rate one core consumes it): the hardware prefetcher alone leaves the FMAs

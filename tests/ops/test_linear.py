@@ -1,5 +1,5 @@
 """linear / linear_silu_mul: agreement with float64 within the fp32 error bound for every block height
-1..16 and odd shapes, both weight dtypes, epilogues, the matmul fallback, every CPU ISA build, packing
+1..16 (and taller ones up to the kernel's 64) and odd shapes, both weight dtypes, epilogues, the matmul fallback, every CPU ISA build, packing
 round trips and serialisation, bad input, torch.compile, CUDA."""
 from __future__ import annotations
 
@@ -71,7 +71,16 @@ def test_linear_silu_mul_every_block_height(M, wdtype):
         check_silu_mul(M, k, inter, wdtype, gen)
 
 
-@pytest.mark.parametrize("M", [17, 33, 100])
+@pytest.mark.parametrize("M", [17, 24, 37, 64])
+@pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
+def test_blocks_up_to_max_rows_run_the_kernel(M, wdtype):
+    gen = torch.Generator().manual_seed(fresh_seed())
+    for k, n in [(37, 45), (300, 33)]:
+        check_linear(M, k, n, wdtype, gen, bias=True, residual=True)
+        check_silu_mul(M, k, n, wdtype, gen)
+
+
+@pytest.mark.parametrize("M", [65, 100])
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
 def test_taller_blocks_fall_back_to_matmul(M, wdtype):
     gen = torch.Generator().manual_seed(fresh_seed())
@@ -83,7 +92,7 @@ def test_taller_blocks_fall_back_to_matmul(M, wdtype):
 def test_leading_batch_dims_are_rows_of_one_block():
     gen = torch.Generator().manual_seed(fresh_seed())
     check_linear(3, 45, 77, torch.float32, gen, bias=True, residual=True, lead=(2,))   # 6 rows: the kernel
-    check_linear(5, 45, 77, torch.float32, gen, bias=False, residual=True, lead=(2, 2))  # 20 rows: matmul
+    check_linear(5, 45, 77, torch.float32, gen, bias=False, residual=True, lead=(7, 2))  # 70 rows: matmul
     check_silu_mul(4, 37, 17, torch.bfloat16, gen, lead=(3,))
     x = torch.randn(2, 3, 45, generator=gen)
     pw = dspark_ops.pack_linear_weight(torch.randn(77, 45, generator=gen))
@@ -95,6 +104,12 @@ def test_empty_block_and_non_contiguous_inputs():
     w = torch.randn(40, 24, generator=gen)
     pw = dspark_ops.pack_linear_weight(w)
     assert dspark_ops.linear(torch.randn(0, 24), pw).shape == (0, 40)
+    no_inputs = dspark_ops.pack_linear_weight(torch.randn(5, 0))     # in = 0: y = bias
+    b = torch.randn(5, generator=gen)
+    for rows in (3, 70):
+        assert torch.equal(dspark_ops.linear(torch.randn(rows, 0), no_inputs, b), b.expand(rows, 5))
+    assert torch.equal(dspark_ops.linear_silu_mul(torch.randn(3, 0), dspark_ops.pack_linear_weight(
+        torch.randn(10, 0), gate_up=True)), torch.zeros(3, 5))
     x = torch.randn(24, 5, generator=gen).t()            # [5, 24] with strides (1, 5)
     r = torch.randn(40, 5, generator=gen).t()
     got = dspark_ops.linear(x, pw, residual=r)
@@ -145,6 +160,8 @@ def test_every_cpu_isa_build_within_bound(isa):
                 for k, n in [(1, 37), (45, 77), (300, 33)]:
                     check_linear(M, k, n, wdtype, gen, bias=M % 2 == 0, residual=M % 3 == 0)
                 check_silu_mul(M, 300, 40, wdtype, gen)
+            for M in (17, 40, 64):
+                check_linear(M, 300, 33, wdtype, gen, bias=True, residual=True)
         print("ok")
     """)
     env = dict(os.environ, DSPARK_CPU_ISA=isa)

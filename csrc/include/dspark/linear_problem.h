@@ -15,7 +15,7 @@
 namespace dspark {
 
 constexpr index_t kLinearGroupCols = 32;  // columns per packed group (the unit threads split)
-constexpr index_t kLinearMaxRows = 16;    // rows the kernel takes; more go to matmul
+constexpr index_t kLinearMaxRows = 64;    // rows the kernel takes; more go to matmul
 
 enum class LinearEpilogue : int32_t {
   bias_residual = 0,  // y = x W^T (+ bias) (+ residual)
