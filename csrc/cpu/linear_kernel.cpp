@@ -172,7 +172,7 @@ void linear_groups_typed(const LinearProblem& P, index_t group_begin, index_t gr
       const index_t kc = K - k0 < chunk ? K - k0 : chunk;
       index_t row = 0;
       for (int t = 0; t < tiles; ++t) {
-        // Balanced tiles (16 rows = 8 + 8, 10 = 5 + 5) keep every tile wide.
+        // Balanced tiles (16 rows = 8 + 8 rather than 12 + 4) keep every tile wide.
         const int mr = static_cast<int>(M / tiles + (t < M % tiles ? 1 : 0));
         const float* x = P.x + row * K + k0;
         float* tile_acc = acc + row * kCols;
