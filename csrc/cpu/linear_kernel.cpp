@@ -74,7 +74,7 @@ constexpr index_t kChunk = 128;
 // Software prefetch distance in the weight stream (about DRAM latency x the
 // rate one core consumes it): the hardware prefetcher alone leaves the FMAs
 // waiting on DRAM.
-constexpr int kPrefetchBytes = 4096;
+constexpr int kPrefetchBytes = 8192;
 
 // acc[MR rows][32] (+)= x[MR, kc] * w[kc, 32]; `w` points at the group's chunk,
 // `acc` at the tile's first row in the group buffer ([rows][32]). Narrow
