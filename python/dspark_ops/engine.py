@@ -45,6 +45,7 @@ from .models.drafter import DSparkDrafter
 from .models.llama import LlamaModel
 
 SCHEDULERS = ("fixed", "sync", "async")
+SMALL_BLOCK_ROWS = 16  # blocks up to this many rows go through the small-block CPU kernel
 
 
 @dataclasses.dataclass
@@ -173,7 +174,8 @@ def pack_linear_layers(model: torch.nn.Module) -> None:
 
     def fn(x, weight, bias):
         p = packed.get(id(weight))
-        if p is None or x.dtype != torch.float32:
+        # Tall inputs (prefill) are what MKL's matmul is good at, on the original weight.
+        if p is None or x.dtype != torch.float32 or x.numel() > SMALL_BLOCK_ROWS * x.shape[-1]:
             return torch.nn.functional.linear(x, weight, bias)
         return linear(x, p, bias)
 
