@@ -5,6 +5,9 @@
 // Loops run in 16-lane blocks so the compiler vectorises them without
 // reassociating floating-point sums.
 #pragma once
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include "dspark/math.h"
 #include "dspark/sampling.h"
 
@@ -19,6 +22,18 @@ struct RowMax {
   bool finite;
 };
 
+#if defined(__AVX512F__)
+// 16 values as floats (bf16 widened by a shift, fp16 by the hardware conversion).
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const bf16_bits* x) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const fp16_bits* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+#endif
+
 // Largest logit, its lowest index and whether every logit is finite, in one
 // pass. Each lane keeps its first maximum (strict >), so the lowest index
 // among lanes holding the overall max is the first occurrence.
@@ -29,6 +44,30 @@ RowMax row_max(const T* x, index_t n) {
   uint32_t bad[kLanes];
   for (int l = 0; l < kLanes; ++l) { mx[l] = -INFINITY; at[l] = l; bad[l] = 0; }
   index_t i = 0;
+#if defined(__AVX512F__)
+  // The compiler does not vectorise the index tracking: lanes hold int32 indices (V < 2^31).
+  static_assert(kLanes == 16);
+  __m512 vmx = _mm512_set1_ps(-INFINITY);
+  __m512i vat = _mm512_setzero_si512();
+  __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(kLanes), exp_mask = _mm512_set1_epi32(0x7F800000);
+  __mmask16 vbad = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m512 f = load16(x + i);
+    const __mmask16 better = _mm512_cmp_ps_mask(f, vmx, _CMP_GT_OQ);
+    vmx = _mm512_mask_mov_ps(vmx, better, f);
+    vat = _mm512_mask_mov_epi32(vat, better, vidx);
+    vbad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(f), exp_mask), exp_mask);
+    vidx = _mm512_add_epi32(vidx, step);
+  }
+  int32_t at32[kLanes];
+  _mm512_storeu_ps(mx, vmx);
+  _mm512_storeu_si512(at32, vat);
+  for (int l = 0; l < kLanes; ++l) {
+    at[l] = mx[l] == -INFINITY ? l : at32[l];
+    bad[l] = (vbad >> l) & 1u;
+  }
+#else
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const float f = to_float(x[i + l]);
@@ -38,6 +77,7 @@ RowMax row_max(const T* x, index_t n) {
       bad[l] |= (float_bits(f) & 0x7F800000u) == 0x7F800000u;
     }
   }
+#endif
   RowMax r{-INFINITY, 0, true};
   for (int l = 0; l < kLanes; ++l) {
     if (mx[l] > r.max || (mx[l] == r.max && at[l] < r.argmax)) { r.max = mx[l]; r.argmax = at[l]; }
