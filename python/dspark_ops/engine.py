@@ -45,7 +45,7 @@ from .models.drafter import DSparkDrafter
 from .models.llama import LlamaModel
 
 SCHEDULERS = ("fixed", "sync", "async")
-SMALL_BLOCK_ROWS = 16  # blocks up to this many rows go through the small-block CPU kernel
+SMALL_BLOCK_ROWS = 64  # blocks up to this many rows go through the small-block CPU kernel
 
 
 @dataclasses.dataclass
