@@ -4,9 +4,11 @@
 
 markov_sample: B in {1, 32}, G = 7, V in {49152, 151936}, r = 256. The
 baseline is the loop anyone would write (per block step: gather w1 rows,
-matmul with w2, add, softmax, torch.multinomial). The floor printed beside it
-is G x the time of torch's own [B, r] @ [r, V] matmul, the product no
-implementation can skip. schedule_verify_lengths / plan_capacity at R = 256,
+matmul with w2, add, softmax, torch.multinomial). Printed beside it: G x the
+time of torch's own [B, r] @ [r, V] matmul (the product no implementation can
+skip, at the BLAS library's speed) and the compute floor 2 B r V G FLOPs at
+the --peak-gflops rate (default: 2 cores x 2 FMA pipes x 16 lanes x 2 FLOPs x
+3 GHz = 384). schedule_verify_lengths / plan_capacity at R = 256,
 G = 7 (goal on CPU: under 200 us per call, Python wrapper included).
 """
 from __future__ import annotations
@@ -53,9 +55,10 @@ def torch_loop(U, anchor, w1, w2, temperature):
     return torch.stack(tokens, 1), torch.stack(probs, 1)
 
 
-def bench_markov(device, dtype, quick: bool):
+def bench_markov(device, dtype, quick: bool, peak_gflops: float):
     print(f"## markov_sample ({device.type}, {dtype}), G = 7, r = 256, T = 1, draft_probs returned")
-    print(f"{'B':>3} {'V':>7} | {'kernel ms':>10} {'torch loop ms':>14} {'speed-up':>9} | {'GEMM floor ms':>13} {'kernel/floor':>12}")
+    print(f"{'B':>3} {'V':>7} | {'kernel ms':>10} {'torch loop ms':>14} {'speed-up':>9} | "
+          f"{'torch matmul ms':>15} {'kernel/matmul':>13} | {'FLOP floor ms':>13}")
     G, r = 7, 256
     iters = 1 if quick else 5
     gen = torch.Generator().manual_seed(0)
@@ -69,9 +72,10 @@ def bench_markov(device, dtype, quick: bool):
             kernel = timed(lambda: dspark_ops.markov_sample(U, anchor, w1, w2, seed=seed), device, iters)
             loop = timed(lambda: torch_loop(U, anchor, w1, w2, 1.0), device, iters)
             rows = w1[anchor.long()]
-            floor = G * timed(lambda: rows @ w2, device, max(iters, 3))
+            matmul = G * timed(lambda: rows @ w2, device, max(iters, 3))
+            flop_floor = 2 * B * r * V * G / (peak_gflops * 1e9)
             print(f"{B:>3} {V:>7} | {kernel * 1e3:>10.2f} {loop * 1e3:>14.2f} {loop / kernel:>8.1f}x | "
-                  f"{floor * 1e3:>13.2f} {kernel / floor:>11.2f}x")
+                  f"{matmul * 1e3:>15.2f} {kernel / matmul:>12.2f}x | {flop_floor * 1e3:>13.2f}")
 
 
 def bench_schedule(device, quick: bool):
@@ -98,10 +102,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one timed call per markov shape, fewer scheduler calls")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--peak-gflops", type=float, default=384.0, help="fp32 FMA peak of the device, for the floor")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dspark_ops {dspark_ops.build_info()}")
-    bench_markov(device, getattr(torch, args.dtype), args.quick)
+    bench_markov(device, getattr(torch, args.dtype), args.quick, args.peak_gflops)
     bench_schedule(device, args.quick)
 
 

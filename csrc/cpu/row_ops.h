@@ -77,13 +77,26 @@ uint64_t softmax_numerators(const T* x, index_t n, float max, float inv_t, float
 }
 
 // Draws from the fixed-point distribution mass(v) (v in [0, n)) with total
-// `total`: the first v whose cumulative mass exceeds U.
+// `total`: the first v whose cumulative mass exceeds U. Whole chunks that
+// keep the running total <= U are skipped with vectorised (exact integer)
+// sums; the crossing chunk is scanned one token at a time.
 template <typename MassFn>
 index_t draw(index_t n, uint64_t total, uint64_t bits, MassFn mass) {
+  constexpr index_t kChunk = 16 * kLanes;
   const uint64_t u = scaled_draw(bits, total);
   uint64_t cum = 0;
+  index_t start = 0;
+  for (; start + kChunk <= n; start += kChunk) {
+    uint64_t acc[kLanes] = {};
+    for (index_t i = start; i < start + kChunk; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += mass(i + l);
+    uint64_t chunk = 0;
+    for (int l = 0; l < kLanes; ++l) chunk += acc[l];
+    if (cum + chunk > u) break;
+    cum += chunk;
+  }
   index_t last_positive = 0;
-  for (index_t v = 0; v < n; ++v) {
+  for (index_t v = start; v < n; ++v) {
     const uint64_t m = mass(v);
     if (m == 0) continue;
     cum += m;
