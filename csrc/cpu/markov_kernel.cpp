@@ -160,10 +160,10 @@ void sample_row(const MarkovProblem& P, index_t b, index_t k) {
     if (q != nullptr)
       for (index_t v = 0; v < V; ++v) q[v] = v == token ? 1.0f : 0.0f;
   } else {
-    const uint64_t total = softmax_numerators(z, V, rm.max, 1.0f / temperature, z);
+    const uint64_t total = softmax_numerators_in_place(z, V, rm.max, 1.0f / temperature);
     const uint64_t bits = markov_bits(static_cast<uint64_t>(P.seed[b]), static_cast<uint64_t>(P.offset[b]), k);
     token = draw(V, total, bits, [&](index_t v) { return mass_of(z[v]); });
-    if (q != nullptr) {
+    if (q != nullptr) {  // bound by writing the fresh [B, G, V] output, not by the conversions
       const double inv_total = 1.0 / static_cast<double>(total);
       for (index_t v = 0; v < V; ++v) q[v] = mass_probability(mass_of(z[v]), inv_total);
     }
