@@ -98,11 +98,9 @@ uint64_t softmax_numerators(const T* x, index_t n, float max, float inv_t, float
   uint64_t acc[kLanes] = {};
   index_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float v = exp_nonpositive((to_float(x[i + l]) - max) * inv_t);
-      e[i + l] = v;
-      acc[l] += mass_of(v);
-    }
+    // Two lane loops: GCC vectorises each, but not the fused float + uint64 body.
+    for (int l = 0; l < kLanes; ++l) e[i + l] = exp_nonpositive((to_float(x[i + l]) - max) * inv_t);
+    for (int l = 0; l < kLanes; ++l) acc[l] += mass_of(e[i + l]);
   }
   for (; i < n; ++i) {
     const float v = exp_nonpositive((to_float(x[i]) - max) * inv_t);
@@ -114,14 +112,47 @@ uint64_t softmax_numerators(const T* x, index_t n, float max, float inv_t, float
   return total;
 }
 
+// The same numerators computed in place (e holds the logits on entry). A loop
+// of its own: GCC vectorises the out-of-place one behind a runtime overlap
+// check, which an in-place call fails, leaving it scalar.
+inline uint64_t softmax_numerators_in_place(float* e, index_t n, float max, float inv_t) {
+  uint64_t acc[kLanes] = {};
+  index_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) e[i + l] = exp_nonpositive((e[i + l] - max) * inv_t);
+    for (int l = 0; l < kLanes; ++l) acc[l] += mass_of(e[i + l]);
+  }
+  for (; i < n; ++i) {
+    const float v = exp_nonpositive((e[i] - max) * inv_t);
+    e[i] = v;
+    acc[0] += mass_of(v);
+  }
+  uint64_t total = 0;
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
 // Draws from the fixed-point distribution mass(v) (v in [0, n)) with total
-// `total`: the first v whose cumulative mass exceeds U.
+// `total`: the first v whose cumulative mass exceeds U. Whole chunks that
+// keep the running total <= U are skipped with vectorised (exact integer)
+// sums; the crossing chunk is scanned one token at a time.
 template <typename MassFn>
 index_t draw(index_t n, uint64_t total, uint64_t bits, MassFn mass) {
+  constexpr index_t kChunk = 16 * kLanes;
   const uint64_t u = scaled_draw(bits, total);
   uint64_t cum = 0;
+  index_t start = 0;
+  for (; start + kChunk <= n; start += kChunk) {
+    uint64_t acc[kLanes] = {};
+    for (index_t i = start; i < start + kChunk; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += mass(i + l);
+    uint64_t chunk = 0;
+    for (int l = 0; l < kLanes; ++l) chunk += acc[l];
+    if (cum + chunk > u) break;
+    cum += chunk;
+  }
   index_t last_positive = 0;
-  for (index_t v = 0; v < n; ++v) {
+  for (index_t v = start; v < n; ++v) {
     const uint64_t m = mass(v);
     if (m == 0) continue;
     cum += m;
