@@ -21,18 +21,6 @@ namespace {
 
 constexpr index_t kCols = 64;  // vocabulary columns per register tile
 
-#if defined(__AVX512F__)
-// 16 values as floats (bf16 / fp16 widened exactly, like to_float).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16_bits* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const fp16_bits* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-#endif
-
 // z[rows, v .. v + kCols) for up to NR rows (`rows` lists them; the rest of
 // the NR slots repeat a valid row and are not stored). On AVX-512 the
 // accumulators stay in registers (GCC spills the plain arrays below); every
