@@ -45,7 +45,6 @@ from .models.drafter import DSparkDrafter
 from .models.llama import LlamaModel
 
 SCHEDULERS = ("fixed", "sync", "async")
-SMALL_BLOCK_ROWS = 64  # blocks up to this many rows go through the small-block CPU kernel
 
 
 @dataclasses.dataclass
@@ -164,7 +163,7 @@ def pack_linear_layers(model: torch.nn.Module) -> None:
     The small-block kernel reads the weights once for a whole block of up to
     16 rows, which is what makes verifying a block cost about one decode step.
     """
-    from .linear import linear, pack_linear_weight
+    from .linear import MAX_ROWS, linear, pack_linear_weight
 
     packed = {id(p): pack_linear_weight(p.detach()) for name, p in model.named_parameters()
               if p.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name}
@@ -175,7 +174,7 @@ def pack_linear_layers(model: torch.nn.Module) -> None:
     def fn(x, weight, bias):
         p = packed.get(id(weight))
         # Tall inputs (prefill) are what MKL's matmul is good at, on the original weight.
-        if p is None or x.dtype != torch.float32 or x.numel() > SMALL_BLOCK_ROWS * x.shape[-1]:
+        if p is None or x.dtype != torch.float32 or x.numel() > MAX_ROWS * x.shape[-1]:
             return torch.nn.functional.linear(x, weight, bias)
         return linear(x, p, bias)
 
