@@ -21,7 +21,10 @@ set(DSPARK_TORCH_DEFINITIONS _GLIBCXX_USE_CXX11_ABI=${DSPARK_TORCH_CXX11_ABI}
     TORCH_EXTENSION_NAME=_C TORCH_API_INCLUDE_EXTENSION_H)
 set(DSPARK_TORCH_LIBRARIES c10 torch_cpu torch)
 # The CUDA wheels put the toolkit headers that ATen/cuda includes (cuBLAS, cuSPARSE) here.
-file(GLOB DSPARK_TORCH_CUDA_INCLUDE_DIRS ${DSPARK_SITE_PACKAGES}/nvidia/cu*/include)
+# Look next to torch too: a venv may reuse another environment's torch through a .pth file.
+get_filename_component(_dspark_torch_site "${DSPARK_TORCH_DIR}" DIRECTORY)
+file(GLOB DSPARK_TORCH_CUDA_INCLUDE_DIRS ${DSPARK_SITE_PACKAGES}/nvidia/cu*/include ${_dspark_torch_site}/nvidia/cu*/include)
+list(REMOVE_DUPLICATES DSPARK_TORCH_CUDA_INCLUDE_DIRS)
 set(DSPARK_TORCH_CUDA_LIBRARIES c10_cuda torch_cuda)
 
 # CUTLASS/CuTe headers come from the nvidia-cutlass wheel when it is installed (third_party/README.md).

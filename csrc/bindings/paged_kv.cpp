@@ -343,7 +343,7 @@ at::Tensor block_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, 
   const BlockAttentionProblem P =
       check_block_attention_args(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, causal, scale, &out);
   // Index values are checked in the kernel (a bad request's rows become NaN): raising would need a host sync.
-  block_attention_cuda_launch(P);
+  block_attention_cuda_launch(P, q);
   return out;
 }
 #endif

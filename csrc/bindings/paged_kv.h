@@ -35,7 +35,8 @@ void check_append_slots(const AppendProblem& P);
 void check_rollback_metadata(const RollbackProblem& P, const int32_t* seq_lens);
 
 #if defined(DSPARK_WITH_CUDA)
-void block_attention_cuda_launch(const BlockAttentionProblem& P);
+// `like`: a tensor on the op's device (options for the split-KV workspace).
+void block_attention_cuda_launch(const BlockAttentionProblem& P, const at::Tensor& like);
 void append_kv_cuda_launch(const AppendProblem& P);
 void kv_rollback_cuda_launch(const RollbackProblem& P);
 #endif
