@@ -145,9 +145,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
           for (int i = 0; i < kVec; ++i) kf[i] = vf[i] = 0.0f;
         }
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          k_s[j * kKStride + c + i] = kf[i];
-          v_s[j * D + c + i] = vf[i];
+        for (int i = 0; i < kVec; i += 4) {  // j * kKStride + c and j * D + c are multiples of 4
+          *reinterpret_cast<float4*>(k_s + j * kKStride + c + i) = make_float4(kf[i], kf[i + 1], kf[i + 2], kf[i + 3]);
+          *reinterpret_cast<float4*>(v_s + j * D + c + i) = make_float4(vf[i], vf[i + 1], vf[i + 2], vf[i + 3]);
         }
       }
       __syncthreads();
