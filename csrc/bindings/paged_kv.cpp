@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "checks.h"
@@ -19,7 +20,10 @@
 #include "dspark/paged_kv_cpu.h"
 
 DSPARK_DECLARE_ISA_FN(void, block_attention_item,
-                      (const dspark::BlockAttentionProblem& P, dspark::index_t b, dspark::index_t h, float* scratch))
+                      (const dspark::BlockAttentionProblem& P, dspark::index_t b, dspark::index_t h,
+                       dspark::index_t split, float* scratch, float* partial))
+DSPARK_DECLARE_ISA_FN(void, block_attention_combine,
+                      (const dspark::BlockAttentionProblem& P, dspark::index_t b, dspark::index_t h, float* partials))
 DSPARK_DECLARE_ISA_FN(void, append_tokens, (const dspark::AppendProblem& P, dspark::index_t begin, dspark::index_t end))
 DSPARK_DECLARE_ISA_FN(void, rollback_request_layer,
                       (const dspark::RollbackProblem& P, dspark::index_t b, dspark::index_t layer))
@@ -293,16 +297,47 @@ at::Tensor block_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
   const BlockAttentionProblem P =
       check_block_attention_args(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, causal, scale, &out);
   check_block_attention_metadata(P);
-  const index_t Hkv = P.kv.num_kv_heads, items = P.kv.batch * Hkv;
-  if (items == 0 || P.num_tokens == 0) return out;
-  auto* item = DSPARK_ISA_DISPATCH(block_attention_item);
+  const index_t B = P.kv.batch, Hkv = P.kv.num_kv_heads, G = P.group(), D = P.kv.head_dim;
+  // Work items (request, kv head, KV split), with the offset of their partial state when the
+  // request has several splits (-1: the item writes the output itself).
+  struct Item {
+    index_t b, h, split, partial;
+  };
+  std::vector<Item> items;
+  std::vector<Item> combines;  // (b, h, first partial) of the multi-split requests
+  index_t partial_floats = 0;
+  for (index_t b = 0; b < B; ++b) {
+    const index_t n = P.block_rows(b);
+    if (n == 0) continue;
+    const index_t splits = paged_cpu_splits(P.seq_lens[b]), stride = PagedCpuPartial::floats(n * G, D);
+    for (index_t h = 0; h < Hkv; ++h) {
+      if (splits > 1) combines.push_back({b, h, 0, partial_floats});
+      for (index_t s = 0; s < splits; ++s) {
+        items.push_back({b, h, s, splits > 1 ? partial_floats : -1});
+        if (splits > 1) partial_floats += stride;
+      }
+    }
+  }
+  if (items.empty()) return out;
+  std::unique_ptr<float[]> partials(partial_floats > 0 ? new float[partial_floats] : nullptr);
+  auto* item_fn = DSPARK_ISA_DISPATCH(block_attention_item);
   // Items differ in cost (ragged blocks and lengths): workers pull them from a shared counter.
+  const int64_t count = static_cast<int64_t>(items.size());
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch(static_cast<size_t>(PagedCpuScratch::floats(P.group(), P.kv.head_dim)));
-    for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) item(P, it / Hkv, it % Hkv, scratch.data());
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch(static_cast<size_t>(PagedCpuScratch::floats(G, D)));
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+      const Item& it = items[i];
+      item_fn(P, it.b, it.h, it.split, scratch.data(), it.partial >= 0 ? partials.get() + it.partial : nullptr);
+    }
   });
+  if (!combines.empty()) {
+    auto* combine_fn = DSPARK_ISA_DISPATCH(block_attention_combine);
+    at::parallel_for(0, static_cast<int64_t>(combines.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        combine_fn(P, combines[i].b, combines[i].h, partials.get() + combines[i].partial);
+    });
+  }
   return out;
 }
 

@@ -111,13 +111,16 @@ void load_rows(const T* src, index_t D, float* dst) {
 }
 
 template <typename T>
-void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float* scratch) {
+void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t split, float* scratch,
+                    float* partial) {
   const index_t n = P.block_rows(b);
   if (n == 0) return;
   const PagedLayout& kv = P.kv;
   const index_t G = P.group(), D = kv.head_dim, R = n * G, Rp = paged_cpu_rows_padded(R);
   const index_t len = P.seq_lens[b], row0 = P.cu_q_lens[b];
   const PagedCpuScratch S(scratch, G, D);
+  const index_t begin = split * kPagedCpuSplitLen;
+  const index_t end = begin + kPagedCpuSplitLen < len ? begin + kPagedCpuSplitLen : len;
 
   // Queries, pre-scaled and transposed; padding rows stay 0 and behave like
   // the last block row (they are never written out).
@@ -134,9 +137,10 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float*
 
   const T* kc = static_cast<const T*>(P.k_cache);
   const T* vc = static_cast<const T*>(P.v_cache);
-  const index_t first_masked = P.causal ? len - n + 1 : len;  // positions >= this are hidden from some row
-  for (index_t p0 = 0; p0 < len; p0 += kTile) {
-    const index_t tn = len - p0 < kTile ? len - p0 : kTile;
+  // Positions >= first_masked are hidden from some row (or lie past this split).
+  const index_t first_masked = P.causal && len - n + 1 < end ? len - n + 1 : end;
+  for (index_t p0 = begin; p0 < end; p0 += kTile) {
+    const index_t tn = end - p0 < kTile ? end - p0 : kTile;
     for (index_t j = 0; j < tn; ++j) {
       const index_t off = (kv.slot(b, p0 + j) * kv.num_kv_heads + h) * D;
       load_rows(kc + off, D, S.kf + j * D);
@@ -154,8 +158,8 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float*
     if (p0 + kTile > first_masked) {
       for (index_t j = 0; j < kTile; ++j) {
         const index_t pos = p0 + j;
-        // Row r sees pos iff pos < len and (causal) pos - (len - n) <= its block index.
-        const float rel = pos < len ? static_cast<float>(P.causal ? pos - (len - n) : -1) : INFINITY;
+        // Row r sees pos iff pos < end and (causal) pos - (len - n) <= its block index.
+        const float rel = pos < end ? static_cast<float>(P.causal ? pos - (len - n) : -1) : INFINITY;
         float* srow = S.st + j * Rp;
         for (index_t r = 0; r < Rp; ++r) srow[r] = rel <= S.row_block_index[r] ? srow[r] : -INFINITY;
       }
@@ -167,6 +171,13 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float*
       accumulate<16>(S.st, S.vf, S.corr, tn, D, Rp, S.o);
   }
 
+  if (partial != nullptr) {  // one split of several: keep the unnormalised state for the combine step
+    const PagedCpuPartial out(partial, R, D);
+    std::memcpy(out.o, S.o, sizeof(float) * R * D);
+    std::memcpy(out.m, S.m, sizeof(float) * R);
+    std::memcpy(out.l, S.l, sizeof(float) * R);
+    return;
+  }
   T* out = static_cast<T*>(P.out);
   for (index_t r = 0; r < R; ++r) {
     const float inv = 1.0f / S.l[r];
@@ -175,14 +186,53 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float*
   }
 }
 
+// out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the splits' states.
+template <typename T>
+void combine_item(const BlockAttentionProblem& P, index_t b, index_t h, float* partials) {
+  const index_t n = P.block_rows(b), G = P.group(), D = P.kv.head_dim, R = n * G;
+  const index_t splits = paged_cpu_splits(P.seq_lens[b]), stride = PagedCpuPartial::floats(R, D);
+  T* out = static_cast<T*>(P.out);
+  for (index_t r = 0; r < R; ++r) {
+    float mx = -INFINITY;
+    for (index_t s = 0; s < splits; ++s) {
+      const float m = PagedCpuPartial(partials + s * stride, R, D).m[r];
+      mx = m > mx ? m : mx;
+    }
+    float acc[kPagedCpuMaxHeadDim] = {};
+    float total = 0.0f;
+    for (index_t s = 0; s < splits; ++s) {
+      const PagedCpuPartial part(partials + s * stride, R, D);
+      if (part.m[r] == -INFINITY) continue;  // the split saw nothing of this row
+      const float w = exp_nonpositive(part.m[r] - mx);
+      total = madd(w, part.l[r], total);
+      for (index_t d = 0; d < D; ++d) acc[d] = madd(w, part.o[r * D + d], acc[d]);
+    }
+    const float inv = 1.0f / total;
+    T* orow = out + ((P.cu_q_lens[b] + r / G) * P.num_q_heads + h * G + r % G) * D;
+    for (index_t d = 0; d < D; ++d) store_float(orow + d, acc[d] * inv);
+  }
+}
+
 }  // namespace
 
-// Work item (request b, kv head h); `scratch` holds paged_cpu_scratch_floats(group, head_dim) floats.
-void block_attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float* scratch) {
+// Work item (request b, kv head h, KV split `split`); `scratch` holds PagedCpuScratch::floats
+// floats. A request with several splits (paged_cpu_splits) leaves each split's state in `partial`
+// (PagedCpuPartial) and block_attention_combine writes its output; otherwise partial is null.
+void block_attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t split, float* scratch,
+                          float* partial) {
   switch (P.dtype) {
-    case FloatCode::f32: attention_item<float>(P, b, h, scratch); break;
-    case FloatCode::bf16: attention_item<bf16_bits>(P, b, h, scratch); break;
-    case FloatCode::f16: attention_item<fp16_bits>(P, b, h, scratch); break;
+    case FloatCode::f32: attention_item<float>(P, b, h, split, scratch, partial); break;
+    case FloatCode::bf16: attention_item<bf16_bits>(P, b, h, split, scratch, partial); break;
+    case FloatCode::f16: attention_item<fp16_bits>(P, b, h, split, scratch, partial); break;
+  }
+}
+
+// Output rows of (request b, kv head h) from its splits' consecutive partial states.
+void block_attention_combine(const BlockAttentionProblem& P, index_t b, index_t h, float* partials) {
+  switch (P.dtype) {
+    case FloatCode::f32: combine_item<float>(P, b, h, partials); break;
+    case FloatCode::bf16: combine_item<bf16_bits>(P, b, h, partials); break;
+    case FloatCode::f16: combine_item<fp16_bits>(P, b, h, partials); break;
   }
 }
 

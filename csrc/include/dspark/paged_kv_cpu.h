@@ -10,6 +10,7 @@ namespace {
 
 constexpr index_t kPagedCpuVec = 16;   // query rows per vector (AVX-512 floats; narrower ISAs split it)
 constexpr index_t kPagedCpuTile = 32;  // KV positions per online-softmax step
+constexpr index_t kPagedCpuMaxHeadDim = 512;
 
 inline index_t paged_cpu_rows_padded(index_t rows) {
   return (rows + kPagedCpuVec - 1) / kPagedCpuVec * kPagedCpuVec;
@@ -42,6 +43,30 @@ struct PagedCpuScratch {
     st = row_block_index + R;
     kf = st + kPagedCpuTile * R;
     vf = kf + kPagedCpuTile * D;
+  }
+};
+
+// Long contexts are cut into splits at fixed positions (multiples of kPagedCpuSplitLen), worked
+// on in parallel and combined. Fixed boundaries keep a row's result a function of its own
+// request only: not of the batch, the block size or the thread count.
+constexpr index_t kPagedCpuSplitLen = 1024;
+
+inline index_t paged_cpu_splits(index_t len) {
+  return len <= kPagedCpuSplitLen ? 1 : (len + kPagedCpuSplitLen - 1) / kPagedCpuSplitLen;
+}
+
+// State of one KV split of a (request, kv head) item with R = block rows x group rows:
+// unnormalised outputs, running max and sum.
+struct PagedCpuPartial {
+  float* o;  // [R][D]
+  float* m;  // [R]
+  float* l;  // [R]
+
+  static index_t floats(index_t rows, index_t head_dim) { return rows * (head_dim + 2); }
+  PagedCpuPartial(float* base, index_t rows, index_t head_dim) {
+    o = base;
+    m = o + rows * head_dim;
+    l = m + rows;
   }
 };
 
