@@ -210,7 +210,7 @@ def test_every_cpu_isa_build_agrees(isa):
 
 def _base():
     gen = torch.Generator().manual_seed(3)
-    return random_problem(gen, block_rows=[2, 4], seq_lens=[10, 20], num_kv_heads=2, group=2, head_dim=32,
+    return random_problem(gen, block_rows=[2, 4], seq_lens=[10, 20], num_kv_heads=2, group=2, head_dim=64,
                           page_size=4, dtype=torch.float32)
 
 
@@ -249,7 +249,7 @@ BAD = [
     ("cu_q_lens not monotone", dict(cu_q_lens=torch.tensor([0, 5, 3], dtype=torch.int32)), "cu_q_lens"),
     ("cu_q_lens start", dict(cu_q_lens=torch.tensor([1, 2, 6], dtype=torch.int32)), r"cu_q_lens\[0\]"),
     ("cu_q_lens end", dict(cu_q_lens=torch.tensor([0, 2, 5], dtype=torch.int32)), "cu_q_lens"),
-    ("block over 16", dict(q=torch.randn(19, 4, 32), cu_q_lens=torch.tensor([0, 2, 19], dtype=torch.int32),
+    ("block over 16", dict(q=torch.randn(19, 4, 64), cu_q_lens=torch.tensor([0, 2, 19], dtype=torch.int32),
                            seq_lens=torch.tensor([10, 20], dtype=torch.int32)), "at most 16"),
 ]
 
