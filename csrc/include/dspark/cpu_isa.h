@@ -7,21 +7,27 @@ namespace dspark::cpu {
 
 enum class Isa { generic, avx2, avx512 };
 
+inline Isa detected_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::generic;
+}
+
+// The best build the CPU runs; DSPARK_CPU_ISA=generic|avx2 caps it, so that
+// tests exercise every build on one machine (a cap above the CPU is ignored).
 inline Isa best_isa() {
   static const Isa isa = [] {
-    // DSPARK_CPU_ISA=generic|avx2 forces a lesser build (tests run every variant).
-    if (const char* forced = std::getenv("DSPARK_CPU_ISA")) {
-      if (std::strcmp(forced, "generic") == 0) return Isa::generic;
-      if (std::strcmp(forced, "avx2") == 0) return Isa::avx2;
-    }
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return Isa::avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-#endif
-    return Isa::generic;
+    const Isa detected = detected_isa();
+    const char* cap = std::getenv("DSPARK_CPU_ISA");
+    if (cap == nullptr) return detected;
+    if (std::strcmp(cap, "generic") == 0) return Isa::generic;
+    if (std::strcmp(cap, "avx2") == 0 && detected != Isa::generic) return Isa::avx2;
+    return detected;
   }();
   return isa;
 }

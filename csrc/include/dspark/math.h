@@ -41,6 +41,17 @@ DSPARK_HD float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : y;
 }
 
+// Logistic sigmoid from exp_nonpositive (never exponentiates a positive number,
+// so it cannot overflow): sigmoid(x) = 1 / (1 + e^-x) for x >= 0, and
+// e^x / (1 + e^x) for x < 0.
+DSPARK_HD float sigmoid(float x) {
+  const float e = exp_nonpositive(x >= 0.0f ? -x : x);
+  return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+
+// x * sigmoid(x) (the SwiGLU gate).
+DSPARK_HD float silu(float x) { return x * sigmoid(x); }
+
 // Probability masses are summed in 40-bit fixed point: integer sums are exact,
 // so totals and cumulative sums do not depend on summation order, thread count
 // or device. A mass below 2^-40 (relative to the row max) counts as zero.

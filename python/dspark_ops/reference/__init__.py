@@ -1,5 +1,9 @@
 """Pure-PyTorch reference semantics of every dspark op: the executable specification tests compare against."""
 from .attention import append_kv, draft_block_attention, gather_kv, kv_rollback
+from .linear import linear, linear_silu_mul
+from .markov import markov_sample
+from .schedule import plan_capacity, schedule_verify_lengths
 from .verify import filtered_masses, verify
 
-__all__ = ["append_kv", "draft_block_attention", "filtered_masses", "gather_kv", "kv_rollback", "verify"]
+__all__ = ["append_kv", "draft_block_attention", "filtered_masses", "gather_kv", "kv_rollback", "linear",
+           "linear_silu_mul", "markov_sample", "plan_capacity", "schedule_verify_lengths", "verify"]

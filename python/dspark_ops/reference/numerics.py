@@ -77,3 +77,34 @@ def mass_of(e: torch.Tensor) -> torch.Tensor:
 
 def float_bits(e: torch.Tensor) -> torch.Tensor:
     return e.float().view(torch.int32).to(torch.int64) & MASK32
+
+
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 fmaf(a, b, c), correctly rounded (the kernels' fma chains).
+
+    a * b is exact in float64; s = a * b + c is rounded once to float64 and the
+    rounding error recovered exactly (TwoSum). Rounding s to float32 is then
+    right except when s lies exactly halfway between two floats and the error
+    is not zero: the error's sign picks the neighbour.
+    """
+    p = a.double() * b.double()
+    cd = c.double()
+    s = p + cd
+    bp = s - p
+    err = (p - (s - bp)) + (cd - bp)
+    f = s.float()
+    fd = f.double()
+    toward = torch.where(s > fd, torch.tensor(float("inf")), torch.tensor(float("-inf"))).float()
+    nf = torch.nextafter(f, toward)
+    nfd = nf.double()
+    midpoint = (fd != s) & ((s - fd) == (nfd - s)) & (err != 0)
+    upper = torch.where(nfd > fd, nf, f)
+    lower = torch.where(nfd > fd, f, nf)
+    return torch.where(midpoint, torch.where(err > 0, upper, lower), f)
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' sigmoid (csrc/include/dspark/math.h): exp of a non-positive number only."""
+    x = x.float()
+    e = exp_nonpositive(torch.where(x >= 0, -x, x))
+    return torch.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))

@@ -1,0 +1,209 @@
+"""Building blocks shared by the target model and the drafters.
+
+Every tensor that flows through here has arbitrary leading dimensions
+(``[B, T, ...]`` for the dense backends, ``[N, ...]`` for a flattened ragged
+batch); the attention backend decides what the leading dimensions mean.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+class LinearImpl:
+    """The one function every projection of a model goes through.
+
+    The engine replaces ``fn`` (e.g. with ``dspark_ops.linear`` over packed
+    weights); ``fn(x, weight, bias)`` always receives the module's own weight
+    Parameter, so a packed copy can be looked up by identity.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: LinearFn = F.linear):
+        self.fn = fn
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.fn(x, weight, bias)
+
+
+class Linear(nn.Module):
+    """``y = x W^T + b`` with ``W [out, in]``, computed by the owner's shared :class:`LinearImpl`."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, impl: LinearImpl,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self._impl = impl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._impl(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class RMSNorm(nn.Module):
+    """Llama/Qwen RMSNorm: normalise in fp32, cast back, then scale (Hugging Face's rounding order)."""
+
+    def __init__(self, dim: int, eps: float, *, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] (fp32) for rotate-half RoPE, with optional scaling.
+
+    Supported ``scaling`` (Hugging Face's ``rope_scaling`` / ``rope_parameters``):
+    None or type "default"; "linear" (positions divided by ``factor``); "llama3"
+    (the Llama-3.1 frequency-band rule: long wavelengths divided by ``factor``,
+    short ones kept, a linear blend in between).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        # Fraction of the way from the low-frequency band (scaled) to the high-frequency band (kept).
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        return torch.where(wavelen < old_len / high, inv_freq,
+                           torch.where(wavelen > old_len / low, inv_freq / factor, scaled))
+    raise NotImplementedError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [..., head_dim] for integer ``positions`` [...], computed in fp32 then cast."""
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [..., H, D] with cos/sin [..., D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+
+
+# --------------------------------------------------------------------------- decoder layer
+
+class Attention(nn.Module):
+    """Fused QKV projection, optional per-head QK RMSNorm (Qwen3), RoPE, backend attention, output projection."""
+
+    def __init__(self, *, input_size: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 qk_norm: bool, qkv_bias: bool, o_bias: bool, eps: float, impl: LinearImpl, device=None, dtype=None):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.qkv_proj = Linear(input_size, self.q_size + 2 * self.kv_size, bias=qkv_bias, impl=impl,
+                               device=device, dtype=dtype)
+        self.o_proj = Linear(self.q_size, hidden_size, bias=o_bias, impl=impl, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, eps, device=device, dtype=dtype) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps, device=device, dtype=dtype) if qk_norm else None
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q [..., Hq, D], k, v [..., Hkv, D] of the (already normed) input x [..., input_size], RoPE applied."""
+        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, backend, layer: int) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        out = backend.attend(layer, q, k, v)
+        return self.o_proj(out.flatten(-2))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused into one projection."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, bias: bool, impl: LinearImpl,
+                 device=None, dtype=None):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias, impl=impl, device=device, dtype=dtype)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, impl=impl, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg, impl: LinearImpl, *, attn_input_size: int | None = None, device=None, dtype=None):
+        super().__init__()
+        d = cfg.hidden_size
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, device=device, dtype=dtype)
+        self.self_attn = Attention(input_size=attn_input_size or d, hidden_size=d,
+                                   num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+                                   head_dim=cfg.head_dim, qk_norm=cfg.qk_norm, qkv_bias=cfg.qkv_bias,
+                                   o_bias=cfg.o_bias, eps=cfg.rms_norm_eps, impl=impl, device=device, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, device=device, dtype=dtype)
+        self.mlp = MLP(d, cfg.intermediate_size, bias=cfg.mlp_bias, impl=impl, device=device, dtype=dtype)
+
+    def forward(self, x, cos, sin, backend, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def init_normal_(module: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """Random init for fresh models: normal(0, std) matrices and embeddings, zero biases, unit norms."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if isinstance(module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module, RMSNorm):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of positions; the inverse frequencies stay fp32 whatever the model is cast to."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None, *, device=None):
+        super().__init__()
+        self._inv_freq_cpu = rope_inv_freq(head_dim, theta, scaling)
+        self.register_buffer("inv_freq", self._inv_freq_cpu.to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Casting the model to bf16 must not round the frequencies; moving it must still move them.
+        self.inv_freq = self._inv_freq_cpu.to(self.inv_freq.device)
+        return self
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        return rope_cos_sin(positions, self.inv_freq, dtype)

@@ -1,0 +1,120 @@
+"""Reading and writing Hugging Face style safetensors folders (single file or sharded), streamed."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
+    """None, a torch dtype or one of the names in DTYPES (also "fp32", "bf16", "fp16")."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str):
+        alias = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
+        key = alias.get(dtype, dtype.removeprefix("torch."))
+        if key in DTYPES:
+            return DTYPES[key]
+    raise ValueError(f"{name} must be float32, bfloat16 or float16, got {dtype!r}")
+
+
+def read_config(path) -> dict:
+    """config.json of a model folder, with clear errors for a missing folder or file."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist (or is not a directory)")
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg} is not valid JSON: {e}") from None
+
+
+def weight_files(path) -> list[Path]:
+    """The safetensors files of a folder: model.safetensors, or the shards named by model.safetensors.index.json."""
+    folder = Path(path)
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"shards listed in {index} are missing: {missing}")
+        return files
+    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    hint = f" (found {others}: only safetensors are supported)" if others else ""
+    raise FileNotFoundError(f"{str(folder)!r} has neither model.safetensors nor model.safetensors.index.json{hint}")
+
+
+@dataclass
+class Slot:
+    """Where a stored tensor goes: rows ``rows`` of ``param`` (None = all), transposed if ``transpose``."""
+
+    param: torch.Tensor
+    rows: slice | None = None
+    transpose: bool = False
+
+    def stored(self) -> torch.Tensor:
+        """The tensor as it is written to a file (the inverse of loading)."""
+        t = self.param.detach() if self.rows is None else self.param.detach()[self.rows]
+        return t.t() if self.transpose else t
+
+
+def load_slots(slots: dict[str, Slot], files: list[Path], *, ignore: Callable[[str], bool] = lambda n: False,
+               check: Callable[[str, torch.Tensor], None] | None = None) -> None:
+    """Stream every tensor of ``files`` into its slot; every slot must be filled exactly once.
+
+    Names not in ``slots`` are errors unless ``ignore(name)``; ``check(name,
+    tensor)`` may validate ignored tensors (e.g. a drafter's copy of the target
+    embedding).
+    """
+    from safetensors import safe_open
+
+    filled, unexpected = set(), []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                slot = slots.get(name)
+                if slot is None:
+                    if ignore(name):
+                        if check is not None:
+                            check(name, f.get_tensor(name))
+                    else:
+                        unexpected.append(name)
+                    continue
+                t = f.get_tensor(name)
+                if slot.transpose:
+                    t = t.t()
+                dst = slot.param if slot.rows is None else slot.param[slot.rows]
+                if tuple(t.shape) != tuple(dst.shape):
+                    raise ValueError(f"tensor {name!r} in {file.name} has shape {list(t.shape)}, "
+                                     f"the model expects {list(dst.shape)}")
+                with torch.no_grad():
+                    dst.copy_(t)
+                filled.add(name)
+    missing = sorted(set(slots) - filled)
+    if missing:
+        raise KeyError(f"tensors missing from {[f.name for f in files]}: {missing[:8]}"
+                       + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    if unexpected:
+        raise KeyError(f"unexpected tensors in {[f.name for f in files]}: {sorted(unexpected)[:8]}"
+                       + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt", **(metadata or {})})
