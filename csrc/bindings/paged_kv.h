@@ -14,7 +14,8 @@ namespace dspark {
 BlockAttentionProblem check_block_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache, const at::Tensor& page_table,
                                                  const at::Tensor& seq_lens, const at::Tensor& cu_q_lens,
-                                                 bool causal, std::optional<double> scale, at::Tensor* out);
+                                                 bool causal, std::optional<double> scale, int64_t max_block_rows,
+                                                 at::Tensor* out);
 AppendProblem check_append_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& slot_mapping);
 

@@ -111,25 +111,24 @@ void load_rows(const T* src, index_t D, float* dst) {
 }
 
 template <typename T>
-void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t split, float* scratch,
-                    float* partial) {
-  const index_t n = P.block_rows(b);
-  if (n == 0) return;
+void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t chunk, index_t split,
+                    float* scratch, float* partial) {
   const PagedLayout& kv = P.kv;
-  const index_t G = P.group(), D = kv.head_dim, R = n * G, Rp = paged_cpu_rows_padded(R);
-  const index_t len = P.seq_lens[b], row0 = P.cu_q_lens[b];
+  const PagedCpuChunk C = paged_cpu_chunk(P, b, chunk);
+  const index_t n = P.block_rows(b), G = P.group(), D = kv.head_dim, R = C.rows * G, Rp = paged_cpu_rows_padded(R);
+  const index_t len = P.seq_lens[b], row0 = P.cu_q_lens[b] + C.first_row;
   const PagedCpuScratch S(scratch, G, D);
   const index_t begin = split * kPagedCpuSplitLen;
-  const index_t end = begin + kPagedCpuSplitLen < len ? begin + kPagedCpuSplitLen : len;
+  const index_t end = begin + kPagedCpuSplitLen < C.visible_end ? begin + kPagedCpuSplitLen : C.visible_end;
 
   // Queries, pre-scaled and transposed; padding rows stay 0 and behave like
-  // the last block row (they are never written out).
+  // the chunk's last row (they are never written out).
   const T* q = static_cast<const T*>(P.q);
   for (index_t r = 0; r < Rp; ++r) {
-    const index_t i = r < R ? r / G : n - 1;
+    const index_t i = r < R ? r / G : C.rows - 1;  // block row within the chunk
     const T* qrow = q + (row0 + i) * P.q_stride_t + (h * G + r % G) * P.q_stride_h;
     for (index_t d = 0; d < D; ++d) S.qt[d * Rp + r] = r < R ? to_float(qrow[d]) * P.scale : 0.0f;
-    S.row_block_index[r] = static_cast<float>(i);
+    S.row_block_index[r] = static_cast<float>(C.first_row + i);
     S.m[r] = -INFINITY;
     S.l[r] = 0.0f;
   }
@@ -138,7 +137,8 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_
   const T* kc = static_cast<const T*>(P.k_cache);
   const T* vc = static_cast<const T*>(P.v_cache);
   // Positions >= first_masked are hidden from some row (or lie past this split).
-  const index_t first_masked = P.causal && len - n + 1 < end ? len - n + 1 : end;
+  const index_t first_causal = len - n + C.first_row + 1;
+  const index_t first_masked = P.causal && first_causal < end ? first_causal : end;
   for (index_t p0 = begin; p0 < end; p0 += kTile) {
     const index_t tn = end - p0 < kTile ? end - p0 : kTile;
     for (index_t j = 0; j < tn; ++j) {
@@ -188,9 +188,10 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_
 
 // out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the splits' states.
 template <typename T>
-void combine_item(const BlockAttentionProblem& P, index_t b, index_t h, float* partials) {
-  const index_t n = P.block_rows(b), G = P.group(), D = P.kv.head_dim, R = n * G;
-  const index_t splits = paged_cpu_splits(P.seq_lens[b]), stride = PagedCpuPartial::floats(R, D);
+void combine_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t chunk, float* partials) {
+  const PagedCpuChunk C = paged_cpu_chunk(P, b, chunk);
+  const index_t G = P.group(), D = P.kv.head_dim, R = C.rows * G;
+  const index_t splits = C.splits, stride = PagedCpuPartial::floats(R, D), row0 = P.cu_q_lens[b] + C.first_row;
   T* out = static_cast<T*>(P.out);
   for (index_t r = 0; r < R; ++r) {
     float mx = -INFINITY;
@@ -208,31 +209,32 @@ void combine_item(const BlockAttentionProblem& P, index_t b, index_t h, float* p
       for (index_t d = 0; d < D; ++d) acc[d] = madd(w, part.o[r * D + d], acc[d]);
     }
     const float inv = 1.0f / total;
-    T* orow = out + ((P.cu_q_lens[b] + r / G) * P.num_q_heads + h * G + r % G) * D;
+    T* orow = out + ((row0 + r / G) * P.num_q_heads + h * G + r % G) * D;
     for (index_t d = 0; d < D; ++d) store_float(orow + d, acc[d] * inv);
   }
 }
 
 }  // namespace
 
-// Work item (request b, kv head h, KV split `split`); `scratch` holds PagedCpuScratch::floats
-// floats. A request with several splits (paged_cpu_splits) leaves each split's state in `partial`
-// (PagedCpuPartial) and block_attention_combine writes its output; otherwise partial is null.
-void block_attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t split, float* scratch,
-                          float* partial) {
+// Work item (request b, kv head h, row chunk `chunk`, KV split `split`); `scratch` holds
+// PagedCpuScratch::floats floats. A chunk with several splits (PagedCpuChunk::splits) leaves each
+// split's state in `partial` (PagedCpuPartial) and block_attention_combine writes its rows;
+// otherwise partial is null and the item writes them.
+void block_attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t chunk, index_t split,
+                          float* scratch, float* partial) {
   switch (P.dtype) {
-    case FloatCode::f32: attention_item<float>(P, b, h, split, scratch, partial); break;
-    case FloatCode::bf16: attention_item<bf16_bits>(P, b, h, split, scratch, partial); break;
-    case FloatCode::f16: attention_item<fp16_bits>(P, b, h, split, scratch, partial); break;
+    case FloatCode::f32: attention_item<float>(P, b, h, chunk, split, scratch, partial); break;
+    case FloatCode::bf16: attention_item<bf16_bits>(P, b, h, chunk, split, scratch, partial); break;
+    case FloatCode::f16: attention_item<fp16_bits>(P, b, h, chunk, split, scratch, partial); break;
   }
 }
 
-// Output rows of (request b, kv head h) from its splits' consecutive partial states.
-void block_attention_combine(const BlockAttentionProblem& P, index_t b, index_t h, float* partials) {
+// Output rows of (request b, kv head h, row chunk `chunk`) from its splits' consecutive states.
+void block_attention_combine(const BlockAttentionProblem& P, index_t b, index_t h, index_t chunk, float* partials) {
   switch (P.dtype) {
-    case FloatCode::f32: combine_item<float>(P, b, h, partials); break;
-    case FloatCode::bf16: combine_item<bf16_bits>(P, b, h, partials); break;
-    case FloatCode::f16: combine_item<fp16_bits>(P, b, h, partials); break;
+    case FloatCode::f32: combine_item<float>(P, b, h, chunk, partials); break;
+    case FloatCode::bf16: combine_item<bf16_bits>(P, b, h, chunk, partials); break;
+    case FloatCode::f16: combine_item<fp16_bits>(P, b, h, chunk, partials); break;
   }
 }
 

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const bool meta_ok = P.request_ok(b);
   const index_t row0 = P.cu_q_lens[b];
   index_t n = P.cu_q_lens[b + 1] - row0;
-  if (!meta_ok) n = (row0 >= 0 && row0 < P.num_tokens && n > 0) ? min(n, min(kMaxBlockRows, P.num_tokens - row0)) : 0;
+  if (!meta_ok) n = (row0 >= 0 && row0 < P.num_tokens && n > 0) ? min(n, min(P.max_block_rows, P.num_tokens - row0)) : 0;
   if (n <= 0) return;
   const index_t len = meta_ok ? P.seq_lens[b] : 0;
   const index_t chunk = ((len + splits - 1) / splits + kTile - 1) / kTile * kTile;
@@ -125,11 +125,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       last[k] = r < R ? P.last_visible(len, n, r / G) : -1;
     }
 
-    for (index_t p0 = bad ? end : begin; p0 < end; p0 += kTile) {
+    // Positions past the last one any row of this pass sees are skipped (long causal blocks).
+    const index_t pass_last_row = (pass0 + rows_per_pass < R ? pass0 + rows_per_pass : R) - 1;
+    const index_t pass_end = min(end, P.last_visible(len, n, pass_last_row / G) + 1);
+    for (index_t p0 = bad ? pass_end : begin; p0 < pass_end; p0 += kTile) {
       __syncthreads();  // previous tile (and the q_s fill) finished
       if (threadIdx.x < kTile) {
         const index_t pos = p0 + threadIdx.x;
-        slot_s[threadIdx.x] = pos < end ? kv.slot(b, pos) : -1;
+        slot_s[threadIdx.x] = pos < pass_end ? kv.slot(b, pos) : -1;
       }
       __syncthreads();
       for (index_t e = threadIdx.x; e < kTile * (D / kVec); e += blockDim.x) {
@@ -253,7 +256,7 @@ void launch(const BlockAttentionProblem& P, const at::Tensor& like, cudaStream_t
   const auto& props = *at::cuda::getCurrentDeviceProperties();
   const index_t B = P.kv.batch, Hkv = P.kv.num_kv_heads;
   // Rows a block can have (host bound: no device data is read).
-  const index_t max_rows = std::min<index_t>(kMaxBlockRows, P.num_tokens) * P.group();
+  const index_t max_rows = std::min<index_t>(P.max_block_rows, P.num_tokens) * P.group();
   int warps = static_cast<int>(std::clamp<index_t>((max_rows + kWarpRows - 1) / kWarpRows, 4, kMaxWarps));
   const size_t budget = props.sharedMemPerBlockOptin - 1024;  // static shared memory (slot_s) comes on top
   while (warps > 4 && smem_floats<D>(warps * kWarpRows) * sizeof(float) > budget) --warps;

@@ -81,19 +81,44 @@ def test_long_contexts_are_split_and_combined():
         check_against_reference(p, causal=causal, seed=seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_long_blocks_with_max_block_rows(dtype):
+    """Prefill-sized blocks (opt-in): whole prompts, a block longer than 16 over a cached prefix."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    rows, lens = [100, 17, 0, 40, 3], [100, 1300, 7, 2100, 3]
+    p = random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=2, group=2, head_dim=64, page_size=16,
+                       dtype=dtype)
+    for causal in (True, False):
+        with poisoned_empty():
+            got = dspark_ops.draft_block_attention(*p.args(), causal=causal, max_block_rows=100)
+        want = reference.draft_block_attention(*p.args(), causal=causal)
+        torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[dtype], msg=lambda m: f"seed {seed}: {m}")
+    with pytest.raises(ValueError, match="max_block_rows = 99"):
+        dspark_ops.draft_block_attention(*p.args(), max_block_rows=99)
+    with pytest.raises(ValueError, match="max_block_rows"):
+        dspark_ops.draft_block_attention(*p.args(), max_block_rows=0)
+
+
 def test_a_rows_result_depends_only_on_its_own_visible_prefix():
     """Row i of a verified block equals, bit for bit, the same query decoded alone over the same
-    visible prefix (the engine's greedy equivalence with plain decoding relies on it), with splits."""
+    visible prefix, or inside a longer (prefill-sized, several 16-row chunks) block: the engine's
+    greedy equivalence with plain decoding relies on it. Lengths cross the 1024-position splits."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    n, length = 9, 2100
-    p = random_problem(gen, block_rows=[n], seq_lens=[length], num_kv_heads=2, group=4, head_dim=64, page_size=16,
-                       dtype=torch.bfloat16)
-    block = dspark_ops.draft_block_attention(*p.args())
+    n, long_n, length = 9, 40, 2100
+    # One request whose 40-row block ends at length + 31; its first 9 rows form a 9-row block ending at `length`.
+    p = random_problem(gen, block_rows=[long_n], seq_lens=[length - n + long_n], num_kv_heads=2, group=4,
+                       head_dim=64, page_size=16, dtype=torch.bfloat16)
+    longer = dspark_ops.draft_block_attention(*p.args(), max_block_rows=long_n)
+    block = dspark_ops.draft_block_attention(p.q[:n], p.k_cache, p.v_cache, p.page_table,
+                                             torch.tensor([length], dtype=torch.int32),
+                                             torch.tensor([0, n], dtype=torch.int32))
     for i in range(n):
         alone = dspark_ops.draft_block_attention(p.q[i:i + 1], p.k_cache, p.v_cache, p.page_table,
                                                  torch.tensor([length - n + i + 1], dtype=torch.int32),
                                                  torch.tensor([0, 1], dtype=torch.int32))
         assert torch.equal(alone[0], block[i]), f"row {i}"
+        assert torch.equal(longer[i], block[i]), f"row {i} in the {long_n}-row block"
 
 
 def test_empty_blocks_and_empty_batch():
@@ -250,7 +275,7 @@ BAD = [
     ("cu_q_lens start", dict(cu_q_lens=torch.tensor([1, 2, 6], dtype=torch.int32)), r"cu_q_lens\[0\]"),
     ("cu_q_lens end", dict(cu_q_lens=torch.tensor([0, 2, 5], dtype=torch.int32)), "cu_q_lens"),
     ("block over 16", dict(q=torch.randn(19, 4, 64), cu_q_lens=torch.tensor([0, 2, 19], dtype=torch.int32),
-                           seq_lens=torch.tensor([10, 20], dtype=torch.int32)), "at most 16"),
+                           seq_lens=torch.tensor([10, 20], dtype=torch.int32)), "max_block_rows = 16"),
 ]
 
 
@@ -361,6 +386,21 @@ def test_cuda_other_head_dims_and_long_context(head_dim):
     got = dspark_ops.draft_block_attention(*_cuda(p).args())
     want = reference.draft_block_attention(*p.args())
     torch.testing.assert_close(got.cpu().float(), want.float(), **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_long_blocks_with_max_block_rows():
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    rows, lens = [300, 17, 0, 64, 1], [300, 5000, 7, 2100, 9]
+    p = random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=2, group=4, head_dim=128, page_size=16,
+                       dtype=torch.bfloat16)
+    for causal in (True, False):
+        got = dspark_ops.draft_block_attention(*_cuda(p).args(), causal=causal, max_block_rows=300, check=True)
+        want = reference.draft_block_attention(*p.args(), causal=causal)
+        torch.testing.assert_close(got.cpu().float(), want.float(), **TOLERANCES[torch.bfloat16],
+                                   msg=lambda m: f"seed {seed}: {m}")
 
 
 @pytest.mark.cuda

@@ -55,6 +55,22 @@ inline index_t paged_cpu_splits(index_t len) {
   return len <= kPagedCpuSplitLen ? 1 : (len + kPagedCpuSplitLen - 1) / kPagedCpuSplitLen;
 }
 
+// Block rows [first_row, first_row + rows) of a request form one chunk (kMaxBlockRows rows, the
+// last may be shorter: blocks longer than that, e.g. prefill, take several). No row of the chunk
+// sees positions >= visible_end; `splits` KV splits cover [0, visible_end).
+struct PagedCpuChunk {
+  index_t first_row, rows, visible_end, splits;
+};
+
+inline index_t paged_cpu_chunks(index_t block_rows) { return (block_rows + kMaxBlockRows - 1) / kMaxBlockRows; }
+
+inline PagedCpuChunk paged_cpu_chunk(const BlockAttentionProblem& P, index_t b, index_t chunk) {
+  const index_t n = P.block_rows(b), first = chunk * kMaxBlockRows;
+  const index_t rows = n - first < kMaxBlockRows ? n - first : kMaxBlockRows;
+  const index_t visible_end = P.last_visible(P.seq_lens[b], n, first + rows - 1) + 1;
+  return {first, rows, visible_end, paged_cpu_splits(visible_end)};
+}
+
 // State of one KV split of a (request, kv head) item with R = block rows x group rows:
 // unnormalised outputs, running max and sum.
 struct PagedCpuPartial {
