@@ -48,10 +48,10 @@ void score_block(const float* kf, const float* qt, index_t D, index_t Rp, float*
     for (int r = 0; r < kR; ++r) st[p * Rp + r] = acc[p][r];
 }
 
-template <int kP, int kR>
+// All kTile x Rp scores in 4-position x 32-row blocks (Rp is a multiple of 32).
 void scores(const float* kf, const float* qt, index_t D, index_t Rp, float* st) {
-  for (index_t j = 0; j < kTile; j += kP)
-    for (index_t r = 0; r < Rp; r += kR) score_block<kP, kR>(kf + j * D, qt + r, D, Rp, st + j * Rp + r);
+  for (index_t j = 0; j < kTile; j += 4)
+    for (index_t r = 0; r < Rp; r += 32) score_block<4, 32>(kf + j * D, qt + r, D, Rp, st + j * Rp + r);
 }
 
 // o[r0 + r][d0 + c] = o * corr[r] + sum_{j < tn} st[j][r0 + r] * vf[j][d0 + c] for kRows x kC.
@@ -72,10 +72,11 @@ void accumulate_block(const float* st, const float* vf, const float* corr, index
     for (int c = 0; c < kC; ++c) o[r * D + c] = acc[r][c];
 }
 
-template <int kC>
-void accumulate(const float* st, const float* vf, const float* corr, index_t tn, index_t D, index_t Rp, float* o) {
-  constexpr int kRows = 4;  // Rp is a multiple of kVec, hence of kRows
-  for (index_t r = 0; r < Rp; r += kRows)
+// o[r][d] = o * corr[r] + sum_{j < tn} st[j][r] * vf[j][d] for rows r < rows (a multiple of kRows).
+template <int kRows, int kC>
+void accumulate(const float* st, const float* vf, const float* corr, index_t tn, index_t D, index_t Rp, index_t rows,
+                float* o) {
+  for (index_t r = 0; r < rows; r += kRows)
     for (index_t d = 0; d < D; d += kC)
       accumulate_block<kRows, kC>(st + r, vf + d, corr + r, tn, D, Rp, o + r * D + d);
 }
@@ -150,10 +151,16 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_
       std::memset(S.kf + tn * D, 0, sizeof(float) * (kTile - tn) * D);
       std::memset(S.vf + tn * D, 0, sizeof(float) * (kTile - tn) * D);
     }
-    if (Rp % 32 == 0)
-      scores<4, 32>(S.kf, S.qt, D, Rp, S.st);
-    else
-      scores<8, 16>(S.kf, S.qt, D, Rp, S.st);
+    // The next tile's rows are scattered (pages, heads interleaved): request them now so they
+    // arrive while this tile is computed.
+    for (index_t pos = p0 + kTile; pos < p0 + 2 * kTile && pos < end; ++pos) {
+      const index_t off = (kv.slot(b, pos) * kv.num_kv_heads + h) * D;
+      for (index_t byte = 0; byte < D * static_cast<index_t>(sizeof(T)); byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(kc + off) + byte);
+        __builtin_prefetch(reinterpret_cast<const char*>(vc + off) + byte);
+      }
+    }
+    scores(S.kf, S.qt, D, Rp, S.st);
 
     if (p0 + kTile > first_masked) {
       for (index_t j = 0; j < kTile; ++j) {
@@ -165,10 +172,12 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_
       }
     }
     softmax_step(S.st, Rp, S.m, S.l, S.corr);
+    // Padding rows are never written out: only the real ones (rounded up to 4) accumulate.
+    const index_t rows = (R + 3) / 4 * 4;
     if (D % 32 == 0)
-      accumulate<32>(S.st, S.vf, S.corr, tn, D, Rp, S.o);
+      accumulate<4, 32>(S.st, S.vf, S.corr, tn, D, Rp, rows, S.o);
     else
-      accumulate<16>(S.st, S.vf, S.corr, tn, D, Rp, S.o);
+      accumulate<2, 16>(S.st, S.vf, S.corr, tn, D, Rp, rows, S.o);  // 4 x 16 blocks vectorise badly too
   }
 
   if (partial != nullptr) {  // one split of several: keep the unnormalised state for the combine step

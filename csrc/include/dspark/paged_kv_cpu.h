@@ -9,11 +9,14 @@ namespace dspark {
 namespace {
 
 constexpr index_t kPagedCpuVec = 16;   // query rows per vector (AVX-512 floats; narrower ISAs split it)
+// Rows are padded to a multiple of 32: the score micro-kernel works on 32-row blocks (GCC turns
+// 16-row blocks of 4+ positions into shuffles instead of one FMA per vector).
+constexpr index_t kPagedCpuRowAlign = 32;
 constexpr index_t kPagedCpuTile = 32;  // KV positions per online-softmax step
 constexpr index_t kPagedCpuMaxHeadDim = 512;
 
 inline index_t paged_cpu_rows_padded(index_t rows) {
-  return (rows + kPagedCpuVec - 1) / kPagedCpuVec * kPagedCpuVec;
+  return (rows + kPagedCpuRowAlign - 1) / kPagedCpuRowAlign * kPagedCpuRowAlign;
 }
 
 struct PagedCpuScratch {
