@@ -78,6 +78,10 @@ class PagedKVCache:
     def v_cache(self, layer: int) -> torch.Tensor:
         return self.v[layer]
 
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(k_cache, v_cache) views of every layer, e.g. for models.PagedAttention."""
+        return [(self.k[i], self.v[i]) for i in range(self.num_layers)]
+
     @property
     def num_free_pages(self) -> int:
         self._settle()
