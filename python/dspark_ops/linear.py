@@ -1,9 +1,10 @@
-"""``linear`` / ``linear_silu_mul``: linear layers for blocks of 1..16 rows on packed weights.
+"""``linear`` / ``linear_silu_mul``: linear layers for small blocks of rows on packed weights.
 
 Pack each weight once (``pack_linear_weight``), then call ``linear`` for every
-forward. On CPU the packed layout lets a block of up to 16 rows cost about
-what one row costs (the weights are read from memory once for all rows);
-taller blocks go to torch's matmul inside the op. On CUDA the op is cuBLAS.
+forward. On CPU the packed layout lets a block of up to 8-16 rows cost about
+what one row costs (the weights are read from memory once for all rows, and
+up to 64 rows run in the kernel); taller blocks go to torch's matmul inside
+the op. On CUDA the op is cuBLAS.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 
 from ._ops import ops
 
-PANEL = 16     # output columns per packed panel (csrc/include/dspark/linear_problem.h)
-MAX_ROWS = 16  # rows the CPU kernel takes in one call; more go to matmul
+GROUP = 32     # output columns per packed group (csrc/include/dspark/linear_problem.h)
+MAX_ROWS = 64  # rows the CPU kernel takes in one call; more go to matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,9 +23,9 @@ class PackedLinear:
     """A weight packed by :func:`pack_linear_weight` (build it with that function).
 
     Attributes:
-      data: CPU: panels [ceil(rows / 16), in_features, 16] (the kernel's
-        layout: 16 output columns per panel, zero-padded; gate and up panels
-        interleaved for a gate/up weight). CUDA: the rows [rows, in_features].
+      data: CPU: column groups [G, in_features, 32] (the kernel's layout:
+        32 output columns per group, zero-padded; 16 gate then 16 up columns
+        per group for a gate/up weight). CUDA: the rows [rows, in_features].
       out_features: columns of the op's output (I for a gate/up weight).
       gate_up: packed for :func:`linear_silu_mul` (gate rows then up rows).
     """
@@ -49,10 +50,14 @@ class PackedLinear:
         """The weight as [out, in] ([2 * I, in], gate rows then up rows, for a gate/up weight)."""
         if self.data.dim() == 2:
             return self.data
-        return _from_panels(self.data, self.out_features, self.gate_up)
+        if self.gate_up:
+            half = GROUP // 2
+            return torch.cat([_from_groups(self.data[..., :half], self.out_features),
+                              _from_groups(self.data[..., half:], self.out_features)])
+        return _from_groups(self.data, self.out_features)
 
     def to(self, device) -> PackedLinear:
-        """The same weight packed for `device` (CPU panels or CUDA rows)."""
+        """The same weight packed for `device` (CPU column groups or CUDA rows)."""
         device = torch.device(device)
         if device == self.device:
             return self
@@ -63,19 +68,16 @@ class PackedLinear:
 torch.serialization.add_safe_globals([PackedLinear])
 
 
-def _to_panels(w: torch.Tensor) -> torch.Tensor:
+def _to_groups(w: torch.Tensor, cols: int) -> torch.Tensor:
+    """[ceil(rows / cols), in, cols]: `cols` consecutive rows of w per group, zero-padded."""
     rows, k = w.shape
-    panels = -(-rows // PANEL)
-    padded = torch.zeros(panels * PANEL, k, dtype=w.dtype, device=w.device)
+    groups = -(-rows // cols)
+    padded = torch.zeros(groups * cols, k, dtype=w.dtype, device=w.device)
     padded[:rows] = w
-    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+    return padded.view(groups, cols, k).transpose(1, 2)
 
 
-def _from_panels(data: torch.Tensor, out_features: int, gate_up: bool) -> torch.Tensor:
-    if gate_up:
-        pairs = data.view(-1, 2, *data.shape[1:])
-        return torch.cat([_from_panels(pairs[:, 0], out_features, False),
-                          _from_panels(pairs[:, 1], out_features, False)])
+def _from_groups(data: torch.Tensor, out_features: int) -> torch.Tensor:
     return data.transpose(1, 2).reshape(-1, data.shape[1])[:out_features]
 
 
@@ -109,11 +111,11 @@ def pack_linear_weight(w: torch.Tensor, dtype: torch.dtype | None = None, *, gat
     if w.device.type != "cpu":
         return PackedLinear(w.contiguous(), out_features, gate_up)
     if gate_up:
-        gate, up = _to_panels(w[:out_features]), _to_panels(w[out_features:])
-        data = torch.stack([gate, up], dim=1).flatten(0, 1)
+        half = GROUP // 2
+        data = torch.cat([_to_groups(w[:out_features], half), _to_groups(w[out_features:], half)], dim=2)
     else:
-        data = _to_panels(w)
-    return PackedLinear(data, out_features, gate_up)
+        data = _to_groups(w, GROUP)
+    return PackedLinear(data.contiguous(), out_features, gate_up)
 
 
 def _check_packed(w_packed, name: str, gate_up: bool, fn: str) -> None:
@@ -147,8 +149,11 @@ def linear(x: torch.Tensor, w_packed: PackedLinear, bias: torch.Tensor | None = 
       residual: [..., out] float32 added to the output (saves a pass), or None.
 
     Returns:
-      [..., out] float32. Blocks of up to 16 rows run the CPU kernel; taller
-      ones torch's matmul (same result up to fp32 rounding).
+      [..., out] float32. On CPU, blocks of up to MAX_ROWS (64) rows run the
+      kernel, taller ones torch's matmul. Accuracy: fp32 accumulation (bf16
+      weights widened exactly), so |y - exact| <= gamma_{in+2} (|x| |W|^T +
+      |bias| + |residual|) + 2^-24 |y| with gamma_n = n 2^-24 / (1 - n 2^-24)
+      (reference.linear_error_bound), in any summation order.
     """
     _check_packed(w_packed, "w_packed", False, "linear")
     _check_x(x, w_packed)
