@@ -29,7 +29,7 @@ VARIANTS = {
 def tiny_config(layers=2, **kw) -> LlamaConfig:
     kw.pop("attention_bias", None)
     base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
                 max_position_embeddings=64)
     base.update(kw)
     return LlamaConfig(**base)
@@ -150,9 +150,9 @@ def test_hidden_layers_and_positions(seed):
         out = model(ids, hidden_layers=[1, -1])
         assert out.layer_hidden.shape == (1, 6, 64)
         torch.testing.assert_close(out.layer_hidden[..., 32:], model.embed(ids))
-        # A shifted window with explicit positions equals the same tokens scored in place.
-        shifted = model(ids[:, 2:], positions=torch.arange(2, 6).view(1, 4)).logits
-        assert not torch.allclose(shifted, out.logits[:, 2:])   # missing prefix changes them...
+        # RoPE only sees relative positions: shifting every position of a window changes nothing.
+        shifted = model(ids[:, 2:], positions=torch.arange(7, 11).view(1, 4)).logits
+        torch.testing.assert_close(shifted, model(ids[:, 2:]).logits, rtol=1e-4, atol=1e-4)
         assert model(ids, return_logits=False).logits is None
 
 
@@ -261,6 +261,10 @@ def test_bad_inputs():
         tiny_config(num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(ValueError, match="dtype"):
         LlamaModel(tiny_config(), dtype="int8")
+    with pytest.raises(ValueError, match="QK-norm"):
+        tiny_config(qk_norm=True)    # a llama config cannot say qk_norm
+    with pytest.raises(ValueError, match="model_type"):
+        tiny_config(model_type="gemma")
 
 
 # --------------------------------------------------------------------------- drafters
@@ -277,9 +281,10 @@ def tiny_drafter(target, *, layers=2, rank=6, conf=True, with_markov=True, block
     return drafter.eval()
 
 
-def test_dspark_block_matches_reference_and_training_path(seed):
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qknorm", "plain"])
+def test_dspark_block_matches_reference_and_training_path(qk_norm, seed):
     target = tiny_model("llama-gqa-tied", seed=seed)
-    drafter = tiny_drafter(target, seed=seed + 1)
+    drafter = tiny_drafter(target, seed=seed + 1, qk_norm=qk_norm)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB - 1, (2, 12), generator=gen)
     anchors = torch.tensor([7, 4])
@@ -438,6 +443,19 @@ def test_load_deepspec_dspark_layout(tmp_path, seed):
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, architectures=["Gemma4DSparkModel"])))
     with pytest.raises(ValueError, match="unknown drafter architecture 'Gemma4DSparkModel'"):
         load_drafter(tmp_path, target)
+
+
+def test_load_deepspec_eagle3_layout(tmp_path, seed):
+    target = tiny_model("qwen3-qknorm-untied", seed=seed)
+    drafter = tiny_eagle3(target, seed)
+    deepspec_folder(tmp_path, drafter, target, "Qwen3Eagle3Model", dict(
+        target_layer_ids=[0, 1], num_target_layers=2, ttt_length=7, step_loss_decay=0.8, draft_num_hidden_layers=1))
+    loaded = load_drafter(tmp_path, target)
+    assert isinstance(loaded, Eagle3Drafter) and loaded.config.ttt_length == 7
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        feats = target(ids, hidden_layers=[0, 1]).layer_hidden
+        torch.testing.assert_close(loaded(ids, feats), drafter(ids, feats), rtol=0, atol=0)
 
 
 def tiny_eagle3(target, seed, layer_ids=(0, 1)):
@@ -612,3 +630,27 @@ def test_linear_impl_hook_sees_every_projection():
     matrices = {id(p) for n, p in list(model.named_parameters()) + list(drafter.named_parameters())
                 if p.dim() == 2 and "markov" not in n}
     assert {id(w) for w in seen} == matrices
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision_matches_cpu(dtype, seed):
+    target = tiny_model("qwen3-qknorm-untied", seed=seed)
+    drafter = tiny_drafter(target, seed=seed)
+    ids = torch.randint(0, VOCAB - 1, (2, 12))
+    with torch.no_grad():
+        want = target(ids, hidden_layers=[-1, 0, 1])
+        want_blk = drafter.forward_train(ids, want.layer_hidden, torch.tensor([[8], [8]]))
+        target.to("cuda", dtype)
+        drafter.to("cuda", dtype)
+        assert target.rotary.inv_freq.dtype == torch.float32
+        cache = DenseKVCache.for_model(target, 2, 16)
+        got = torch.cat([target(ids[:, :8].cuda(), kv=cache).logits, target(ids[:, 8:].cuda(), kv=cache).logits], 1)
+        feats = target(ids.cuda(), hidden_layers=[-1, 0, 1]).layer_hidden
+        dcache = DenseKVCache.for_model(drafter, 2, 16)
+        drafter.extend_context(feats[:, :8], kv=dcache)
+        blk = drafter.draft_block(ids[:, 8].cuda(), kv=dcache)
+    tol = 0.1 if dtype == torch.bfloat16 else 0.03     # of the largest logit; bf16 keeps 8 mantissa bits
+    assert (got.float().cpu() - want.logits).abs().max() < tol * want.logits.abs().max()
+    assert (blk.logits.float().cpu() - want_blk.logits[:, 0]).abs().max() < tol * want_blk.logits.abs().max()

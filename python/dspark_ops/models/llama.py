@@ -62,6 +62,15 @@ class LlamaConfig:
                              f"config.num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"config.head_dim must be even for RoPE, got {self.head_dim}")
+        # The flags must be expressible in the model_type's Hugging Face config (what save_pretrained writes).
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config.model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}")
+        if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias):
+            raise ValueError("a qwen2 config has q/k/v biases and no o_proj bias")
+        if self.model_type != "qwen2" and self.qkv_bias != self.o_bias:
+            raise ValueError(f"{self.model_type} configs have one attention_bias flag for q/k/v/o")
+        if self.qk_norm != (self.model_type == "qwen3"):
+            raise ValueError("QK-norm is what distinguishes qwen3 from llama/qwen2: set model_type accordingly")
 
     # ---- Hugging Face config.json
 
@@ -97,12 +106,6 @@ class LlamaConfig:
             pad_token_id=d.get("pad_token_id"))
 
     def to_hf(self, dtype: torch.dtype | None = None) -> dict:
-        if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias):
-            raise ValueError("a qwen2 config has q/k/v biases and no o_proj bias")
-        if self.model_type != "qwen2" and self.qkv_bias != self.o_bias:
-            raise ValueError(f"{self.model_type} configs have one attention_bias flag for q/k/v/o")
-        if self.qk_norm != (self.model_type == "qwen3"):
-            raise ValueError("QK-norm is what distinguishes qwen3 from llama/qwen2: set model_type accordingly")
         d = {
             "architectures": [_ARCHITECTURES[self.model_type]], "model_type": self.model_type,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,

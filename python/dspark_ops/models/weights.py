@@ -73,12 +73,12 @@ class Slot:
 
 
 def load_slots(slots: dict[str, Slot], files: list[Path], *, ignore: Callable[[str], bool] = lambda n: False,
-               check: Callable[[str, torch.Tensor], None] | None = None) -> None:
+               check: Callable[[str, list[int]], None] | None = None) -> None:
     """Stream every tensor of ``files`` into its slot; every slot must be filled exactly once.
 
     Names not in ``slots`` are errors unless ``ignore(name)``; ``check(name,
-    tensor)`` may validate ignored tensors (e.g. a drafter's copy of the target
-    embedding).
+    shape)`` may validate the shapes of ignored tensors (e.g. a drafter's copy
+    of the target embedding) without reading them.
     """
     from safetensors import safe_open
 
@@ -90,7 +90,7 @@ def load_slots(slots: dict[str, Slot], files: list[Path], *, ignore: Callable[[s
                 if slot is None:
                     if ignore(name):
                         if check is not None:
-                            check(name, f.get_tensor(name))
+                            check(name, list(f.get_slice(name).get_shape()))
                     else:
                         unexpected.append(name)
                     continue
