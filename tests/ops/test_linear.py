@@ -180,7 +180,7 @@ def test_every_cpu_isa_build_within_bound(isa):
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
 def test_pack_round_trip(wdtype):
     gen = torch.Generator().manual_seed(fresh_seed())
-    for n, k in [(1, 1), (33, 7), (64, 5), (100, 3), (1100, 1000)]:  # the last: huge-page advice (> 4 MiB)
+    for n, k in [(1, 1), (33, 7), (64, 5), (100, 3), (3, 0), (1100, 1000)]:  # the last: huge-page advice
         w = torch.randn(n, k, generator=gen)
         pw = dspark_ops.pack_linear_weight(w, wdtype)
         assert pw.dtype == wdtype and pw.out_features == n and pw.in_features == k and not pw.gate_up
