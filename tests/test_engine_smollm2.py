@@ -32,7 +32,7 @@ def test_plain_engine_equals_transformers_greedy(smollm2, plain_outputs):
     transformers = pytest.importorskip("transformers")
     path, _, _ = smollm2
     prompts, plain = plain_outputs
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     with torch.no_grad():
         for prompt, ours in zip(prompts, plain):
             ids = torch.tensor([prompt])
