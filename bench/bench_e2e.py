@@ -55,7 +55,7 @@ def run_engine(target, drafter, prompts, n, batch, stop):
 def run_transformers(path, prompts, n, stop, assisted):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     kw = dict(max_new_tokens=n, do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
     if assisted:
         kw["prompt_lookup_num_tokens"] = 10

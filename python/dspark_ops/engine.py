@@ -40,7 +40,7 @@ import torch
 
 from . import markov_sample, plan_capacity, profile_sps, schedule_verify_lengths, verify
 from .kv_cache import OutOfPagesError, PagedKVCache
-from .models.attention import PagedAttention, sdpa
+from .models.attention import PagedAttention
 from .models.drafter import DSparkDrafter
 from .models.llama import LlamaModel
 
@@ -137,24 +137,6 @@ class EngineStats:
 
 def _grow(counts: list[int], n: int) -> None:
     counts.extend([0] * (n - len(counts)))
-
-
-class _PrefillAttention:
-    """Prompts of new requests, flattened: causal attention within each prompt (their caches start empty);
-    K/V stored in the paged cache for the decode steps."""
-
-    def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, segment: torch.Tensor):
-        self.paged = PagedAttention([(cache.k[i], cache.v[i]) for i in range(cache.num_layers)],
-                                    slot_mapping=slot_mapping)
-        idx = torch.arange(segment.numel(), device=segment.device)
-        self.mask = (segment[:, None] == segment[None, :]) & (idx[None, :] <= idx[:, None])
-
-    def append(self, layer, k, v):
-        self.paged.append(layer, k, v)
-
-    def attend(self, layer, q, k, v):
-        self.paged.append(layer, k, v)
-        return sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask=self.mask.unsqueeze(0))[0]
 
 
 def pack_linear_layers(model: torch.nn.Module) -> None:
@@ -323,16 +305,20 @@ class SpeculativeEngine:
 
     @torch.no_grad()
     def _prefill(self, batch: list[Request]) -> None:
-        """All prompts in one forward (block-diagonal causal attention), then each request's first token."""
+        """All prompts in one forward (each a causal block over its own, empty, cache), then each first token."""
         t0 = time.perf_counter()
         dev = self.device
         ids = torch.tensor([t for r in batch for t in r.prompt], dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(len(r.prompt), device=dev) for r in batch])
-        segment = torch.cat([torch.full((len(r.prompt),), i, device=dev) for i, r in enumerate(batch)])
-        slots = torch.cat([r.prefill_slots for r in batch])
-        out = self.target(ids, positions, kv=_PrefillAttention(self.target_cache, slots, segment),
-                          hidden_layers=self.hidden_layers, return_logits=False)
-        last = torch.tensor(list(itertools.accumulate(len(r.prompt) for r in batch)), device=dev) - 1
+        ends = list(itertools.accumulate(len(r.prompt) for r in batch))
+        request_ids = [r.id for r in batch]
+        backend = PagedAttention(self._layers(self.target_cache), slot_mapping=torch.cat([r.prefill_slots for r in batch]),
+                                 page_table=self.target_cache.page_table(request_ids),
+                                 seq_lens=self.target_cache.seq_lens(request_ids),
+                                 cu_q_lens=torch.tensor([0, *ends], dtype=torch.int32, device=dev), causal=True,
+                                 max_block_rows=max(len(r.prompt) for r in batch))
+        out = self.target(ids, positions, kv=backend, hidden_layers=self.hidden_layers, return_logits=False)
+        last = torch.tensor(ends, device=dev) - 1
         logits = self.target.compute_logits(out.hidden[last]).unsqueeze(1)
         params = self._params_tensors(batch)
         tokens, _ = verify(logits, torch.empty(len(batch), 0, dtype=torch.int32, device=dev), None, **params)
