@@ -143,7 +143,7 @@ def pack_linear_layers(model: torch.nn.Module) -> None:
     """Route ``model``'s projections through ``dspark_ops.linear`` on weights packed once (CPU).
 
     The small-block kernel reads the weights once for a whole block of up to
-    16 rows, which is what makes verifying a block cost about one decode step.
+    linear.MAX_ROWS rows, which is what makes verifying a block cost about one decode step.
     """
     from .linear import MAX_ROWS, linear, pack_linear_weight
 
