@@ -143,24 +143,37 @@ def pack_linear_layers(model: torch.nn.Module) -> None:
     """Route ``model``'s projections through ``dspark_ops.linear`` on weights packed once (CPU).
 
     The small-block kernel reads the weights once for a whole block of up to
-    linear.MAX_ROWS rows, which is what makes verifying a block cost about one decode step.
+    linear.MAX_ROWS rows, which is what makes verifying a block cost about one
+    decode step; the MLP's gate/up product uses the fused silu(gate) * up epilogue.
     """
-    from .linear import MAX_ROWS, linear, pack_linear_weight
+    from .linear import MAX_ROWS, linear, linear_silu_mul, pack_linear_weight
 
+    gate_up = {id(p): pack_linear_weight(p.detach(), gate_up=True) for name, p in model.named_parameters()
+               if name.endswith("gate_up_proj.weight")}
     packed = {id(p): pack_linear_weight(p.detach()) for name, p in model.named_parameters()
-              if p.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name}
+              if p.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name and id(p) not in gate_up}
     if hasattr(model, "lm_head_weight"):
         w = model.lm_head_weight
         packed.setdefault(id(w), pack_linear_weight(w.detach()))
 
+    def small_block(x):  # tall inputs (long prompts) are what MKL's matmul is good at, on the original weight
+        return x.dtype == torch.float32 and x.numel() <= MAX_ROWS * x.shape[-1]
+
     def fn(x, weight, bias):
         p = packed.get(id(weight))
-        # Tall inputs (prefill) are what MKL's matmul is good at, on the original weight.
-        if p is None or x.dtype != torch.float32 or x.numel() > MAX_ROWS * x.shape[-1]:
+        if p is None or not small_block(x):
             return torch.nn.functional.linear(x, weight, bias)
         return linear(x, p, bias)
 
-    model.set_linear_impl(fn)
+    def silu_mul_fn(x, weight, bias):
+        p = gate_up.get(id(weight))
+        if p is None or bias is not None or not small_block(x):
+            gate, up = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate) * up
+        return linear_silu_mul(x, p)
+
+    model.linear_impl.fn = fn
+    model.linear_impl.silu_mul_fn = silu_mul_fn
 
 
 class SpeculativeEngine:
