@@ -325,7 +325,7 @@ class SpeculativeEngine:
         positions = torch.cat([torch.arange(len(r.prompt), device=dev) for r in batch])
         ends = list(itertools.accumulate(len(r.prompt) for r in batch))
         request_ids = [r.id for r in batch]
-        backend = PagedAttention(self._layers(self.target_cache), slot_mapping=torch.cat([r.prefill_slots for r in batch]),
+        backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=torch.cat([r.prefill_slots for r in batch]),
                                  page_table=self.target_cache.page_table(request_ids),
                                  seq_lens=self.target_cache.seq_lens(request_ids),
                                  cu_q_lens=torch.tensor([0, *ends], dtype=torch.int32, device=dev), causal=True,
@@ -337,7 +337,7 @@ class SpeculativeEngine:
         tokens, _ = verify(logits, torch.empty(len(batch), 0, dtype=torch.int32, device=dev), None, **params)
         if self.drafter is not None:
             drafter_slots = torch.cat([r.drafter_slots for r in batch])
-            backend = PagedAttention(self._layers(self.drafter_cache), slot_mapping=drafter_slots, causal=False)
+            backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots, causal=False)
             self.drafter.extend_context(out.layer_hidden, positions, kv=backend)
         for req, token in zip(batch, tokens[:, 0].tolist()):
             req.offset += 1
@@ -378,7 +378,7 @@ class SpeculativeEngine:
         cu = torch.tensor([0, *itertools.accumulate(rows)], dtype=torch.int32, device=dev)
         block_ids = torch.cat([torch.cat((anchors[b:b + 1], drafts[b, :lens[b]].long())) for b in range(R)])
         positions = torch.cat([starts[b] + torch.arange(rows[b], device=dev) for b in range(R)])
-        backend = PagedAttention(self._layers(self.target_cache), slot_mapping=slots,
+        backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=slots,
                                  page_table=self.target_cache.page_table(ids), seq_lens=self.target_cache.seq_lens(ids),
                                  cu_q_lens=cu, causal=True)
         out = self.target(block_ids, positions, kv=backend, hidden_layers=self.hidden_layers)
@@ -396,7 +396,7 @@ class SpeculativeEngine:
         if self.drafter is not None:
             keep_rows = torch.cat([cu[b] + torch.arange(kept[b], device=dev) for b in range(R)]).long()
             drafter_slots = self.drafter_cache.reserve_batch(ids, kept)
-            ctx_backend = PagedAttention(self._layers(self.drafter_cache), slot_mapping=drafter_slots, causal=False)
+            ctx_backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots, causal=False)
             self.drafter.extend_context(out.layer_hidden[keep_rows], positions[keep_rows], kv=ctx_backend)
         t3 = time.perf_counter()
 
@@ -422,7 +422,7 @@ class SpeculativeEngine:
         bs = self.drafter.config.block_size
         slots = self.drafter_cache.reserve_batch(ids, [bs] * R)
         cu = torch.arange(R + 1, dtype=torch.int32, device=dev) * bs
-        backend = PagedAttention(self._layers(self.drafter_cache), slot_mapping=slots,
+        backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=slots,
                                  page_table=self.drafter_cache.page_table(ids),
                                  seq_lens=self.drafter_cache.seq_lens(ids), cu_q_lens=cu, causal=False)
         block = self.drafter.draft_block(anchors, starts, kv=backend)
@@ -468,10 +468,6 @@ class SpeculativeEngine:
             "seed": torch.tensor([r.params.seed for r in batch], dtype=torch.int64, device=dev),
             "offset": torch.tensor([r.offset for r in batch], dtype=torch.int64, device=dev),
         }
-
-    @staticmethod
-    def _layers(cache: PagedKVCache):
-        return [(cache.k[i], cache.v[i]) for i in range(cache.num_layers)]
 
     def _record(self, req: Request, verified: int, accepted: int) -> None:
         st, es = req.stats, self.stats
@@ -523,7 +519,7 @@ class SpeculativeEngine:
             slots = self.target_cache.reserve_batch(reqs, counts)
             cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=dev)
             positions = torch.cat([context + torch.arange(c, device=dev) for c in counts])
-            backend = PagedAttention(self._layers(self.target_cache), slot_mapping=slots,
+            backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=slots,
                                      page_table=self.target_cache.page_table(reqs),
                                      seq_lens=self.target_cache.seq_lens(reqs), cu_q_lens=cu, causal=True)
             self.target(torch.zeros(B, dtype=torch.long, device=dev), positions, kv=backend,
