@@ -70,9 +70,41 @@ def run_transformers(path, prompts, n, stop, assisted):
     return outs, total / (time.perf_counter() - t0)
 
 
+def forward_cost(target, context=200, repeat=5):
+    """Median time of one target forward over a block of n tokens at `context`, paged path as the engine runs it."""
+    from dspark_ops.models import PagedAttention
+
+    engine = SpeculativeEngine(target, None, max_batch=1, max_tokens=4096)  # packs the linear weights
+    cache = engine.target_cache
+    cache.reserve(0, context)
+
+    def fwd(n):
+        slots = cache.reserve(0, n)
+        backend = PagedAttention(cache.layer_caches(), slot_mapping=slots, page_table=cache.page_table([0]),
+                                 seq_lens=cache.seq_lens([0]), cu_q_lens=torch.tensor([0, n], dtype=torch.int32))
+        with torch.no_grad():
+            target(torch.zeros(n, dtype=torch.long), torch.arange(context, context + n), kv=backend)
+        cache.rollback([0], [0])
+
+    times = {}
+    for n in (1, 2, 4, 8, 16):
+        fwd(n)
+        samples = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fwd(n)
+            samples.append(time.perf_counter() - t0)
+        times[n] = sorted(samples)[repeat // 2] * 1e3
+    print("| tokens in the block | " + " | ".join(map(str, times)) + " |")
+    print("|---|" + "---|" * len(times))
+    print("| forward ms | " + " | ".join(f"{t:.1f}" for t in times.values()) + " |")
+    print(f"8-token / 1-token forward: {times[8] / times[1]:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--forward-cost", action="store_true", help="only the target forward time by block size")
     ap.add_argument("--plot", default=str(Path(__file__).with_name("e2e_smollm2.png")))
     args = ap.parse_args()
     n = 48 if args.quick else 128
@@ -80,6 +112,8 @@ def main():
     path = resolve_model("smollm2-135m")
     tok = TextTokenizer(path)
     target = LlamaModel.from_pretrained(path, dtype=torch.float32)
+    if args.forward_cost:
+        return forward_cost(target)
     prompts = [tok.encode_chat(p) for p in PROMPTS[: 2 if args.quick else 8]]
     stop = [tok.eos_token_id, tok.tokenizer.token_to_id("<|im_end|>")]
     drafters = {"self-copy (4 layers)": build_drafter_from_target(target, num_layers=4, block_size=7)}
