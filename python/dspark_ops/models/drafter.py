@@ -79,11 +79,17 @@ class DSparkConfig:
     markov_rank: int = 256         # 0 = DFlash (no Markov head)
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
+    confidence_temperatures: list[float] | None = None   # per block position, from STS (`dspark calibrate`)
 
     def __post_init__(self):
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
         if not 1 <= self.block_size <= 16:
             raise ValueError(f"block_size must be in [1, 16], got {self.block_size}")
+        if self.confidence_temperatures is not None:
+            temps = [float(t) for t in self.confidence_temperatures]
+            if len(temps) != self.block_size or not all(0 < t < float("inf") for t in temps):
+                raise ValueError(f"confidence_temperatures must be {self.block_size} finite values > 0, got {temps}")
+            self.confidence_temperatures = temps
         if self.markov_rank < 0:
             raise ValueError(f"markov_rank must be >= 0, got {self.markov_rank}")
         if self.enable_confidence_head and self.confidence_head_with_markov and self.markov_rank == 0:
@@ -101,6 +107,8 @@ class DSparkConfig:
                  mask_token_id=self.mask_token_id, markov_rank=self.markov_rank, markov_head_type="vanilla",
                  enable_confidence_head=self.enable_confidence_head,
                  confidence_head_with_markov=self.confidence_head_with_markov)
+        if self.confidence_temperatures is not None:
+            d["confidence_temperatures"] = self.confidence_temperatures
         return d
 
     @classmethod
@@ -115,7 +123,8 @@ class DSparkConfig:
         return cls(backbone=LlamaConfig.from_hf(d), target_layer_ids=d["target_layer_ids"],
                    num_target_layers=int(d["num_target_layers"]), block_size=int(d["block_size"]),
                    mask_token_id=int(d["mask_token_id"]), markov_rank=rank, enable_confidence_head=conf,
-                   confidence_head_with_markov=bool(d.get("confidence_head_with_markov", False)) and conf)
+                   confidence_head_with_markov=bool(d.get("confidence_head_with_markov", False)) and conf,
+                   confidence_temperatures=d.get("confidence_temperatures"))
 
 
 @dataclass

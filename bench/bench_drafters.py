@@ -1,0 +1,261 @@
+"""Drafters on held-out prompts: DSpark vs DFlash vs EAGLE-3-style, and speculative vs plain decoding speed.
+
+For each drafter, domain (code / prose / math, from the dataset's held-out
+split) and temperature (0 and 1), block 7, "fixed" scheduler (every draft is
+verified):
+
+- tau: mean tokens emitted per decode round, bonus token included;
+- per-position conditional acceptance P(draft k accepted | drafts < k accepted),
+  pooled over domains (PNG: the DSpark paper's Figure 2 curve);
+- end-to-end decode tokens/s of the engine with the DSpark drafter vs the
+  engine's own plain decoding, batch 1, temperature 0, with the outputs checked
+  token for token (greedy speculative decoding is lossless).
+
+DSpark and DFlash drafters run in :class:`~dspark_ops.engine.SpeculativeEngine`;
+the EAGLE-3-style drafter (autoregressive, not an engine drafter) runs in the
+chain-drafting loop below over dense caches, verified by the same
+``dspark_ops.verify`` op, so tau means the same thing for all three.
+
+    python bench/bench_drafters.py --data-dir DATA --dspark DIR [--dflash DIR] [--eagle3 DIR]
+    python bench/bench_drafters.py ... --quick      # 3 prompts per domain, 48 tokens
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import dspark_ops
+from dspark_ops.engine import SpeculativeEngine
+from dspark_ops.models import DenseKVCache, Eagle3Drafter, LlamaModel, load_drafter, resolve_model
+from dspark_ops.train import load_samples
+
+DOMAINS = ("code", "prose", "math")
+
+
+def held_out_prompts(data_dir, per_domain: int) -> dict[str, list[list[int]]]:
+    samples = load_samples(Path(data_dir) / "heldout.jsonl")
+    if not samples:
+        raise SystemExit(f"{data_dir}/heldout.jsonl has no samples")
+    out = {d: [s.prompt for s in samples if s.domain == d][:per_domain] for d in DOMAINS}
+    return {d: p for d, p in out.items() if p}
+
+
+class Counts:
+    def __init__(self):
+        self.rounds = self.emitted = 0
+        self.attempts: list[int] = []
+        self.accepts: list[int] = []
+
+    def add(self, verified: int, accepted: int) -> None:
+        self.rounds += 1
+        self.emitted += accepted + 1
+        while len(self.attempts) < verified:
+            self.attempts.append(0)
+            self.accepts.append(0)
+        for j in range(min(accepted + 1, verified)):
+            self.attempts[j] += 1
+            self.accepts[j] += j < accepted
+
+    def merge(self, other: "Counts") -> None:
+        self.rounds += other.rounds
+        self.emitted += other.emitted
+        for j in range(len(other.attempts)):
+            if j >= len(self.attempts):
+                self.attempts.append(0)
+                self.accepts.append(0)
+            self.attempts[j] += other.attempts[j]
+            self.accepts[j] += other.accepts[j]
+
+    @property
+    def tau(self) -> float:
+        return self.emitted / max(self.rounds, 1)
+
+    def conditional(self) -> list[float]:
+        return [a / t if t else float("nan") for a, t in zip(self.accepts, self.attempts)]
+
+
+def engine_counts(target, drafter, prompts, max_new_tokens, temperature, seed, eos) -> Counts:
+    engine = SpeculativeEngine(target, drafter, max_batch=len(prompts),
+                               max_tokens=len(prompts) * (max(map(len, prompts)) + max_new_tokens + 32))
+    ids = engine._submit(prompts, max_new_tokens, temperature, 0, 1.0, 0.0, seed, eos)
+    while engine.has_work:
+        engine.step()
+    c = Counts()
+    for i in ids:
+        st = engine.finished[i].stats
+        c.rounds += st.rounds
+        c.emitted += st.emitted
+        other = Counts()
+        other.attempts, other.accepts = list(st.attempts), list(st.accepts)
+        c.merge(other)
+    return c
+
+
+@torch.no_grad()
+def eagle3_generate(target: LlamaModel, drafter: Eagle3Drafter, prompt: list[int], max_new_tokens: int,
+                    temperature: float, seed: int, eos, counts: Counts, block: int = 7) -> list[int]:
+    """Chain drafting with an EAGLE-3-style drafter (batch 1), verified losslessly by ``dspark_ops.verify``."""
+    layers = drafter.config.target_layer_ids
+    cap = len(prompt) + max_new_tokens + block + 2
+    tcache, dcache = DenseKVCache.for_model(target, 1, cap), DenseKVCache.for_model(drafter, 1, cap)
+    gen = torch.Generator().manual_seed(seed)
+    seeds = torch.tensor([seed])
+    offset = 0
+    out = target(torch.tensor([prompt]), kv=tcache, hidden_layers=layers)
+    tokens, _ = dspark_ops.verify(out.logits[:, -1:], torch.empty(1, 0, dtype=torch.int32), None,
+                                  temperature=temperature, seed=seeds, offset=torch.tensor([offset]))
+    output = [int(tokens[0, 0])]
+    new_ids, feats = torch.tensor([prompt[1:] + output]), out.layer_hidden
+    while len(output) < max_new_tokens and output[-1] not in eos:
+        n = int(dcache.lengths[0])
+        h = drafter(new_ids, feats, kv=dcache)[:, -1:]
+        g = min(block, max_new_tokens - len(output) - 1)
+        drafts, probs = [], []
+        for j in range(g):
+            logits = drafter.compute_logits(h)[0, 0].float()
+            if temperature == 0:
+                tok = int(logits.argmax())
+            else:
+                q = torch.softmax(logits / temperature, -1)
+                tok = int(torch.multinomial(q, 1, generator=gen))
+                probs.append(q)
+            drafts.append(tok)
+            if j + 1 < g:
+                h = drafter(torch.tensor([[tok]]), h, kv=dcache, from_target=False)
+        dcache.truncate([n + new_ids.shape[1]])   # drop the drafted rows: the verified tokens replace them
+        block_ids = torch.tensor([[output[-1]] + drafts])
+        vout = target(block_ids, kv=tcache, hidden_layers=layers)
+        offset += 1
+        draft_t = torch.tensor([drafts], dtype=torch.int32).view(1, g)
+        draft_p = torch.stack(probs).unsqueeze(0) if probs else None
+        tokens, acc = dspark_ops.verify(vout.logits, draft_t, draft_p, temperature=temperature, seed=seeds,
+                                        offset=torch.tensor([offset]))
+        a = int(acc[0])
+        counts.add(g, a)
+        tcache.truncate([int(tcache.lengths[0]) - g + a])
+        new = tokens[0, :a + 1].tolist()
+        output.extend(new)
+        new_ids, feats = torch.tensor([new]), vout.layer_hidden[:, :a + 1]
+    for i, t in enumerate(output):
+        if t in eos:
+            return output[:i + 1]
+    return output[:max_new_tokens]
+
+
+def speed(target, drafter, prompts, max_new_tokens, eos) -> dict:
+    """Decode tokens/s at batch 1, temperature 0: plain engine vs the engine with ``drafter``; outputs compared."""
+    res = {}
+    for name, d in (("plain", None), ("dspark", drafter)):
+        engine = SpeculativeEngine(target, d, max_batch=1, max_tokens=max(map(len, prompts)) + max_new_tokens + 32)
+        engine.generate(prompts[:1], 8, stop_token_ids=eos)           # warm-up
+        engine.stats = type(engine.stats)()
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, max_new_tokens, temperature=0.0, stop_token_ids=eos)
+        wall = time.perf_counter() - t0
+        s = engine.stats.summary()
+        res[name] = {"outputs": outs, "decode_tok_s": s["decode_tokens_per_s"],
+                     "e2e_tok_s": sum(map(len, outs)) / wall, "steps": engine.stats.steps}
+    res["identical"] = res["plain"]["outputs"] == res["dspark"]["outputs"]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="smollm2-135m")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--dspark", required=True)
+    ap.add_argument("--dflash")
+    ap.add_argument("--eagle3")
+    ap.add_argument("--prompts-per-domain", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--speed-prompts", type=int, default=4)
+    ap.add_argument("--temperatures", type=float, nargs="*", default=[0.0, 1.0])
+    ap.add_argument("--png", default="bench/drafters_acceptance.png")
+    ap.add_argument("--json", default=None, help="also write the raw numbers here")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.prompts_per_domain, args.max_new_tokens, args.speed_prompts = 3, 48, 2
+
+    folder = resolve_model(args.target)
+    target = LlamaModel.from_pretrained(folder, dtype="float32")
+    eos = [t for t in (target.config.eos_token_id,) if isinstance(t, int)]
+    prompts = held_out_prompts(args.data_dir, args.prompts_per_domain)
+    drafters = {k: v for k, v in (("DSpark", args.dspark), ("DFlash", args.dflash), ("EAGLE-3", args.eagle3)) if v}
+    print(f"target {args.target}, threads {torch.get_num_threads()}, block 7, prompts/domain "
+          f"{ {d: len(p) for d, p in prompts.items()} }, max_new_tokens {args.max_new_tokens}")
+    results: dict = {}
+    for name, path in drafters.items():
+        drafter = load_drafter(path, target, dtype="float32")
+        for T in args.temperatures:
+            pooled = Counts()
+            for domain, ps in prompts.items():
+                t0 = time.perf_counter()
+                if isinstance(drafter, Eagle3Drafter):
+                    c = Counts()
+                    for i, p in enumerate(ps):
+                        eagle3_generate(target, drafter, p, args.max_new_tokens, T, i, eos, c)
+                else:
+                    c = engine_counts(target, drafter, ps, args.max_new_tokens, T, 0, eos)
+                pooled.merge(c)
+                results.setdefault(name, {}).setdefault(str(T), {})[domain] = {
+                    "tau": c.tau, "conditional": c.conditional()}
+                print(f"{name:8s} T={T:g} {domain:6s} tau {c.tau:.3f}  ({c.rounds} rounds, "
+                      f"{time.perf_counter() - t0:.0f}s)", flush=True)
+            results[name][str(T)]["pooled"] = {"tau": pooled.tau, "conditional": pooled.conditional()}
+            taus = [results[name][str(T)][d]["tau"] for d in prompts]
+            results[name][str(T)]["macro_tau"] = sum(taus) / len(taus)
+
+    print("\n| drafter | T | " + " | ".join(prompts) + " | macro tau |")
+    print("|---|---|" + "---|" * (len(prompts) + 1))
+    for name in results:
+        for T in args.temperatures:
+            r = results[name][str(T)]
+            print(f"| {name} | {T:g} | " + " | ".join(f"{r[d]['tau']:.2f}" for d in prompts)
+                  + f" | {r['macro_tau']:.2f} |")
+    if "DSpark" in results:
+        for other in ("DFlash", "EAGLE-3"):
+            if other in results:
+                gains = [results["DSpark"][str(T)]["macro_tau"] / results[other][str(T)]["macro_tau"] - 1
+                         for T in args.temperatures]
+                print(f"DSpark macro tau vs {other}: " + ", ".join(f"T={T:g} {g:+.1%}"
+                                                                   for T, g in zip(args.temperatures, gains)))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(args.temperatures), figsize=(5.5 * len(args.temperatures), 4), squeeze=False)
+    for ax, T in zip(axes[0], args.temperatures):
+        for name in results:
+            cond = results[name][str(T)]["pooled"]["conditional"]
+            ax.plot(range(1, len(cond) + 1), cond, marker="o", label=name)
+        ax.set_title(f"conditional acceptance per position, T={T:g}")
+        ax.set_xlabel("draft position k")
+        ax.set_ylabel("P(accept k | accepted < k)")
+        ax.set_ylim(0, 1)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=100)
+    print(f"plot: {args.png}")
+
+    drafter = load_drafter(args.dspark, target, dtype="float32")
+    sp_prompts = [p for ps in prompts.values() for p in ps[:max(1, args.speed_prompts // len(prompts) + 1)]]
+    sp_prompts = sp_prompts[:args.speed_prompts]
+    sp = speed(target, drafter, sp_prompts, args.max_new_tokens, eos)
+    ratio = sp["dspark"]["decode_tok_s"] / sp["plain"]["decode_tok_s"]
+    print(f"\nbatch 1, T=0, {len(sp_prompts)} prompts x {args.max_new_tokens} tokens: plain "
+          f"{sp['plain']['decode_tok_s']:.1f} tok/s, DSpark {sp['dspark']['decode_tok_s']:.1f} tok/s "
+          f"-> {ratio:.2f}x (end to end incl. prefill: {sp['plain']['e2e_tok_s']:.1f} vs "
+          f"{sp['dspark']['e2e_tok_s']:.1f}); identical greedy output: {sp['identical']}")
+    if args.json:
+        for k in ("plain", "dspark"):
+            sp[k].pop("outputs")
+        Path(args.json).write_text(json.dumps({"tau": results, "speed": sp}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+"""The drafter training loop (DeepSpec recipe, DSPARK.md section 2), single process or under torchrun/DDP.
+
+One step: a batch of sequences (prompt + target-generated response) goes
+through the frozen target once (no grad) for the chosen layers' hidden states
+and its last hidden state; ``anchors_per_seq`` random anchors per sequence,
+inside the response, become blocks of G positions; the drafter predicts every
+block in one pass and the losses of :mod:`.losses` compare it with the ground
+truth and with the target's own distribution at the same positions (the frozen
+LM head applied to the target's last hidden state).
+
+Variants (same data, same target layers, same anchors):
+
+- ``dspark``: DSpark drafter (Markov head of rank r, confidence head),
+  0.1 CE + 0.9 TV + 1.0 confidence BCE;
+- ``dflash``: the same backbone with rank 0 and no confidence head, CE only;
+- ``eagle3``: one autoregressive layer over the fused target features,
+  unrolled G steps with training-time test (step j feeds the drafter's own
+  step j-1 output and attends to the target-feature rows before the anchor
+  plus its own earlier steps of the same chain, exactly as at inference);
+  soft cross-entropy against the target's distribution.
+
+Reproducibility: the data order of epoch e is a permutation seeded by
+(seed, e); the anchors of step s on rank r come from a generator seeded by
+(seed, s, r). A checkpoint stores the drafter, AdamW and scheduler states, the
+step (which fixes the data position) and the torch RNG state, so a resumed
+run takes exactly the steps the uninterrupted run would have taken.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..models.attention import CausalAttention, MaskedAttention
+from ..models.drafter import DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
+from ..models.llama import LlamaConfig, LlamaModel
+from .data import Sample, pack_batch
+from .losses import DFLASH_WEIGHTS, DSPARK_WEIGHTS, EAGLE3_WEIGHTS, drafter_losses
+
+VARIANTS = ("dspark", "dflash", "eagle3")
+
+
+def default_target_layers(num_layers: int, count: int = 5) -> list[int]:
+    """``count`` layer ids spread evenly over the target's depth, the last layer included."""
+    count = min(count, num_layers)
+    return sorted({round(1 + i * (num_layers - 2) / max(count - 1, 1)) for i in range(count)})
+
+
+@dataclass
+class TrainConfig:
+    variant: str = "dspark"
+    num_layers: int = 1
+    block_size: int = 7
+    markov_rank: int = 64
+    target_layer_ids: list[int] | None = None     # None: default_target_layers(target depth)
+    batch_size: int = 4                            # sequences per optimizer step (all ranks together)
+    anchors_per_seq: int = 32
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    bf16: bool = False                             # autocast to bfloat16 (defaults to on for CUDA in the CLI)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("num_layers", "block_size", "batch_size", "anchors_per_seq", "max_steps", "log_every",
+                     "save_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.variant == "dspark" and self.markov_rank < 1:
+            raise ValueError("the dspark variant needs markov_rank >= 1 (rank 0 is the dflash variant)")
+        if not self.lr > 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
+
+
+def build_drafter(cfg: TrainConfig, target: LlamaModel) -> DSparkDrafter | Eagle3Drafter:
+    """A freshly initialised drafter of ``cfg.variant`` for ``target`` (float32, the target's device)."""
+    tc = target.config
+    layers = cfg.target_layer_ids or default_target_layers(tc.num_hidden_layers)
+    backbone = LlamaConfig(**{**tc.__dict__, "num_hidden_layers": cfg.num_layers})
+    kwargs = dict(dtype=torch.float32, seed=cfg.seed, device=target.device)
+    if cfg.variant == "eagle3":
+        return Eagle3Drafter(Eagle3Config(backbone, layers, tc.num_hidden_layers, ttt_length=cfg.block_size),
+                             target, **kwargs)
+    mask_id = tc.pad_token_id if tc.pad_token_id is not None else 0
+    rank = cfg.markov_rank if cfg.variant == "dspark" else 0
+    conf = cfg.variant == "dspark"
+    config = DSparkConfig(backbone, layers, tc.num_hidden_layers, block_size=cfg.block_size, mask_token_id=mask_id,
+                          markov_rank=rank, enable_confidence_head=conf, confidence_head_with_markov=conf)
+    return DSparkDrafter(config, target, **kwargs)
+
+
+def sample_anchors(lengths: torch.Tensor, prompt_lens: torch.Tensor, count: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """[B, count] anchor positions in [prompt_len - 1, length - 2] (so each block has at least one label).
+
+    Without replacement when the response is long enough, else with replacement.
+    """
+    S = int(lengths.max())
+    pos = torch.arange(S)
+    allowed = (pos.unsqueeze(0) >= (prompt_lens - 1).clamp_min(1).unsqueeze(1)) & \
+              (pos.unsqueeze(0) <= (lengths - 2).unsqueeze(1))
+    out = torch.empty(len(lengths), count, dtype=torch.long)
+    for b in range(len(lengths)):
+        n = int(allowed[b].sum())
+        if n == 0:
+            raise ValueError(f"sequence {b} has no response token to predict (length {int(lengths[b])}, "
+                             f"prompt {int(prompt_lens[b])})")
+        out[b] = torch.multinomial(allowed[b].float(), count, replacement=n < count, generator=generator)
+    return out
+
+
+class _StepModule(nn.Module):
+    """The drafter's differentiable part of one step, as one module call (what DDP wraps)."""
+
+    def __init__(self, drafter, variant: str):
+        super().__init__()
+        self.drafter, self.variant = drafter, variant
+
+    def forward(self, ids, features, last_hidden, lengths, anchors):
+        d, G = self.drafter, self.drafter.config.block_size if self.variant != "eagle3" else self.drafter.config.ttt_length
+        B, A = anchors.shape
+        S = ids.shape[1]
+        k = torch.arange(G, device=ids.device)
+        label_pos = anchors.unsqueeze(-1) + k + 1                       # [B, A, G]
+        valid = label_pos < lengths.view(-1, 1, 1).to(ids.device)
+        rows = torch.arange(B, device=ids.device).view(-1, 1, 1)
+        labels = ids[rows, label_pos.clamp_max(S - 1)]
+        prev = ids[rows, (label_pos - 1).clamp_max(S - 1)]               # x_{k-1}: anchor, then ground truth
+        with torch.no_grad():
+            target_logits = d.target.compute_logits(last_hidden[rows, (label_pos - 1).clamp_max(S - 1)])
+        conf = None
+        if self.variant == "eagle3":
+            logits = eagle3_ttt_logits(d, ids, features, anchors)
+            weights = EAGLE3_WEIGHTS
+        else:
+            block = d.forward_train(ids, features, anchors)
+            logits = d.markov_logits(block.logits, prev)
+            if self.variant == "dspark":
+                conf = d.confidence_logits(block.hidden, prev)
+                weights = DSPARK_WEIGHTS
+            else:
+                weights = DFLASH_WEIGHTS
+        V = logits.shape[-1]
+        return drafter_losses(logits.reshape(B * A, G, V), target_logits.reshape(B * A, G, V),
+                              labels.reshape(B * A, G), valid.reshape(B * A, G), weights,
+                              None if conf is None else conf.reshape(B * A, G))
+
+
+class _RecordingAttention:
+    """Wraps a backend and keeps the K/V each layer attends with (for the next TTT step's context)."""
+
+    def __init__(self, inner):
+        self.inner, self.kv = inner, {}
+
+    def append(self, layer, k, v):
+        self.inner.append(layer, k, v)
+
+    def attend(self, layer, q, k, v):
+        self.kv[layer] = (k, v)
+        return self.inner.attend(layer, q, k, v)
+
+
+def eagle3_ttt_logits(drafter: Eagle3Drafter, ids: torch.Tensor, features: torch.Tensor,
+                      anchors: torch.Tensor) -> torch.Tensor:
+    """Training-time test: logits [B, A, G, V] of G unrolled draft steps per anchor.
+
+    Step 1 runs causally over all rows (row t pairs target feature t with
+    token t+1 at RoPE position t). The chain of anchor a starts at row
+    t = a - 1 (its last target row), so step j predicts the token at a + j,
+    the same labels as the DSpark block of that anchor. Step j >= 2 feeds the
+    chain's step j-1 output with the ground-truth token a + j - 1 at position
+    a + j - 2 and attends to the step-1 rows <= t plus the chain's own steps
+    2..j (the rows an inference-time drafter would have in its cache).
+    """
+    B, S = ids.shape
+    A, G = anchors.shape[1], drafter.config.ttt_length
+    dev = ids.device
+    rows = torch.arange(B, device=dev).view(-1, 1)
+    step_ids = torch.cat((ids[:, 1:], ids[:, -1:]), dim=1)               # token t+1 at row t
+    rec = _RecordingAttention(CausalAttention())
+    h = drafter(step_ids, features, torch.arange(S, device=dev).expand(B, S), kv=rec)
+    start = (anchors - 1).clamp_min(0)                                   # chain start rows [B, A]
+    ctx_k = {i: [kv[0]] for i, kv in rec.kv.items()}
+    ctx_v = {i: [kv[1]] for i, kv in rec.kv.items()}
+    h_chain = h[rows, start]                                             # [B, A, d]
+    outs = [h_chain]
+    first_visible = torch.arange(S, device=dev).view(1, 1, -1) <= start.unsqueeze(-1)   # [B, A, S]
+    own = torch.eye(A, dtype=torch.bool, device=dev).expand(B, A, A)
+    for j in range(2, G + 1):
+        tok = ids[rows, (start + j).clamp_max(S - 1)]
+        pos = start + j - 1
+        mask = torch.cat([first_visible] + [own] * (j - 1), dim=-1)      # earlier steps + this step's own key
+        backend = MaskedAttention(mask)
+        for layer in ctx_k:
+            backend.append(layer, torch.cat(ctx_k[layer], 1), torch.cat(ctx_v[layer], 1))
+        rec = _RecordingAttention(backend)
+        h_chain = drafter(tok, h_chain, pos, kv=rec, from_target=False)
+        for layer, (k, v) in rec.kv.items():
+            ctx_k[layer].append(k)
+            ctx_v[layer].append(v)
+        outs.append(h_chain)
+    return drafter.compute_logits(torch.stack(outs, dim=2))
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        t = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); (rank, world) = (0, 1) alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _dist_info()
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+class Trainer:
+    """Trains ``drafter`` on ``samples`` (see the module docstring); ``out_dir`` receives checkpoints and logs."""
+
+    def __init__(self, cfg: TrainConfig, target: LlamaModel, drafter, samples: list[Sample], out_dir, *,
+                 progress: bool = True, log=print, feature_cache_gb: float = 2.0):
+        if not samples:
+            raise ValueError("the training set is empty: generate data first (dspark train-draft --num-train N)")
+        usable = [s for s in samples if len(s.response) >= 1]
+        if not usable:
+            raise ValueError("no training sample has a response token")
+        max_ctx = target.config.max_position_embeddings
+        too_long = [s.id for s in usable if len(s.ids) + cfg.block_size > max_ctx]
+        if too_long:
+            raise ValueError(f"{len(too_long)} samples (e.g. id {too_long[0]}) do not fit the target's context "
+                             f"({max_ctx} tokens incl. a block of {cfg.block_size})")
+        self.cfg, self.target, self.drafter, self.samples = cfg, target, drafter, usable
+        self.out_dir = Path(out_dir)
+        self.rank, self.world = _dist_info()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes {self.world}")
+        self.progress, self.log = progress and self.rank == 0, log if self.rank == 0 else (lambda *a, **k: None)
+        self.target_layers = list(drafter.config.target_layer_ids)
+        self.pad_id = target.config.pad_token_id if target.config.pad_token_id is not None else 0
+        target.requires_grad_(False)
+        module = _StepModule(drafter, cfg.variant)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            module = DistributedDataParallel(module)
+        self.module = module
+        decay = [p for n, p in drafter.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in drafter.named_parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=cfg.lr, betas=(0.9, 0.95))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.state = TrainState()
+        self.feature_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.feature_cache_used, self.feature_cache_bytes = 0, int(feature_cache_gb * 2**30)
+
+    # ---- data
+
+    def _batch_indices(self, step: int) -> list[int]:
+        """This rank's sample indices for ``step``: epoch permutations seeded by (seed, epoch), sharded by rank."""
+        n, B = len(self.samples), self.cfg.batch_size
+        perms, out = {}, []
+        for i in range(step * B, (step + 1) * B):
+            epoch, pos = divmod(i, n)
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch))
+            out.append(int(perms[epoch][pos]))
+        return out[self.rank::self.world]
+
+    # ---- target features
+
+    @torch.no_grad()
+    def _target_features(self, batch: list[Sample], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer features [B, width, m*d] and last hidden states [B, width, d] of the frozen target.
+
+        Each sample runs alone (no padding), so its features do not depend on
+        the batch it lands in; they are rounded to bfloat16, the dtype of the
+        in-memory cache that keeps them for later epochs while it fits
+        ``feature_cache_bytes``. Recomputed and cached values are identical.
+        """
+        rows_f, rows_h = [], []
+        for s in batch:
+            hit = self.feature_cache.get(s.id)
+            if hit is None:
+                ids = torch.tensor([s.ids], dtype=torch.long, device=self.target.device)
+                with self._autocast():
+                    out = self.target(ids, hidden_layers=self.target_layers, return_logits=False)
+                hit = (out.layer_hidden[0].to(torch.bfloat16), out.hidden[0].to(torch.bfloat16))
+                size = sum(t.numel() * t.element_size() for t in hit)
+                if self.feature_cache_used + size <= self.feature_cache_bytes:
+                    self.feature_cache[s.id] = hit
+                    self.feature_cache_used += size
+            rows_f.append(hit[0])
+            rows_h.append(hit[1])
+
+        def pad(rows):
+            out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+            for b, r in enumerate(rows):
+                out[b, :r.shape[0]] = r
+            return out.float()
+
+        return pad(rows_f), pad(rows_h)
+
+    # ---- one step
+
+    def _autocast(self):
+        if not self.cfg.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.target.device.type, dtype=torch.bfloat16)
+
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.state.step
+        batch = [self.samples[i] for i in self._batch_indices(step)]
+        ids, lengths, prompt_lens = pack_batch(batch, self.pad_id)
+        dev = self.target.device
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4099 + self.rank)
+        anchors = sample_anchors(lengths, prompt_lens, cfg.anchors_per_seq, g).to(dev)
+        ids = ids.to(dev)
+        features, last_hidden = self._target_features(batch, ids.shape[1])
+        self.module.train()
+        with self._autocast():
+            terms = self.module(ids, features, last_hidden, lengths, anchors)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        rec = {k: float(v.detach()) for k, v in terms.items() if v.dim() == 0}
+        rec["accept"] = [round(float(a), 4) for a in terms["accept"]]
+        rec["grad_norm"] = float(grad_norm)
+        rec["tokens"] = int(lengths.sum())
+        if self.world > 1:
+            t = torch.tensor([rec["loss"], rec["tokens"]], dtype=torch.float64)
+            dist.all_reduce(t)
+            rec["loss"], rec["tokens"] = float(t[0]) / self.world, int(t[1])
+        return rec
+
+    # ---- loop
+
+    def train(self) -> TrainState:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = self.out_dir / "metrics.jsonl"
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc=f"train {cfg.variant}",
+                       dynamic_ncols=True, mininterval=5.0)
+        window_tokens, window_t = 0, time.perf_counter()
+        while self.state.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            rec = self.train_step()
+            dt = time.perf_counter() - t0
+            self.state.tokens += rec["tokens"]
+            self.state.elapsed_s += dt
+            window_tokens += rec["tokens"]
+            step = self.state.step
+            if self.rank == 0:
+                rec.update(step=step, lr=self.scheduler.get_last_lr()[0], step_s=round(dt, 3),
+                           tokens_total=self.state.tokens, elapsed_s=round(self.state.elapsed_s, 1))
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    now = time.perf_counter()
+                    rec["tokens_per_s"] = round(window_tokens / (now - window_t), 1)
+                    window_tokens, window_t = 0, now
+                    with metrics.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc1=f"{rec['accept'][0]:.2f}",
+                                        tok_s=rec["tokens_per_s"])
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if self.rank == 0:
+            plot_losses(metrics, self.out_dir / "loss.png")
+        return self.state
+
+    # ---- checkpoints
+
+    def save_checkpoint(self) -> None:
+        """out_dir/checkpoint/ (written to a temporary folder, then renamed: a crash never leaves half a checkpoint)."""
+        if self.rank != 0:
+            if self.world > 1:
+                dist.barrier()
+            return
+        tmp, final = self.out_dir / "checkpoint.tmp", self.out_dir / "checkpoint"
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save({"drafter": self.drafter.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "state": asdict(self.state),
+                    "train_config": asdict(self.cfg), "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+        (tmp / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        if final.exists():
+            old = self.out_dir / "checkpoint.old"
+            final.rename(old)
+            tmp.rename(final)
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        else:
+            tmp.rename(final)
+        if self.world > 1:
+            dist.barrier()
+
+    def load_checkpoint(self, folder=None) -> bool:
+        """Resume from out_dir/checkpoint (or ``folder``); False when there is none."""
+        file = Path(folder or self.out_dir / "checkpoint") / "trainer.pt"
+        if not file.is_file():
+            return False
+        ckpt = torch.load(file, map_location=self.target.device, weights_only=False)
+        stored = ckpt["train_config"]
+        changed = {k: (stored.get(k), v) for k, v in asdict(self.cfg).items()
+                   if k not in ("max_steps", "log_every", "save_every") and stored.get(k) != v}
+        if changed:
+            raise ValueError(f"the checkpoint in {file.parent} was trained with other settings "
+                             f"(stored, asked): {changed}")
+        self.drafter.load_state_dict(ckpt["drafter"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state = TrainState(**ckpt["state"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        return True
+
+
+def plot_losses(metrics_file, png) -> None:
+    """Loss curves (total and each term) of a metrics.jsonl as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(l) for l in Path(metrics_file).read_text().splitlines() if l.strip()]
+    if not recs:
+        return
+    steps = [r["step"] for r in recs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "ce", "tv", "conf", "soft_ce"):
+        vals = [r.get(key, 0.0) for r in recs]
+        if any(vals):
+            ax1.plot(steps, vals, label=key)
+    ax1.set_xlabel("step")
+    ax1.set_yscale("log")
+    ax1.set_title("training losses")
+    ax1.legend()
+    G = len(recs[-1]["accept"])
+    for k in range(G):
+        ax2.plot(steps, [r["accept"][k] for r in recs], label=f"k={k + 1}")
+    ax2.set_xlabel("step")
+    ax2.set_title("soft acceptance 1 - TV per block position")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

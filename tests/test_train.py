@@ -1,0 +1,338 @@
+"""Drafter training: loss terms by hand, soft label = acceptance probability, training lowers the loss (three
+variants), save -> load, exact resume, STS, calibration through the engine, 2-process gloo DDP, CLI, bad input."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dspark_ops
+from dspark_ops.calibrate import calibration_report, sequential_temperature_scaling
+from dspark_ops.models import DenseKVCache, LlamaConfig, LlamaModel, load_drafter
+from dspark_ops.train import (LossWeights, Sample, TrainConfig, Trainer, build_drafter, drafter_losses,
+                              eagle3_ttt_logits, position_weights, soft_acceptance)
+from dspark_ops.train.calibration import calibrate_drafter, collect_confidence
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM = Path.home() / ".cache" / "dspark" / "smollm2-135m"
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+def tiny_target(seed: int, vocab: int = 96, layers: int = 3, max_pos: int = 512) -> LlamaModel:
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                      max_position_embeddings=max_pos, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
+    return LlamaModel(cfg, seed=seed, init_std=0.3).eval()
+
+
+def random_samples(seed: int, n: int = 16, vocab: int = 96) -> list[Sample]:
+    rng = random.Random(seed)
+    return [Sample(i, "x", [rng.randrange(2, vocab) for _ in range(rng.randint(2, 6))],
+                   [rng.randrange(2, vocab) for _ in range(rng.randint(3, 24))]) for i in range(n)]
+
+
+def tiny_cfg(variant="dspark", **kw) -> TrainConfig:
+    base = dict(variant=variant, block_size=4, markov_rank=8, target_layer_ids=[0, 2], batch_size=4,
+                anchors_per_seq=6, max_steps=30, lr=3e-3, warmup_steps=2, log_every=1, save_every=1000)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---- losses
+
+def test_loss_terms_equal_hand_computed_values():
+    # One block of G = 2 positions, V = 3; position 2's label is valid.
+    d = [[1.0, 2.0, 0.5], [0.0, -1.0, 1.0]]
+    t = [[2.0, 0.0, 0.0], [0.5, 0.5, 0.0]]
+    labels, conf = [1, 2], [0.3, -0.7]
+
+    def softmax(z):
+        e = [math.exp(x) for x in z]
+        return [x / sum(e) for x in e]
+
+    w = [1.0, math.exp(-1 / 2)]
+    ce = [-math.log(softmax(d[k])[labels[k]]) for k in range(2)]
+    l1 = [sum(abs(a - b) for a, b in zip(softmax(d[k]), softmax(t[k]))) for k in range(2)]
+    c_star = [1 - 0.5 * x for x in l1]
+    sig = [1 / (1 + math.exp(-c)) for c in conf]
+    bce = [-(c_star[k] * math.log(sig[k]) + (1 - c_star[k]) * math.log(1 - sig[k])) for k in range(2)]
+    soft_ce = [-sum(p * math.log(q) for p, q in zip(softmax(t[k]), softmax(d[k]))) for k in range(2)]
+    mean = lambda v: (w[0] * v[0] + w[1] * v[1]) / (w[0] + w[1])
+
+    out = drafter_losses(torch.tensor([d]), torch.tensor([t]), torch.tensor([labels]), torch.tensor([[True, True]]),
+                         LossWeights(0.1, 0.9, 1.0, 0.5), torch.tensor([conf]))
+    for key, want in (("ce", mean(ce)), ("tv", mean(l1)), ("conf", mean(bce)), ("soft_ce", mean(soft_ce))):
+        assert out[key].item() == pytest.approx(want, rel=1e-5), key
+    assert out["loss"].item() == pytest.approx(0.1 * mean(ce) + 0.9 * mean(l1) + mean(bce) + 0.5 * mean(soft_ce),
+                                               rel=1e-5)
+    assert out["accept"].tolist() == pytest.approx(c_star, rel=1e-5)
+    # An invalid position drops out of every term; the rest is position 1 alone.
+    out = drafter_losses(torch.tensor([d]), torch.tensor([t]), torch.tensor([labels]), torch.tensor([[True, False]]),
+                         LossWeights(0.1, 0.9, 1.0, 0.0), torch.tensor([conf]))
+    assert out["ce"].item() == pytest.approx(ce[0], rel=1e-5)
+    assert out["conf"].item() == pytest.approx(bce[0], rel=1e-5)
+    assert position_weights(7).tolist() == pytest.approx([math.exp(-k / 7) for k in range(7)])
+
+
+def test_soft_label_is_the_acceptance_probability_of_speculative_sampling():
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    V, n = 6, 20000
+    p_d = torch.softmax(torch.randn(V, generator=g) * 1.5, -1)
+    p_t = torch.softmax(torch.randn(V, generator=g) * 1.5, -1)
+    exact = torch.minimum(p_d, p_t).sum()        # P(accept) = sum_x p_d(x) min(1, p_t(x)/p_d(x))
+    assert soft_acceptance(p_d, p_t).item() == pytest.approx(exact.item(), abs=1e-6)
+    # ... and what the verify op does: draft x ~ p_d, verified against p_t at temperature 1.
+    drafts = torch.multinomial(p_d, n, replacement=True, generator=g).view(n, 1).int()
+    logits = torch.log(p_t).expand(n, 2, V).contiguous()
+    _, accepted = dspark_ops.verify(logits, drafts, p_d.expand(n, 1, V).contiguous(), temperature=1.0,
+                                    seed=torch.full((n,), seed, dtype=torch.int64), offset=torch.arange(n))
+    rate = accepted.float().mean().item()
+    sd = math.sqrt(exact * (1 - exact) / n)
+    assert abs(rate - exact.item()) < 5 * sd, (seed, rate, exact.item())
+
+
+# ---- training
+
+@pytest.mark.parametrize("variant", ["dspark", "dflash", "eagle3"])
+def test_a_few_steps_lower_the_loss(tmp_path, variant):
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    samples = random_samples(seed)
+    trainer = Trainer(tiny_cfg(variant, seed=seed % 1000), target, build_drafter(tiny_cfg(variant), target),
+                      samples, tmp_path, progress=False)
+    before = [p.detach().clone() for p in trainer.drafter.parameters()]
+    trainer.train()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 30
+    first, last = sum(r["loss"] for r in recs[:5]) / 5, sum(r["loss"] for r in recs[-5:]) / 5
+    assert last < 0.9 * first, (seed, first, last)
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.drafter.parameters()))
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "checkpoint" / "trainer.pt").is_file()
+
+
+def test_eagle3_training_time_test_matches_inference_drafting():
+    """TTT logits of an anchor equal the logits of drafting step by step through a dense cache (teacher forced)."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    drafter = build_drafter(tiny_cfg("eagle3", block_size=5, seed=seed % 1000), target)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (2, 24), generator=g)
+    feats = target(ids, hidden_layers=[0, 2]).layer_hidden
+    anchors = torch.tensor([[3, 11, 17], [1, 9, 18]])
+    with torch.no_grad():
+        ttt = eagle3_ttt_logits(drafter, ids, feats, anchors)
+        for b in range(2):
+            for i, a in enumerate(anchors[b].tolist()):
+                cache = DenseKVCache.for_model(drafter, 1, 40)
+                h = drafter(ids[b:b + 1, 1:a + 1], feats[b:b + 1, :a], kv=cache)[:, -1:]
+                steps = [drafter.compute_logits(h)]
+                for j in range(2, 6):
+                    h = drafter(ids[b:b + 1, a + j - 1:a + j], h, kv=cache, from_target=False)
+                    steps.append(drafter.compute_logits(h))
+                torch.testing.assert_close(ttt[b, i], torch.cat(steps, 1)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_save_load_gives_identical_outputs(tmp_path):
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    cfg = tiny_cfg(max_steps=3, seed=seed % 1000)
+    drafter = build_drafter(cfg, target)
+    Trainer(cfg, target, drafter, random_samples(seed), tmp_path / "run", progress=False).train()
+    drafter.config.confidence_temperatures = [0.5, 1.0, 1.5, 2.0]
+    drafter.save_pretrained(tmp_path / "d")
+    loaded = load_drafter(tmp_path / "d", target)
+    assert loaded.config.confidence_temperatures == [0.5, 1.0, 1.5, 2.0]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (2, 20), generator=g)
+    feats = target(ids, hidden_layers=[0, 2]).layer_hidden
+    anchors = torch.randint(0, 19, (2, 3), generator=g)
+    with torch.no_grad():
+        a, b = drafter.eval().forward_train(ids, feats, anchors), loaded.forward_train(ids, feats, anchors)
+        prev = torch.randint(0, 96, (2, 3, 4), generator=g)
+        assert torch.equal(drafter.markov_logits(a.logits, prev), loaded.markov_logits(b.logits, prev))
+        assert torch.equal(drafter.confidence_logits(a.hidden, prev), loaded.confidence_logits(b.hidden, prev))
+
+
+@pytest.mark.parametrize("variant", ["dspark", "eagle3"])
+def test_resume_takes_the_same_next_steps(tmp_path, variant):
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    samples = random_samples(seed, n=6)     # 4 steps of 4 cross an epoch boundary
+    cfg = tiny_cfg(variant, max_steps=4, seed=seed % 1000, save_every=2)
+    straight = Trainer(cfg, target, build_drafter(cfg, target), samples, tmp_path / "a", progress=False)
+    straight.train()
+    first = Trainer(tiny_cfg(variant, max_steps=2, seed=seed % 1000, save_every=2), target,
+                    build_drafter(cfg, target), samples, tmp_path / "b", progress=False)
+    first.train()
+    torch.manual_seed(fresh_seed())          # the checkpoint restores the RNG, whatever happened in between
+    resumed = Trainer(cfg, target, build_drafter(cfg, target), samples, tmp_path / "b", progress=False)
+    assert resumed.load_checkpoint() and resumed.state.step == 2
+    resumed.train()
+    for (name, p), q in zip(straight.drafter.named_parameters(), resumed.drafter.parameters()):
+        assert torch.equal(p, q), name
+    a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+# ---- calibration
+
+def test_sts_reduces_ece_on_overconfident_scores():
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    N, G, true_t = 20000, 5, torch.tensor([2.0, 2.5, 3.0, 1.5, 2.0])
+    logits = torch.randn(N, G, generator=g) * 3 + 1.5
+    c_true = torch.sigmoid(logits / true_t)                      # the head reports logits: overconfident
+    survive = torch.rand(N, G, generator=g) < c_true
+    accepted = torch.cumprod(survive.int(), dim=1).bool()
+    temps = sequential_temperature_scaling(logits, accepted)
+    report = calibration_report(logits, accepted, temps)
+    assert report["mean_ece_after"] < 0.5 * report["mean_ece_before"], (seed, report)
+    assert max(report["ece_after"]) < 0.02, (seed, report)
+    assert torch.allclose(temps, true_t, rtol=0.15), (seed, temps)
+
+
+def test_calibrate_drafter_through_the_engine_writes_temperatures(tmp_path):
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    cfg = tiny_cfg(max_steps=2, seed=seed % 1000)
+    drafter = build_drafter(cfg, target)
+    drafter.save_pretrained(tmp_path / "d")
+    drafter = load_drafter(tmp_path / "d", target)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, 96, (5,), generator=g).tolist() for _ in range(6)]
+    logits, accepted = collect_confidence(drafter, prompts, max_new_tokens=24, seed=seed)
+    assert logits.shape[1] == 4 and accepted.shape == logits.shape and logits.shape[0] >= 6
+    assert not bool((accepted[:, 1:] & ~accepted[:, :-1]).any())
+    report = calibrate_drafter(tmp_path / "d", drafter, prompts, max_new_tokens=24, seed=seed)
+    assert report["mean_ece_after"] <= report["mean_ece_before"] + 1e-12
+    stored = json.loads((tmp_path / "d" / "config.json").read_text())["confidence_temperatures"]
+    assert stored == pytest.approx(report["temperatures"]) and len(stored) == 4
+    assert load_drafter(tmp_path / "d", target).config.confidence_temperatures == pytest.approx(stored)
+
+
+# ---- distributed
+
+DDP_SCRIPT = """
+import sys, random, torch
+sys.path.insert(0, {tests!r})
+from test_train import tiny_target, random_samples, tiny_cfg
+from dspark_ops.train import Trainer, build_drafter, init_distributed
+rank, world = init_distributed()
+assert world == 2
+target = tiny_target({seed})
+cfg = tiny_cfg(max_steps=3, seed=5)
+drafter = build_drafter(cfg, target)
+if rank == 1:   # different starting weights on purpose: DDP must broadcast rank 0's
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(1.0)
+Trainer(cfg, target, drafter, random_samples({seed}), {out!r}, progress=False).train()
+torch.save(drafter.state_dict(), {out!r} + f"/rank{{rank}}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+    seed = fresh_seed() % 10000
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), seed=seed, out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    init = build_drafter(tiny_cfg(max_steps=3, seed=5), tiny_target(seed)).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], init[k]) for k in a)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3   # rank 0 logs alone
+
+
+# ---- bad input
+
+def test_bad_input_raises_clear_errors(tmp_path):
+    target = tiny_target(0, max_pos=64)
+    cfg = tiny_cfg()
+    with pytest.raises(ValueError, match="training set is empty"):
+        Trainer(cfg, target, build_drafter(cfg, target), [], tmp_path)
+    long = [Sample(0, "x", [5] * 50, [6] * 20)]
+    with pytest.raises(ValueError, match="context"):
+        Trainer(cfg, target, build_drafter(cfg, target), long, tmp_path)
+    with pytest.raises(ValueError, match="variant"):
+        TrainConfig(variant="medusa")
+    with pytest.raises(ValueError, match="markov_rank"):
+        TrainConfig(variant="dspark", markov_rank=0)
+    # A drafter trained for one target does not load onto another.
+    build_drafter(cfg, target).save_pretrained(tmp_path / "d")
+    other = tiny_target(0, layers=4)
+    with pytest.raises(ValueError, match="layers"):
+        load_drafter(tmp_path / "d", other)
+    with pytest.raises(ValueError, match="confidence_temperatures"):
+        cfg_dict = json.loads((tmp_path / "d" / "config.json").read_text())
+        cfg_dict["confidence_temperatures"] = [1.0, -1.0, 1.0, 1.0]
+        (tmp_path / "d" / "config.json").write_text(json.dumps(cfg_dict))
+        load_drafter(tmp_path / "d", target)
+    # A checkpoint made with other settings is not silently resumed.
+    Trainer(tiny_cfg(max_steps=1), target, build_drafter(cfg, target), random_samples(0), tmp_path / "r",
+            progress=False).train()
+    changed = tiny_cfg(lr=1e-4)
+    with pytest.raises(ValueError, match="other settings"):
+        Trainer(changed, target, build_drafter(changed, target), random_samples(0), tmp_path / "r").load_checkpoint()
+
+
+@pytest.mark.skipif(not (SMOLLM / "tokenizer.json").is_file(), reason="needs the smollm2-135m tokenizer")
+def test_cli_end_to_end_on_a_tiny_target(tmp_path):
+    """dspark train-draft (data from a prompt file, generated by the target) then dspark calibrate."""
+    folder = tmp_path / "tiny"
+    target = tiny_target(1, vocab=49152, layers=2, max_pos=256)
+    target.config.eos_token_id = 2
+    target.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((SMOLLM / name).read_bytes())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question number {i}: what is {i} + {i}?"}) + "\n"
+                               for i in range(40)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "dspark_ops.cli", "train-draft", "--target", str(folder), "--out",
+           str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), "--sources", "--prompt-file", str(prompts),
+           "--num-train", "6", "--num-heldout", "2", "--max-prompt-tokens", "64", "--max-new-tokens", "12", "--gen-batch", "4", "--max-steps",
+           "2", "--batch-size", "2", "--anchors", "4", "--markov-rank", "8", "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    drafter_dir = tmp_path / "run" / "drafter"
+    meta = json.loads((drafter_dir / "training.json").read_text())
+    assert meta["steps"] == 2 and meta["num_train_samples"] == 6
+    assert len((tmp_path / "data" / "train.jsonl").read_text().splitlines()) == 6
+    assert json.loads((drafter_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # Same data dir, other recipe: refused.
+    res = subprocess.run(cmd[:-1] + ["--no-progress", "--max-new-tokens", "13"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 2 and "different recipe" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "dspark_ops.cli", "calibrate", "--target", str(folder), "--drafter",
+                          str(drafter_dir), "--data-dir", str(tmp_path / "data"), "--max-new-tokens", "16"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ECE of prefix survival after STS" in res.stdout
+    assert len(json.loads((drafter_dir / "config.json").read_text())["confidence_temperatures"]) == 7
+    # An empty prompt set is refused with a clear message.
+    (tmp_path / "empty.jsonl").write_text("")
+    res = subprocess.run(cmd[:4] + ["--out", str(tmp_path / "r2"), "--data-dir", str(tmp_path / "d2"), "--sources",
+                                    "--prompt-file", str(tmp_path / "empty.jsonl"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2 and "no prompts" in res.stderr
+    # Prompts plus responses longer than the target's context are refused before generating anything.
+    res = subprocess.run(cmd + ["--max-prompt-tokens", "250"], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2 and "exceeds the target's context" in res.stderr
