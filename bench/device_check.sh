@@ -11,14 +11,16 @@ export DSPARK_CUDA=on DSPARK_CUDA_ARCHS="${DSPARK_CUDA_ARCHS:-90}"
   python -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 } > "$OUT/env.txt" 2>&1
 start=$(date +%s)
-timeout 300 pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
-echo "build rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
-python -m dspark_ops.cli info >> "$OUT/summary.txt" 2>&1
-timeout 240 python -m pytest -q -m cuda tests -p no:cacheprovider > "$OUT/cuda_tests.log" 2>&1
-echo "cuda tests rc=$?: $(tail -1 "$OUT/cuda_tests.log")" | tee -a "$OUT/summary.txt"
-for b in "bench/bench_verify.py --gpu"; do
-  name=$(echo "$b" | awk '{print $1}' | xargs basename .py)
-  timeout 120 python $b > "$OUT/$name.log" 2>&1
-  echo "$b rc=$?" | tee -a "$OUT/summary.txt"
-done
+step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, one summary line
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? ($(( $(date +%s) - start ))s): $(tail -1 "$OUT/$name.log")" | tee -a "$OUT/summary.txt"
+}
+step build 300 pip install --no-build-isolation --no-deps -e .
+step info 30 python -m dspark_ops.cli info
+step cuda_tests 240 python -m pytest -q -m cuda tests -p no:cacheprovider
+step bench_verify 90 python bench/bench_verify.py --gpu --quick
+step bench_attention 90 python bench/bench_attention.py --gpu --quick
+step bench_drafter 60 python bench/bench_drafter.py --device cuda --quick
+step bench_drafter_bf16 60 python bench/bench_drafter.py --device cuda --quick --dtype bfloat16
 echo "total $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"

@@ -2,7 +2,7 @@
 # probing needs hints that differ between torch builds; see BUILD_NOTES.md).
 execute_process(
   COMMAND ${Python_EXECUTABLE} -c
-  "import os, torch, sysconfig; d=os.path.dirname(torch.__file__); print(d); print(int(torch._C._GLIBCXX_USE_CXX11_ABI)); print(torch.version.cuda or ''); print(sysconfig.get_paths()['purelib'])"
+  "import os, torch; d=os.path.dirname(torch.__file__); print(d); print(int(torch._C._GLIBCXX_USE_CXX11_ABI)); print(torch.version.cuda or ''); print(os.path.dirname(d))"
   OUTPUT_VARIABLE _dspark_torch_info OUTPUT_STRIP_TRAILING_WHITESPACE
   RESULT_VARIABLE _dspark_torch_rc)
 if(NOT _dspark_torch_rc EQUAL 0)
@@ -20,7 +20,7 @@ set(DSPARK_TORCH_LIBRARY_DIR ${DSPARK_TORCH_DIR}/lib)
 set(DSPARK_TORCH_DEFINITIONS _GLIBCXX_USE_CXX11_ABI=${DSPARK_TORCH_CXX11_ABI}
     TORCH_EXTENSION_NAME=_C TORCH_API_INCLUDE_EXTENSION_H)
 set(DSPARK_TORCH_LIBRARIES c10 torch_cpu torch)
-# The CUDA wheels put the toolkit headers that ATen/cuda includes (cuBLAS, cuSPARSE) here.
+# The CUDA wheels (installed beside torch, which may live in another venv) put the toolkit headers that ATen/cuda includes (cuBLAS, cuSPARSE) here.
 file(GLOB DSPARK_TORCH_CUDA_INCLUDE_DIRS ${DSPARK_SITE_PACKAGES}/nvidia/cu*/include)
 set(DSPARK_TORCH_CUDA_LIBRARIES c10_cuda torch_cuda)
 

@@ -147,12 +147,14 @@ class ContractOps:
                 v_cache[slot // page_size, slot % page_size] = v[t]
 
     @staticmethod
-    def draft_block_attention(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, *, causal=True, scale=None):
+    def draft_block_attention(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, *, causal=True, scale=None,
+                              max_block_rows=16):
         page_size = k_cache.shape[1]
         out = torch.empty_like(q)
         for b in range(page_table.shape[0]):
             lo, hi, length = int(cu_q_lens[b]), int(cu_q_lens[b + 1]), int(seq_lens[b])
             n = hi - lo
+            assert n <= max_block_rows
             pos = torch.arange(length)
             pages = page_table[b, pos // page_size].long()
             k, v = k_cache[pages, pos % page_size], v_cache[pages, pos % page_size]

@@ -170,3 +170,19 @@ def test_mismatched_drafter_is_rejected():
             random_drafter(other, 0, rank=0, confidence=False).config, target))
     with pytest.raises(ValueError, match="confidence head"):
         SpeculativeEngine(target, random_drafter(target, 0, rank=0, confidence=False), scheduler="sync")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_engine_greedy_equals_target_greedy(dtype):
+    seed = fresh_seed()
+    target = tiny_target(seed).to("cuda", dtype)
+    drafter = random_drafter(target, seed, rank=8, confidence=True).to("cuda", dtype)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 95, (int(n),), generator=gen).tolist() for n in (5, 17, 9)]
+    engine = SpeculativeEngine(target, drafter, scheduler="sync", max_batch=3, max_tokens=512,
+                               sps_table=torch.tensor([0.0] + [100.0 / (1 + 0.05 * b) for b in range(1, 40)]))
+    outs = engine.generate(prompts, max_new_tokens=16)
+    plain = SpeculativeEngine(target, None, max_batch=3, max_tokens=512).generate(prompts, max_new_tokens=16)
+    assert outs == plain, f"seed {seed}"

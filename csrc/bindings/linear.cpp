@@ -1,8 +1,8 @@
 // torch.ops.dspark.linear / linear_silu_mul: schemas, argument checks, CPU / CUDA / Meta implementations.
 //
-// The weight arrives packed (python/dspark_ops/linear.py): on CPU as panels
-// [P, K, 16] (dspark/linear_problem.h), on CUDA as plain rows [N, K] for
-// cuBLAS. Blocks of more than kLinearMaxRows rows (prefill) go to matmul.
+// The weight arrives packed (python/dspark_ops/linear.py): on CPU as column
+// groups [G, K, 32] (dspark/linear_problem.h), on CUDA as plain rows [N, K] for
+// cuBLAS. Blocks of more than kLinearMaxRows rows (prefill) go to matmul on CPU.
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
@@ -62,34 +62,37 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& w_packe
   }
 }
 
-// The CPU layout: panels [P, K, 16] with P matching out_features.
+// Groups in the CPU layout for `out_features` output columns.
+int64_t cpu_groups(int64_t out_features, LinearEpilogue epilogue) {
+  return epilogue == LinearEpilogue::silu_mul ? ceil_div(out_features, kLinearGroupCols / 2)
+                                              : ceil_div(out_features, kLinearGroupCols);
+}
+
 void check_cpu_weight(const char* op, const at::Tensor& x, const at::Tensor& w_packed, int64_t out_features,
                       LinearEpilogue epilogue) {
   const int64_t in = x.size(-1);
-  TORCH_CHECK(w_packed.dim() == 3 && w_packed.size(2) == kLinearPanel, op,
-              ": w_packed must be a weight packed for CPU by dspark_ops.pack_linear_weight (panels [P, in, ",
-              kLinearPanel, "]), got shape ", w_packed.sizes(),
+  TORCH_CHECK(w_packed.dim() == 3 && w_packed.size(2) == kLinearGroupCols, op,
+              ": w_packed must be a weight packed for CPU by dspark_ops.pack_linear_weight ([G, in, ",
+              kLinearGroupCols, "]), got shape ", w_packed.sizes(),
               w_packed.dim() == 2 ? " (an unpacked [out, in] weight or one packed for CUDA)" : "");
-  const int64_t panels = epilogue == LinearEpilogue::silu_mul ? 2 * ceil_div(out_features, kLinearPanel)
-                                                              : ceil_div(out_features, kLinearPanel);
-  TORCH_CHECK(w_packed.size(0) == panels, op, ": w_packed has ", w_packed.size(0), " panels but ",
-              out_features, " output features need ", panels,
-              epilogue == LinearEpilogue::silu_mul ? " (gate and up interleaved)" : "");
+  const int64_t groups = cpu_groups(out_features, epilogue);
+  TORCH_CHECK(w_packed.size(0) == groups, op, ": w_packed has ", w_packed.size(0), " column groups but ",
+              out_features, " output features need ", groups,
+              epilogue == LinearEpilogue::silu_mul ? " (16 gate + 16 up columns each)" : "");
   TORCH_CHECK(w_packed.size(1) == in, op, ": w_packed has in_features ", w_packed.size(1), " but x has ", in);
 }
 
-// y for a block too tall for the kernel: matmul on the panel layout, one
-// [M, K] x [K, 16] product per panel, then the panels laid side by side.
-at::Tensor matmul_on_panels(const at::Tensor& x2, const at::Tensor& w_packed, int64_t out_features,
+// y for a block too tall for the kernel: matmul on the packed layout, one
+// [M, K] x [K, 32] product per group, then the groups laid side by side.
+at::Tensor matmul_on_groups(const at::Tensor& x2, const at::Tensor& w_packed, int64_t out_features,
                             LinearEpilogue epilogue) {
   const at::Tensor w = w_packed.scalar_type() == at::kFloat ? w_packed : w_packed.to(at::kFloat);
-  at::Tensor y = at::matmul(x2, w);  // [P, M, 16]
-  const int64_t M = x2.size(0), P = w.size(0);
+  at::Tensor y = at::matmul(x2, w);  // [G, M, 32]
   if (epilogue == LinearEpilogue::silu_mul) {
-    const at::Tensor pairs = y.view({P / 2, 2, M, kLinearPanel});
-    y = at::silu(pairs.select(1, 0)) * pairs.select(1, 1);  // [P/2, M, 16]
+    constexpr int64_t kHalf = kLinearGroupCols / 2;
+    y = at::silu(y.narrow(2, 0, kHalf)) * y.narrow(2, kHalf, kHalf);  // [G, M, 16]
   }
-  return y.permute({1, 0, 2}).reshape({M, -1}).narrow(1, 0, out_features);
+  return y.permute({1, 0, 2}).reshape({x2.size(0), -1}).narrow(1, 0, out_features);
 }
 
 at::Tensor linear_cpu_impl(const char* op, const at::Tensor& x, const at::Tensor& w_packed, int64_t out_features,
@@ -101,7 +104,7 @@ at::Tensor linear_cpu_impl(const char* op, const at::Tensor& x, const at::Tensor
   const int64_t M = leading_rows(x), K = x.size(-1);
   const at::Tensor x2 = x.reshape({M, K}).contiguous();
   if (M > kLinearMaxRows) {
-    at::Tensor y = matmul_on_panels(x2, w_packed, out_features, epilogue);
+    at::Tensor y = matmul_on_groups(x2, w_packed, out_features, epilogue);
     if (bias.has_value()) y = y + *bias;
     if (residual.has_value()) y = y + residual->reshape({M, out_features});
     return y.contiguous().view(out_shape);
@@ -113,7 +116,7 @@ at::Tensor linear_cpu_impl(const char* op, const at::Tensor& x, const at::Tensor
   P.rows = M;
   P.in = K;
   P.out = out_features;
-  P.panels = w_packed.size(0);
+  P.groups = w_packed.size(0);
   P.x = x2.data_ptr<float>();
   P.w = w_packed.data_ptr();
   P.w_dtype = float_code(w_packed, "w_packed");
@@ -127,9 +130,9 @@ at::Tensor linear_cpu_impl(const char* op, const at::Tensor& x, const at::Tensor
   auto* groups = DSPARK_ISA_DISPATCH(linear_groups);
   // A thread gets at least ~64K weights (a few microseconds of streaming), so
   // that tiny layers do not pay for waking threads.
-  const int64_t weights_per_group = std::max<int64_t>(K, 1) * kLinearPanel * kLinearGroup;
+  const int64_t weights_per_group = std::max<int64_t>(K, 1) * kLinearGroupCols;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / weights_per_group);
-  at::parallel_for(0, P.groups(), grain, [&](int64_t begin, int64_t end) { groups(P, begin, end); });
+  at::parallel_for(0, P.groups, grain, [&](int64_t begin, int64_t end) { groups(P, begin, end); });
   return y;
 }
 

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "checks.h"
@@ -19,7 +20,11 @@
 #include "dspark/paged_kv_cpu.h"
 
 DSPARK_DECLARE_ISA_FN(void, block_attention_item,
-                      (const dspark::BlockAttentionProblem& P, dspark::index_t b, dspark::index_t h, float* scratch))
+                      (const dspark::BlockAttentionProblem& P, dspark::index_t b, dspark::index_t h,
+                       dspark::index_t chunk, dspark::index_t split, float* scratch, float* partial))
+DSPARK_DECLARE_ISA_FN(void, block_attention_combine,
+                      (const dspark::BlockAttentionProblem& P, dspark::index_t b, dspark::index_t h,
+                       dspark::index_t chunk, float* partials))
 DSPARK_DECLARE_ISA_FN(void, append_tokens, (const dspark::AppendProblem& P, dspark::index_t begin, dspark::index_t end))
 DSPARK_DECLARE_ISA_FN(void, rollback_request_layer,
                       (const dspark::RollbackProblem& P, dspark::index_t b, dspark::index_t layer))
@@ -72,7 +77,8 @@ PagedLayout layout_of(const at::Tensor& k_cache, const at::Tensor& page_table) {
 BlockAttentionProblem check_block_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache, const at::Tensor& page_table,
                                                  const at::Tensor& seq_lens, const at::Tensor& cu_q_lens,
-                                                 bool causal, std::optional<double> scale, at::Tensor* out) {
+                                                 bool causal, std::optional<double> scale, int64_t max_block_rows,
+                                                 at::Tensor* out) {
   constexpr const char* op = "draft_block_attention";
   TORCH_CHECK(q.dim() == 3, op, ": q must be [T, Hq, D], got ", q.sizes());
   const auto device = q.device();
@@ -93,6 +99,7 @@ BlockAttentionProblem check_block_attention_args(const at::Tensor& q, const at::
   check_index(cu_q_lens, op, "cu_q_lens", device, {B + 1});
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
   TORCH_CHECK(std::isfinite(s), op, ": scale must be finite, got ", s);
+  TORCH_CHECK(max_block_rows >= 1, op, ": max_block_rows must be >= 1, got ", max_block_rows);
 
   BlockAttentionProblem P;
   P.kv = layout_of(k_cache, page_table);
@@ -108,6 +115,7 @@ BlockAttentionProblem check_block_attention_args(const at::Tensor& q, const at::
   P.cu_q_lens = ptr<const int32_t>(cu_q_lens);
   P.causal = causal;
   P.scale = static_cast<float>(s);
+  P.max_block_rows = max_block_rows;
   *out = at::empty({T, Hq, D}, q.options());
   P.out = ptr<void>(*out);
   return P;
@@ -121,8 +129,9 @@ void check_block_attention_metadata(const BlockAttentionProblem& P) {
     const index_t n = P.block_rows(b), len = P.seq_lens[b];
     TORCH_CHECK_VALUE(n >= 0, op, ": cu_q_lens must be non-decreasing, but cu_q_lens[", b + 1, "] = ", P.cu_q_lens[b + 1],
                 " < cu_q_lens[", b, "] = ", P.cu_q_lens[b]);
-    TORCH_CHECK_VALUE(n <= kMaxBlockRows, op, ": request ", b, " has a query block of ", n,
-                " rows (cu_q_lens[", b + 1, "] - cu_q_lens[", b, "]); at most ", kMaxBlockRows, " are supported");
+    TORCH_CHECK_VALUE(n <= P.max_block_rows, op, ": request ", b, " has a query block of ", n,
+                " rows (cu_q_lens[", b + 1, "] - cu_q_lens[", b, "]); at most max_block_rows = ", P.max_block_rows,
+                " are allowed (raise max_block_rows for longer blocks, e.g. prefill)");
     TORCH_CHECK_VALUE(len >= n, op, ": seq_lens[", b, "] = ", len, " is shorter than its query block of ", n,
                 " rows (the block's K/V must be appended first)");
     TORCH_CHECK_VALUE(len <= kv.capacity(), op, ": seq_lens[", b, "] = ", len, " exceeds the page_table capacity ",
@@ -288,34 +297,68 @@ namespace {
 
 at::Tensor block_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& page_table, const at::Tensor& seq_lens, const at::Tensor& cu_q_lens,
-                               bool causal, std::optional<double> scale) {
+                               bool causal, std::optional<double> scale, int64_t max_block_rows) {
   at::Tensor out;
-  const BlockAttentionProblem P =
-      check_block_attention_args(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, causal, scale, &out);
+  const BlockAttentionProblem P = check_block_attention_args(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens,
+                                                             causal, scale, max_block_rows, &out);
   check_block_attention_metadata(P);
-  const index_t Hkv = P.kv.num_kv_heads, items = P.kv.batch * Hkv;
-  if (items == 0 || P.num_tokens == 0) return out;
-  auto* item = DSPARK_ISA_DISPATCH(block_attention_item);
+  const index_t B = P.kv.batch, Hkv = P.kv.num_kv_heads, G = P.group(), D = P.kv.head_dim;
+  // Work items (request, kv head, row chunk, KV split), with the offset of their partial state when
+  // the chunk has several splits (-1: the item writes the output itself).
+  struct Item {
+    index_t b, h, chunk, split, partial;
+  };
+  std::vector<Item> items;
+  std::vector<Item> combines;  // (b, h, chunk, first partial) of the multi-split chunks
+  index_t partial_floats = 0;
+  for (index_t b = 0; b < B; ++b) {
+    for (index_t c = 0; c < paged_cpu_chunks(P.block_rows(b)); ++c) {
+      const PagedCpuChunk C = paged_cpu_chunk(P, b, c);
+      const index_t stride = PagedCpuPartial::floats(C.rows * G, D);
+      for (index_t h = 0; h < Hkv; ++h) {
+        if (C.splits > 1) combines.push_back({b, h, c, 0, partial_floats});
+        for (index_t s = 0; s < C.splits; ++s) {
+          items.push_back({b, h, c, s, C.splits > 1 ? partial_floats : -1});
+          if (C.splits > 1) partial_floats += stride;
+        }
+      }
+    }
+  }
+  if (items.empty()) return out;
+  std::unique_ptr<float[]> partials(partial_floats > 0 ? new float[partial_floats] : nullptr);
+  auto* item_fn = DSPARK_ISA_DISPATCH(block_attention_item);
   // Items differ in cost (ragged blocks and lengths): workers pull them from a shared counter.
+  const int64_t count = static_cast<int64_t>(items.size());
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch(static_cast<size_t>(PagedCpuScratch::floats(P.group(), P.kv.head_dim)));
-    for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) item(P, it / Hkv, it % Hkv, scratch.data());
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch(static_cast<size_t>(PagedCpuScratch::floats(G, D)));
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+      const Item& it = items[i];
+      item_fn(P, it.b, it.h, it.chunk, it.split, scratch.data(),
+              it.partial >= 0 ? partials.get() + it.partial : nullptr);
+    }
   });
+  if (!combines.empty()) {
+    auto* combine_fn = DSPARK_ISA_DISPATCH(block_attention_combine);
+    at::parallel_for(0, static_cast<int64_t>(combines.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        combine_fn(P, combines[i].b, combines[i].h, combines[i].chunk, partials.get() + combines[i].partial);
+    });
+  }
   return out;
 }
 
 at::Tensor block_attention_meta(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& page_table, const at::Tensor& seq_lens, const at::Tensor& cu_q_lens,
-                                bool causal, std::optional<double> scale) {
+                                bool causal, std::optional<double> scale, int64_t max_block_rows) {
   at::Tensor out;
-  check_block_attention_args(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, causal, scale, &out);
+  check_block_attention_args(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, causal, scale, max_block_rows,
+                             &out);
   return out;
 }
 
 void check_block_attention_op(const at::Tensor& page_table, const at::Tensor& seq_lens, const at::Tensor& cu_q_lens,
-                              int64_t num_tokens, int64_t num_pages, int64_t page_size) {
+                              int64_t num_tokens, int64_t num_pages, int64_t page_size, int64_t max_block_rows) {
   constexpr const char* op = "draft_block_attention";
   const c10::Device cpu(c10::kCPU);
   TORCH_CHECK(page_table.dim() == 2, op, ": page_table must be [B, max_pages], got ", page_table.sizes());
@@ -330,6 +373,7 @@ void check_block_attention_op(const at::Tensor& page_table, const at::Tensor& se
   P.kv.page_size = page_size;
   P.kv.page_table = page_table.data_ptr<int32_t>();
   P.num_tokens = num_tokens;
+  P.max_block_rows = max_block_rows;
   P.seq_lens = seq_lens.data_ptr<int32_t>();
   P.cu_q_lens = cu_q_lens.data_ptr<int32_t>();
   check_block_attention_metadata(P);
@@ -338,12 +382,12 @@ void check_block_attention_op(const at::Tensor& page_table, const at::Tensor& se
 #if defined(DSPARK_WITH_CUDA)
 at::Tensor block_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& page_table, const at::Tensor& seq_lens, const at::Tensor& cu_q_lens,
-                                bool causal, std::optional<double> scale) {
+                                bool causal, std::optional<double> scale, int64_t max_block_rows) {
   at::Tensor out;
-  const BlockAttentionProblem P =
-      check_block_attention_args(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, causal, scale, &out);
+  const BlockAttentionProblem P = check_block_attention_args(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens,
+                                                             causal, scale, max_block_rows, &out);
   // Index values are checked in the kernel (a bad request's rows become NaN): raising would need a host sync.
-  block_attention_cuda_launch(P);
+  block_attention_cuda_launch(P, q);
   return out;
 }
 #endif
@@ -456,14 +500,14 @@ TORCH_LIBRARY_FRAGMENT(dspark, m) {
   m.def("append_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def(
       "draft_block_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor seq_lens, "
-      "Tensor cu_q_lens, bool causal=True, float? scale=None) -> Tensor");
+      "Tensor cu_q_lens, bool causal=True, float? scale=None, int max_block_rows=16) -> Tensor");
   m.def(
       "kv_rollback(Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor page_table, Tensor(c!) seq_lens, "
       "Tensor block_start, Tensor? accept_index, Tensor num_accepted) -> ()");
   m.def("_check_append_kv(Tensor slot_mapping, int num_slots) -> ()");
   m.def(
       "_check_draft_block_attention(Tensor page_table, Tensor seq_lens, Tensor cu_q_lens, int num_tokens, "
-      "int num_pages, int page_size) -> ()");
+      "int num_pages, int page_size, int max_block_rows) -> ()");
   m.def(
       "_check_kv_rollback(Tensor page_table, Tensor seq_lens, Tensor block_start, Tensor? accept_index, "
       "Tensor num_accepted, int num_pages, int page_size) -> ()");

@@ -14,7 +14,8 @@ namespace dspark {
 BlockAttentionProblem check_block_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache, const at::Tensor& page_table,
                                                  const at::Tensor& seq_lens, const at::Tensor& cu_q_lens,
-                                                 bool causal, std::optional<double> scale, at::Tensor* out);
+                                                 bool causal, std::optional<double> scale, int64_t max_block_rows,
+                                                 at::Tensor* out);
 AppendProblem check_append_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& slot_mapping);
 
@@ -35,7 +36,8 @@ void check_append_slots(const AppendProblem& P);
 void check_rollback_metadata(const RollbackProblem& P, const int32_t* seq_lens);
 
 #if defined(DSPARK_WITH_CUDA)
-void block_attention_cuda_launch(const BlockAttentionProblem& P);
+// `like`: a tensor on the op's device (options for the split-KV workspace).
+void block_attention_cuda_launch(const BlockAttentionProblem& P, const at::Tensor& like);
 void append_kv_cuda_launch(const AppendProblem& P);
 void kv_rollback_cuda_launch(const RollbackProblem& P);
 #endif

@@ -9,6 +9,9 @@
 //     confidence head.
 // Compiled once per ISA (cmake/cpu_isa.cmake).
 #include <cmath>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "dspark/markov.h"
 #include "row_ops.h"
@@ -19,20 +22,46 @@ namespace {
 constexpr index_t kCols = 64;  // vocabulary columns per register tile
 
 // z[rows, v .. v + kCols) for up to NR rows (`rows` lists them; the rest of
-// the NR slots repeat a valid row and are not stored).
+// the NR slots repeat a valid row and are not stored). On AVX-512 the
+// accumulators stay in registers (GCC spills the plain arrays below); every
+// z_v is still the fma chain of markov.h.
 template <int NR, typename L, typename W>
 void logits_block(const MarkovProblem& P, index_t k, const index_t* rows, int nrows, index_t v) {
   const index_t V = P.vocab, R = P.rank;
   const W* w1 = static_cast<const W*>(P.w1);
   const W* w2 = static_cast<const W*>(P.w2) + v;
-  float acc[NR][kCols];
   const W* w1_row[NR];
+  const L* u[NR];
   for (int rr = 0; rr < NR; ++rr) {
     const index_t b = rows[rr < nrows ? rr : 0];
-    const L* u = static_cast<const L*>(P.logits) + b * P.logits_stride_b + k * P.logits_stride_k + v;
-    for (index_t l = 0; l < kCols; ++l) acc[rr][l] = to_float(u[l]);
+    u[rr] = static_cast<const L*>(P.logits) + b * P.logits_stride_b + k * P.logits_stride_k + v;
     w1_row[rr] = w1 + P.prev_token(b, k) * R;
   }
+#if defined(__AVX512F__)
+  constexpr int kVecs = kCols / 16;
+  __m512 acc[NR][kVecs];
+#pragma GCC unroll 8
+  for (int rr = 0; rr < NR; ++rr)
+#pragma GCC unroll 8
+    for (int c = 0; c < kVecs; ++c) acc[rr][c] = load16(u[rr] + 16 * c);
+  for (index_t i = 0; i < R; ++i) {
+    __m512 w[kVecs];
+#pragma GCC unroll 8
+    for (int c = 0; c < kVecs; ++c) w[c] = load16(w2 + i * V + 16 * c);
+#pragma GCC unroll 8
+    for (int rr = 0; rr < NR; ++rr) {
+      const __m512 s = _mm512_set1_ps(to_float(w1_row[rr][i]));
+#pragma GCC unroll 8
+      for (int c = 0; c < kVecs; ++c) acc[rr][c] = _mm512_fmadd_ps(s, w[c], acc[rr][c]);
+    }
+  }
+  for (int rr = 0; rr < nrows; ++rr)
+#pragma GCC unroll 8
+    for (int c = 0; c < kVecs; ++c) _mm512_storeu_ps(P.z + rows[rr] * V + v + 16 * c, acc[rr][c]);
+#else
+  float acc[NR][kCols];
+  for (int rr = 0; rr < NR; ++rr)
+    for (index_t l = 0; l < kCols; ++l) acc[rr][l] = to_float(u[rr][l]);
   for (index_t i = 0; i < R; ++i) {
     float w2c[kCols];
     for (index_t l = 0; l < kCols; ++l) w2c[l] = to_float(w2[i * V + l]);
@@ -45,6 +74,7 @@ void logits_block(const MarkovProblem& P, index_t k, const index_t* rows, int nr
     float* z = P.z + rows[rr] * V + v;
     for (index_t l = 0; l < kCols; ++l) z[l] = acc[rr][l];
   }
+#endif
 }
 
 // Columns past the last full tile, one element at a time (same fma chain).
@@ -118,10 +148,10 @@ void sample_row(const MarkovProblem& P, index_t b, index_t k) {
     if (q != nullptr)
       for (index_t v = 0; v < V; ++v) q[v] = v == token ? 1.0f : 0.0f;
   } else {
-    const uint64_t total = softmax_numerators(z, V, rm.max, 1.0f / temperature, z);
+    const uint64_t total = softmax_numerators_in_place(z, V, rm.max, 1.0f / temperature);
     const uint64_t bits = markov_bits(static_cast<uint64_t>(P.seed[b]), static_cast<uint64_t>(P.offset[b]), k);
     token = draw(V, total, bits, [&](index_t v) { return mass_of(z[v]); });
-    if (q != nullptr) {
+    if (q != nullptr) {  // bound by writing the fresh [B, G, V] output, not by the conversions
       const double inv_total = 1.0 / static_cast<double>(total);
       for (index_t v = 0; v < V; ++v) q[v] = mass_probability(mass_of(z[v]), inv_total);
     }

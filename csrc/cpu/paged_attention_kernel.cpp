@@ -48,10 +48,10 @@ void score_block(const float* kf, const float* qt, index_t D, index_t Rp, float*
     for (int r = 0; r < kR; ++r) st[p * Rp + r] = acc[p][r];
 }
 
-template <int kP, int kR>
+// All kTile x Rp scores in 4-position x 32-row blocks (Rp is a multiple of 32).
 void scores(const float* kf, const float* qt, index_t D, index_t Rp, float* st) {
-  for (index_t j = 0; j < kTile; j += kP)
-    for (index_t r = 0; r < Rp; r += kR) score_block<kP, kR>(kf + j * D, qt + r, D, Rp, st + j * Rp + r);
+  for (index_t j = 0; j < kTile; j += 4)
+    for (index_t r = 0; r < Rp; r += 32) score_block<4, 32>(kf + j * D, qt + r, D, Rp, st + j * Rp + r);
 }
 
 // o[r0 + r][d0 + c] = o * corr[r] + sum_{j < tn} st[j][r0 + r] * vf[j][d0 + c] for kRows x kC.
@@ -72,10 +72,11 @@ void accumulate_block(const float* st, const float* vf, const float* corr, index
     for (int c = 0; c < kC; ++c) o[r * D + c] = acc[r][c];
 }
 
-template <int kC>
-void accumulate(const float* st, const float* vf, const float* corr, index_t tn, index_t D, index_t Rp, float* o) {
-  constexpr int kRows = 4;  // Rp is a multiple of kVec, hence of kRows
-  for (index_t r = 0; r < Rp; r += kRows)
+// o[r][d] = o * corr[r] + sum_{j < tn} st[j][r] * vf[j][d] for rows r < rows (a multiple of kRows).
+template <int kRows, int kC>
+void accumulate(const float* st, const float* vf, const float* corr, index_t tn, index_t D, index_t Rp, index_t rows,
+                float* o) {
+  for (index_t r = 0; r < rows; r += kRows)
     for (index_t d = 0; d < D; d += kC)
       accumulate_block<kRows, kC>(st + r, vf + d, corr + r, tn, D, Rp, o + r * D + d);
 }
@@ -111,22 +112,24 @@ void load_rows(const T* src, index_t D, float* dst) {
 }
 
 template <typename T>
-void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float* scratch) {
-  const index_t n = P.block_rows(b);
-  if (n == 0) return;
+void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t chunk, index_t split,
+                    float* scratch, float* partial) {
   const PagedLayout& kv = P.kv;
-  const index_t G = P.group(), D = kv.head_dim, R = n * G, Rp = paged_cpu_rows_padded(R);
-  const index_t len = P.seq_lens[b], row0 = P.cu_q_lens[b];
+  const PagedCpuChunk C = paged_cpu_chunk(P, b, chunk);
+  const index_t n = P.block_rows(b), G = P.group(), D = kv.head_dim, R = C.rows * G, Rp = paged_cpu_rows_padded(R);
+  const index_t len = P.seq_lens[b], row0 = P.cu_q_lens[b] + C.first_row;
   const PagedCpuScratch S(scratch, G, D);
+  const index_t begin = split * kPagedCpuSplitLen;
+  const index_t end = begin + kPagedCpuSplitLen < C.visible_end ? begin + kPagedCpuSplitLen : C.visible_end;
 
   // Queries, pre-scaled and transposed; padding rows stay 0 and behave like
-  // the last block row (they are never written out).
+  // the chunk's last row (they are never written out).
   const T* q = static_cast<const T*>(P.q);
   for (index_t r = 0; r < Rp; ++r) {
-    const index_t i = r < R ? r / G : n - 1;
+    const index_t i = r < R ? r / G : C.rows - 1;  // block row within the chunk
     const T* qrow = q + (row0 + i) * P.q_stride_t + (h * G + r % G) * P.q_stride_h;
     for (index_t d = 0; d < D; ++d) S.qt[d * Rp + r] = r < R ? to_float(qrow[d]) * P.scale : 0.0f;
-    S.row_block_index[r] = static_cast<float>(i);
+    S.row_block_index[r] = static_cast<float>(C.first_row + i);
     S.m[r] = -INFINITY;
     S.l[r] = 0.0f;
   }
@@ -134,9 +137,11 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float*
 
   const T* kc = static_cast<const T*>(P.k_cache);
   const T* vc = static_cast<const T*>(P.v_cache);
-  const index_t first_masked = P.causal ? len - n + 1 : len;  // positions >= this are hidden from some row
-  for (index_t p0 = 0; p0 < len; p0 += kTile) {
-    const index_t tn = len - p0 < kTile ? len - p0 : kTile;
+  // Positions >= first_masked are hidden from some row (or lie past this split).
+  const index_t first_causal = len - n + C.first_row + 1;
+  const index_t first_masked = P.causal && first_causal < end ? first_causal : end;
+  for (index_t p0 = begin; p0 < end; p0 += kTile) {
+    const index_t tn = end - p0 < kTile ? end - p0 : kTile;
     for (index_t j = 0; j < tn; ++j) {
       const index_t off = (kv.slot(b, p0 + j) * kv.num_kv_heads + h) * D;
       load_rows(kc + off, D, S.kf + j * D);
@@ -146,27 +151,42 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float*
       std::memset(S.kf + tn * D, 0, sizeof(float) * (kTile - tn) * D);
       std::memset(S.vf + tn * D, 0, sizeof(float) * (kTile - tn) * D);
     }
-    if (Rp % 32 == 0)
-      scores<4, 32>(S.kf, S.qt, D, Rp, S.st);
-    else
-      scores<8, 16>(S.kf, S.qt, D, Rp, S.st);
+    // The next tile's rows are scattered (pages, heads interleaved): request them now so they
+    // arrive while this tile is computed.
+    for (index_t pos = p0 + kTile; pos < p0 + 2 * kTile && pos < end; ++pos) {
+      const index_t off = (kv.slot(b, pos) * kv.num_kv_heads + h) * D;
+      for (index_t byte = 0; byte < D * static_cast<index_t>(sizeof(T)); byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(kc + off) + byte);
+        __builtin_prefetch(reinterpret_cast<const char*>(vc + off) + byte);
+      }
+    }
+    scores(S.kf, S.qt, D, Rp, S.st);
 
     if (p0 + kTile > first_masked) {
       for (index_t j = 0; j < kTile; ++j) {
         const index_t pos = p0 + j;
-        // Row r sees pos iff pos < len and (causal) pos - (len - n) <= its block index.
-        const float rel = pos < len ? static_cast<float>(P.causal ? pos - (len - n) : -1) : INFINITY;
+        // Row r sees pos iff pos < end and (causal) pos - (len - n) <= its block index.
+        const float rel = pos < end ? static_cast<float>(P.causal ? pos - (len - n) : -1) : INFINITY;
         float* srow = S.st + j * Rp;
         for (index_t r = 0; r < Rp; ++r) srow[r] = rel <= S.row_block_index[r] ? srow[r] : -INFINITY;
       }
     }
     softmax_step(S.st, Rp, S.m, S.l, S.corr);
+    // Padding rows are never written out: only the real ones (rounded up to 4) accumulate.
+    const index_t rows = (R + 3) / 4 * 4;
     if (D % 32 == 0)
-      accumulate<32>(S.st, S.vf, S.corr, tn, D, Rp, S.o);
+      accumulate<4, 32>(S.st, S.vf, S.corr, tn, D, Rp, rows, S.o);
     else
-      accumulate<16>(S.st, S.vf, S.corr, tn, D, Rp, S.o);
+      accumulate<2, 16>(S.st, S.vf, S.corr, tn, D, Rp, rows, S.o);  // 4 x 16 blocks vectorise badly too
   }
 
+  if (partial != nullptr) {  // one split of several: keep the unnormalised state for the combine step
+    const PagedCpuPartial out(partial, R, D);
+    std::memcpy(out.o, S.o, sizeof(float) * R * D);
+    std::memcpy(out.m, S.m, sizeof(float) * R);
+    std::memcpy(out.l, S.l, sizeof(float) * R);
+    return;
+  }
   T* out = static_cast<T*>(P.out);
   for (index_t r = 0; r < R; ++r) {
     const float inv = 1.0f / S.l[r];
@@ -175,14 +195,55 @@ void attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float*
   }
 }
 
+// out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the splits' states.
+template <typename T>
+void combine_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t chunk, float* partials) {
+  const PagedCpuChunk C = paged_cpu_chunk(P, b, chunk);
+  const index_t G = P.group(), D = P.kv.head_dim, R = C.rows * G;
+  const index_t splits = C.splits, stride = PagedCpuPartial::floats(R, D), row0 = P.cu_q_lens[b] + C.first_row;
+  T* out = static_cast<T*>(P.out);
+  for (index_t r = 0; r < R; ++r) {
+    float mx = -INFINITY;
+    for (index_t s = 0; s < splits; ++s) {
+      const float m = PagedCpuPartial(partials + s * stride, R, D).m[r];
+      mx = m > mx ? m : mx;
+    }
+    float acc[kPagedCpuMaxHeadDim] = {};
+    float total = 0.0f;
+    for (index_t s = 0; s < splits; ++s) {
+      const PagedCpuPartial part(partials + s * stride, R, D);
+      if (part.m[r] == -INFINITY) continue;  // the split saw nothing of this row
+      const float w = exp_nonpositive(part.m[r] - mx);
+      total = madd(w, part.l[r], total);
+      for (index_t d = 0; d < D; ++d) acc[d] = madd(w, part.o[r * D + d], acc[d]);
+    }
+    const float inv = 1.0f / total;
+    T* orow = out + ((row0 + r / G) * P.num_q_heads + h * G + r % G) * D;
+    for (index_t d = 0; d < D; ++d) store_float(orow + d, acc[d] * inv);
+  }
+}
+
 }  // namespace
 
-// Work item (request b, kv head h); `scratch` holds paged_cpu_scratch_floats(group, head_dim) floats.
-void block_attention_item(const BlockAttentionProblem& P, index_t b, index_t h, float* scratch) {
+// Work item (request b, kv head h, row chunk `chunk`, KV split `split`); `scratch` holds
+// PagedCpuScratch::floats floats. A chunk with several splits (PagedCpuChunk::splits) leaves each
+// split's state in `partial` (PagedCpuPartial) and block_attention_combine writes its rows;
+// otherwise partial is null and the item writes them.
+void block_attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t chunk, index_t split,
+                          float* scratch, float* partial) {
   switch (P.dtype) {
-    case FloatCode::f32: attention_item<float>(P, b, h, scratch); break;
-    case FloatCode::bf16: attention_item<bf16_bits>(P, b, h, scratch); break;
-    case FloatCode::f16: attention_item<fp16_bits>(P, b, h, scratch); break;
+    case FloatCode::f32: attention_item<float>(P, b, h, chunk, split, scratch, partial); break;
+    case FloatCode::bf16: attention_item<bf16_bits>(P, b, h, chunk, split, scratch, partial); break;
+    case FloatCode::f16: attention_item<fp16_bits>(P, b, h, chunk, split, scratch, partial); break;
+  }
+}
+
+// Output rows of (request b, kv head h, row chunk `chunk`) from its splits' consecutive states.
+void block_attention_combine(const BlockAttentionProblem& P, index_t b, index_t h, index_t chunk, float* partials) {
+  switch (P.dtype) {
+    case FloatCode::f32: combine_item<float>(P, b, h, chunk, partials); break;
+    case FloatCode::bf16: combine_item<bf16_bits>(P, b, h, chunk, partials); break;
+    case FloatCode::f16: combine_item<fp16_bits>(P, b, h, chunk, partials); break;
   }
 }
 

@@ -6,10 +6,9 @@
 // tokens. No host sync, no allocation beyond the outputs: graph-capturable.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
 
 #include "../bindings/verify.h"
+#include "block_ops.cuh"
 #include "dspark/filters.h"
 #include "dspark/verify_problem.h"
 
@@ -17,28 +16,13 @@ namespace dspark {
 namespace {
 
 constexpr int kThreads = 512;
-using U64 = unsigned long long;
+using Ops = BlockOps<kThreads>;
 
 struct Shared {
-  union {
-    typename cub::BlockReduce<float, kThreads>::TempStorage reduce_f;
-    typename cub::BlockReduce<U64, kThreads>::TempStorage reduce_u;
-    typename cub::BlockReduce<long long, kThreads>::TempStorage reduce_i;
-    typename cub::BlockScan<U64, kThreads>::TempStorage scan;
-  } cub;
+  typename Ops::Storage ops;
   U64 hist[kRadixBins];
-  float f;
-  U64 u;
-  long long i;
   uint32_t prefix;
   int flag;
-};
-
-struct MaxOp {
-  __device__ float operator()(float a, float b) const { return a > b ? a : b; }
-};
-struct MinOp {
-  __device__ long long operator()(long long a, long long b) const { return a < b ? a : b; }
 };
 
 template <typename T>
@@ -50,21 +34,11 @@ __device__ float block_max(const T* x, index_t n, Shared& sh, bool* finite) {
     mx = f > mx ? f : mx;
     bad |= (float_bits(f) & 0x7F800000u) == 0x7F800000u;
   }
-  const float r = cub::BlockReduce<float, kThreads>(sh.cub.reduce_f).Reduce(mx, MaxOp());
   *finite = !__syncthreads_or(bad);
-  if (threadIdx.x == 0) sh.f = r;
-  __syncthreads();
-  return sh.f;
+  return Ops::max(mx, sh.ops);
 }
 
-__device__ U64 block_sum(U64 v, Shared& sh) {
-  const U64 r = cub::BlockReduce<U64, kThreads>(sh.cub.reduce_u).Sum(v);
-  if (threadIdx.x == 0) sh.u = r;
-  __syncthreads();
-  const U64 out = sh.u;
-  __syncthreads();
-  return out;
-}
+__device__ U64 block_sum(U64 v, Shared& sh) { return Ops::sum(v, sh.ops); }
 
 template <typename T>
 __device__ __forceinline__ float numerator(const T* x, index_t v, float max, float inv_t) {
@@ -108,26 +82,9 @@ __device__ uint32_t block_radix_select(const T* x, index_t n, float max, float i
   return prefix > floor_bits ? prefix : floor_bits;
 }
 
-// First v (in [0, n)) whose cumulative mass exceeds U = scaled_draw(bits, total).
 template <typename MassFn>
 __device__ index_t block_draw(index_t n, uint64_t total, uint64_t bits, MassFn mass, Shared& sh) {
-  const U64 u = scaled_draw(bits, total);
-  U64 running = 0;
-  if (threadIdx.x == 0) sh.i = -1;
-  __syncthreads();
-  for (index_t start = 0; start < n; start += kThreads) {
-    const index_t v = start + threadIdx.x;
-    const U64 m = v < n ? static_cast<U64>(mass(v)) : 0;
-    U64 incl, tile_total;
-    cub::BlockScan<U64, kThreads>(sh.cub.scan).InclusiveSum(m, incl, tile_total);
-    if (m > 0 && running + incl > u && running + incl - m <= u) sh.i = v;
-    __syncthreads();
-    if (sh.i >= 0) break;
-    running += tile_total;
-  }
-  const index_t out = sh.i;
-  __syncthreads();
-  return out >= 0 ? out : n - 1;  // n - 1 only if `total` were not the exact sum
+  return Ops::draw(n, total, bits, mass, sh.ops);
 }
 
 template <typename L, typename Q>
@@ -167,11 +124,7 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyProblem P) {
       long long first = V;
       for (index_t v = threadIdx.x; v < V; v += kThreads)
         if (to_float(x[v]) == max) { first = v; break; }
-      const long long best_r = cub::BlockReduce<long long, kThreads>(sh.cub.reduce_i).Reduce(first, MinOp());
-      if (threadIdx.x == 0) sh.i = best_r;
-      __syncthreads();
-      const index_t best = sh.i;
-      __syncthreads();
+      const index_t best = Ops::min(first, sh.ops);
       if (is_draft && xj == best) {
         if (threadIdx.x == 0) out[j] = static_cast<int32_t>(xj);
         continue;

@@ -72,13 +72,13 @@ def append_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 def draft_block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table, seq_lens,
                           cu_q_lens, *, causal: bool = True, scale: float | None = None,
-                          check: bool = False) -> torch.Tensor:
+                          max_block_rows: int = 16, check: bool = False) -> torch.Tensor:
     """Attention of ragged query blocks over a paged KV cache.
 
     Args:
       q: [T, Hq, D] fp16/bf16 (fp32 too); the query blocks of all requests,
         flattened: request b owns rows cu_q_lens[b]:cu_q_lens[b+1] (n_b rows,
-        0 <= n_b <= 16). Those n_b tokens are the LAST n_b positions of the
+        0 <= n_b <= max_block_rows). Those n_b tokens are the LAST n_b positions of the
         request's sequence (their K/V were appended already).
       k_cache, v_cache: [num_pages, page_size, Hkv, D] in q's dtype; Hq a
         multiple of Hkv (GQA: query head j reads kv head j // (Hq // Hkv)).
@@ -90,7 +90,11 @@ def draft_block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         [0, seq_lens[b] - n_b + i]; False (drafter blocks): every row sees
         [0, seq_lens[b]).
       scale: softmax scale, default 1 / sqrt(D). Softmax is computed in fp32.
-      check: on CUDA, a request with invalid indices (n_b > 16, non-monotone
+      max_block_rows: longest query block allowed (default 16: anchor + drafts).
+        Raise it for longer blocks such as prefill: the kernels handle any
+        length (the CPU one in chunks of 16 rows, skipping masked positions),
+        but they are tuned for short blocks over long contexts.
+      check: on CUDA, a request with invalid indices (n_b > max_block_rows, non-monotone
         cu_q_lens, seq_lens < n_b or past the page table, page ids outside
         [0, num_pages)) gets NaN output rows instead of an exception (no host
         sync); check=True validates on the host first and raises. On CPU
@@ -106,11 +110,13 @@ def draft_block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     page_table = index_tensor(page_table, "page_table", dev, 2)
     seq_lens = index_tensor(seq_lens, "seq_lens", dev, 1)
     cu_q_lens = index_tensor(cu_q_lens, "cu_q_lens", dev, 1)
+    if isinstance(max_block_rows, bool) or not isinstance(max_block_rows, int) or max_block_rows < 1:
+        raise ValueError(f"max_block_rows must be a positive int, got {max_block_rows!r}")
     if check and dev.type != "cpu":
         ops._check_draft_block_attention(page_table.cpu(), seq_lens.cpu(), cu_q_lens.cpu(), q.shape[0],
-                                         k_cache.shape[0], k_cache.shape[1])
+                                         k_cache.shape[0], k_cache.shape[1], max_block_rows)
     return ops.draft_block_attention(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens, causal,
-                                     None if scale is None else float(scale))
+                                     None if scale is None else float(scale), max_block_rows)
 
 
 def _layers(caches, name: str) -> list[torch.Tensor]:

@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dry-run", action="store_true", help="print the report without writing config.json")
     c.set_defaults(func=_calibrate)
+    from .generate import add_parser as add_generate
+
+    add_generate(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

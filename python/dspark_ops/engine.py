@@ -40,7 +40,7 @@ import torch
 
 from . import markov_sample, plan_capacity, profile_sps, schedule_verify_lengths, verify
 from .kv_cache import OutOfPagesError, PagedKVCache
-from .models.attention import PagedAttention, sdpa
+from .models.attention import PagedAttention
 from .models.drafter import DSparkDrafter
 from .models.llama import LlamaModel
 
@@ -139,45 +139,41 @@ def _grow(counts: list[int], n: int) -> None:
     counts.extend([0] * (n - len(counts)))
 
 
-class _PrefillAttention:
-    """Prompts of new requests, flattened: causal attention within each prompt (their caches start empty);
-    K/V stored in the paged cache for the decode steps."""
-
-    def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, segment: torch.Tensor):
-        self.paged = PagedAttention([(cache.k[i], cache.v[i]) for i in range(cache.num_layers)],
-                                    slot_mapping=slot_mapping)
-        idx = torch.arange(segment.numel(), device=segment.device)
-        self.mask = (segment[:, None] == segment[None, :]) & (idx[None, :] <= idx[:, None])
-
-    def append(self, layer, k, v):
-        self.paged.append(layer, k, v)
-
-    def attend(self, layer, q, k, v):
-        self.paged.append(layer, k, v)
-        return sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask=self.mask.unsqueeze(0))[0]
-
-
 def pack_linear_layers(model: torch.nn.Module) -> None:
     """Route ``model``'s projections through ``dspark_ops.linear`` on weights packed once (CPU).
 
     The small-block kernel reads the weights once for a whole block of up to
-    16 rows, which is what makes verifying a block cost about one decode step.
+    linear.MAX_ROWS rows, which is what makes verifying a block cost about one
+    decode step; the MLP's gate/up product uses the fused silu(gate) * up epilogue.
     """
-    from .linear import linear, pack_linear_weight
+    from .linear import MAX_ROWS, linear, linear_silu_mul, pack_linear_weight
 
+    gate_up = {id(p): pack_linear_weight(p.detach(), gate_up=True) for name, p in model.named_parameters()
+               if name.endswith("gate_up_proj.weight")}
     packed = {id(p): pack_linear_weight(p.detach()) for name, p in model.named_parameters()
-              if p.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name}
+              if p.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name and id(p) not in gate_up}
     if hasattr(model, "lm_head_weight"):
         w = model.lm_head_weight
         packed.setdefault(id(w), pack_linear_weight(w.detach()))
 
+    def small_block(x):  # tall inputs (long prompts) are what MKL's matmul is good at, on the original weight
+        return x.dtype == torch.float32 and x.numel() <= MAX_ROWS * x.shape[-1]
+
     def fn(x, weight, bias):
         p = packed.get(id(weight))
-        if p is None or x.dtype != torch.float32:
+        if p is None or not small_block(x):
             return torch.nn.functional.linear(x, weight, bias)
         return linear(x, p, bias)
 
-    model.set_linear_impl(fn)
+    def silu_mul_fn(x, weight, bias):
+        p = gate_up.get(id(weight))
+        if p is None or bias is not None or not small_block(x):
+            gate, up = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate) * up
+        return linear_silu_mul(x, p)
+
+    model.linear_impl.fn = fn
+    model.linear_impl.silu_mul_fn = silu_mul_fn
 
 
 class SpeculativeEngine:
@@ -322,22 +318,26 @@ class SpeculativeEngine:
 
     @torch.no_grad()
     def _prefill(self, batch: list[Request]) -> None:
-        """All prompts in one forward (block-diagonal causal attention), then each request's first token."""
+        """All prompts in one forward (each a causal block over its own, empty, cache), then each first token."""
         t0 = time.perf_counter()
         dev = self.device
         ids = torch.tensor([t for r in batch for t in r.prompt], dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(len(r.prompt), device=dev) for r in batch])
-        segment = torch.cat([torch.full((len(r.prompt),), i, device=dev) for i, r in enumerate(batch)])
-        slots = torch.cat([r.prefill_slots for r in batch])
-        out = self.target(ids, positions, kv=_PrefillAttention(self.target_cache, slots, segment),
-                          hidden_layers=self.hidden_layers, return_logits=False)
-        last = torch.tensor(list(itertools.accumulate(len(r.prompt) for r in batch)), device=dev) - 1
+        ends = list(itertools.accumulate(len(r.prompt) for r in batch))
+        request_ids = [r.id for r in batch]
+        backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=torch.cat([r.prefill_slots for r in batch]),
+                                 page_table=self.target_cache.page_table(request_ids),
+                                 seq_lens=self.target_cache.seq_lens(request_ids),
+                                 cu_q_lens=torch.tensor([0, *ends], dtype=torch.int32, device=dev), causal=True,
+                                 max_block_rows=max(len(r.prompt) for r in batch))
+        out = self.target(ids, positions, kv=backend, hidden_layers=self.hidden_layers, return_logits=False)
+        last = torch.tensor(ends, device=dev) - 1
         logits = self.target.compute_logits(out.hidden[last]).unsqueeze(1)
         params = self._params_tensors(batch)
         tokens, _ = verify(logits, torch.empty(len(batch), 0, dtype=torch.int32, device=dev), None, **params)
         if self.drafter is not None:
             drafter_slots = torch.cat([r.drafter_slots for r in batch])
-            backend = PagedAttention(self._layers(self.drafter_cache), slot_mapping=drafter_slots, causal=False)
+            backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots, causal=False)
             self.drafter.extend_context(out.layer_hidden, positions, kv=backend)
         for req, token in zip(batch, tokens[:, 0].tolist()):
             req.offset += 1
@@ -378,7 +378,7 @@ class SpeculativeEngine:
         cu = torch.tensor([0, *itertools.accumulate(rows)], dtype=torch.int32, device=dev)
         block_ids = torch.cat([torch.cat((anchors[b:b + 1], drafts[b, :lens[b]].long())) for b in range(R)])
         positions = torch.cat([starts[b] + torch.arange(rows[b], device=dev) for b in range(R)])
-        backend = PagedAttention(self._layers(self.target_cache), slot_mapping=slots,
+        backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=slots,
                                  page_table=self.target_cache.page_table(ids), seq_lens=self.target_cache.seq_lens(ids),
                                  cu_q_lens=cu, causal=True)
         out = self.target(block_ids, positions, kv=backend, hidden_layers=self.hidden_layers)
@@ -396,7 +396,7 @@ class SpeculativeEngine:
         if self.drafter is not None:
             keep_rows = torch.cat([cu[b] + torch.arange(kept[b], device=dev) for b in range(R)]).long()
             drafter_slots = self.drafter_cache.reserve_batch(ids, kept)
-            ctx_backend = PagedAttention(self._layers(self.drafter_cache), slot_mapping=drafter_slots, causal=False)
+            ctx_backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots, causal=False)
             self.drafter.extend_context(out.layer_hidden[keep_rows], positions[keep_rows], kv=ctx_backend)
         t3 = time.perf_counter()
 
@@ -422,7 +422,7 @@ class SpeculativeEngine:
         bs = self.drafter.config.block_size
         slots = self.drafter_cache.reserve_batch(ids, [bs] * R)
         cu = torch.arange(R + 1, dtype=torch.int32, device=dev) * bs
-        backend = PagedAttention(self._layers(self.drafter_cache), slot_mapping=slots,
+        backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=slots,
                                  page_table=self.drafter_cache.page_table(ids),
                                  seq_lens=self.drafter_cache.seq_lens(ids), cu_q_lens=cu, causal=False)
         block = self.drafter.draft_block(anchors, starts, kv=backend)
@@ -468,10 +468,6 @@ class SpeculativeEngine:
             "seed": torch.tensor([r.params.seed for r in batch], dtype=torch.int64, device=dev),
             "offset": torch.tensor([r.offset for r in batch], dtype=torch.int64, device=dev),
         }
-
-    @staticmethod
-    def _layers(cache: PagedKVCache):
-        return [(cache.k[i], cache.v[i]) for i in range(cache.num_layers)]
 
     def _record(self, req: Request, verified: int, accepted: int) -> None:
         st, es = req.stats, self.stats
@@ -523,7 +519,7 @@ class SpeculativeEngine:
             slots = self.target_cache.reserve_batch(reqs, counts)
             cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=dev)
             positions = torch.cat([context + torch.arange(c, device=dev) for c in counts])
-            backend = PagedAttention(self._layers(self.target_cache), slot_mapping=slots,
+            backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=slots,
                                      page_table=self.target_cache.page_table(reqs),
                                      seq_lens=self.target_cache.seq_lens(reqs), cu_q_lens=cu, causal=True)
             self.target(torch.zeros(B, dtype=torch.long, device=dev), positions, kv=backend,

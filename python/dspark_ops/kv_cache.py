@@ -38,8 +38,7 @@ class PagedKVCache:
     Args:
       num_layers, num_pages, page_size, num_kv_heads, head_dim: cache geometry.
       dtype, device: of the cache tensors.
-      max_pages_per_request: cap on one request's pages (and the default
-        page_table width); default num_pages.
+      max_pages_per_request: cap on one request's pages; default num_pages.
     """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
@@ -78,6 +77,10 @@ class PagedKVCache:
 
     def v_cache(self, layer: int) -> torch.Tensor:
         return self.v[layer]
+
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(k_cache, v_cache) views of every layer, e.g. for models.PagedAttention."""
+        return [(self.k[i], self.v[i]) for i in range(self.num_layers)]
 
     @property
     def num_free_pages(self) -> int:
@@ -152,13 +155,14 @@ class PagedKVCache:
     def page_table(self, request_ids, width: int | None = None) -> torch.Tensor:
         """int32 [B, width] page ids on the device (-1 past each request's pages).
 
-        width defaults to max_pages_per_request, a fixed shape (CUDA-graph friendly).
+        width defaults to the most pages any of these requests holds; pass a fixed
+        width (e.g. max_pages_per_request) for shapes that stay put under CUDA graphs.
         """
         self._settle()
-        width = self.max_pages_per_request if width is None else int(width)
+        lists = [self._pages[self._known(r)] for r in request_ids]
+        width = max((len(p) for p in lists), default=0) if width is None else int(width)
         rows = []
-        for r in request_ids:
-            pages = self._pages[self._known(r)]
+        for r, pages in zip(request_ids, lists):
             if len(pages) > width:
                 raise ValueError(f"width {width} is smaller than request {r}'s {len(pages)} pages")
             rows.append(pages + [-1] * (width - len(pages)))

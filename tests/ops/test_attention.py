@@ -70,6 +70,57 @@ def test_block_is_the_whole_sequence_and_tile_edges():
         check_against_reference(p, causal=causal, seed=seed)
 
 
+def test_long_contexts_are_split_and_combined():
+    """Lengths past the CPU kernel's 1024-position splits (boundaries at multiples of 1024)."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    rows, lens = [16, 1, 8, 0, 5, 3], [2500, 1025, 1024, 3000, 4100, 2049]
+    p = random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=1, group=3, head_dim=64, page_size=16,
+                       dtype=torch.float32)
+    for causal in (True, False):
+        check_against_reference(p, causal=causal, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_long_blocks_with_max_block_rows(dtype):
+    """Prefill-sized blocks (opt-in): whole prompts, a block longer than 16 over a cached prefix."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    rows, lens = [100, 17, 0, 40, 3], [100, 1300, 7, 2100, 3]
+    p = random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=2, group=2, head_dim=64, page_size=16,
+                       dtype=dtype)
+    for causal in (True, False):
+        with poisoned_empty():
+            got = dspark_ops.draft_block_attention(*p.args(), causal=causal, max_block_rows=100)
+        want = reference.draft_block_attention(*p.args(), causal=causal)
+        torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[dtype], msg=lambda m: f"seed {seed}: {m}")
+    with pytest.raises(ValueError, match="max_block_rows = 99"):
+        dspark_ops.draft_block_attention(*p.args(), max_block_rows=99)
+    with pytest.raises(ValueError, match="max_block_rows"):
+        dspark_ops.draft_block_attention(*p.args(), max_block_rows=0)
+
+
+def test_a_rows_result_depends_only_on_its_own_visible_prefix():
+    """Row i of a verified block equals, bit for bit, the same query decoded alone over the same
+    visible prefix, or inside a longer (prefill-sized, several 16-row chunks) block: the engine's
+    greedy equivalence with plain decoding relies on it. Lengths cross the 1024-position splits."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    n, long_n, length = 9, 40, 2100
+    # One request whose 40-row block ends at length + 31; its first 9 rows form a 9-row block ending at `length`.
+    p = random_problem(gen, block_rows=[long_n], seq_lens=[length - n + long_n], num_kv_heads=2, group=4,
+                       head_dim=64, page_size=16, dtype=torch.bfloat16)
+    longer = dspark_ops.draft_block_attention(*p.args(), max_block_rows=long_n)
+    block = dspark_ops.draft_block_attention(p.q[:n], p.k_cache, p.v_cache, p.page_table,
+                                             torch.tensor([length], dtype=torch.int32),
+                                             torch.tensor([0, n], dtype=torch.int32))
+    for i in range(n):
+        alone = dspark_ops.draft_block_attention(p.q[i:i + 1], p.k_cache, p.v_cache, p.page_table,
+                                                 torch.tensor([length - n + i + 1], dtype=torch.int32),
+                                                 torch.tensor([0, 1], dtype=torch.int32))
+        assert torch.equal(alone[0], block[i]), f"row {i}"
+        assert torch.equal(longer[i], block[i]), f"row {i} in the {long_n}-row block"
+
+
 def test_empty_blocks_and_empty_batch():
     gen = torch.Generator().manual_seed(fresh_seed())
     p = random_problem(gen, block_rows=[0, 0, 0], seq_lens=[5, 0, 40], num_kv_heads=2, group=2, head_dim=32,
@@ -125,7 +176,7 @@ def test_reads_only_the_requests_visible_positions():
 
 def test_results_do_not_depend_on_thread_count_or_batch_order():
     gen = torch.Generator().manual_seed(fresh_seed())
-    rows, lens = random_blocks(gen, 7, 200)
+    rows, lens = random_blocks(gen, 7, 2600)
     p = random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=2, group=4, head_dim=64, page_size=16,
                        dtype=torch.bfloat16)
     threads = torch.get_num_threads()
@@ -184,7 +235,7 @@ def test_every_cpu_isa_build_agrees(isa):
 
 def _base():
     gen = torch.Generator().manual_seed(3)
-    return random_problem(gen, block_rows=[2, 4], seq_lens=[10, 20], num_kv_heads=2, group=2, head_dim=32,
+    return random_problem(gen, block_rows=[2, 4], seq_lens=[10, 20], num_kv_heads=2, group=2, head_dim=64,
                           page_size=4, dtype=torch.float32)
 
 
@@ -223,8 +274,8 @@ BAD = [
     ("cu_q_lens not monotone", dict(cu_q_lens=torch.tensor([0, 5, 3], dtype=torch.int32)), "cu_q_lens"),
     ("cu_q_lens start", dict(cu_q_lens=torch.tensor([1, 2, 6], dtype=torch.int32)), r"cu_q_lens\[0\]"),
     ("cu_q_lens end", dict(cu_q_lens=torch.tensor([0, 2, 5], dtype=torch.int32)), "cu_q_lens"),
-    ("block over 16", dict(q=torch.randn(19, 4, 32), cu_q_lens=torch.tensor([0, 2, 19], dtype=torch.int32),
-                           seq_lens=torch.tensor([10, 20], dtype=torch.int32)), "at most 16"),
+    ("block over 16", dict(q=torch.randn(19, 4, 64), cu_q_lens=torch.tensor([0, 2, 19], dtype=torch.int32),
+                           seq_lens=torch.tensor([10, 20], dtype=torch.int32)), "max_block_rows = 16"),
 ]
 
 
@@ -309,10 +360,10 @@ def _cuda(p):
 @pytest.mark.parametrize("dtype", FLOATS, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("page_size", [1, 16, 64])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_cuda_matches_reference(dtype, group, page_size, head_dim):
+def test_cuda_matches_reference(dtype, group, page_size):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
+    head_dim = 128 if group == 3 else 64
     rows, lens = random_blocks(gen, 9, 2000)
     p = random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=2, group=group, head_dim=head_dim,
                        page_size=page_size, dtype=dtype)
@@ -335,6 +386,21 @@ def test_cuda_other_head_dims_and_long_context(head_dim):
     got = dspark_ops.draft_block_attention(*_cuda(p).args())
     want = reference.draft_block_attention(*p.args())
     torch.testing.assert_close(got.cpu().float(), want.float(), **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_long_blocks_with_max_block_rows():
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    rows, lens = [300, 17, 0, 64, 1], [300, 5000, 7, 2100, 9]
+    p = random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=2, group=4, head_dim=128, page_size=16,
+                       dtype=torch.bfloat16)
+    for causal in (True, False):
+        got = dspark_ops.draft_block_attention(*_cuda(p).args(), causal=causal, max_block_rows=300, check=True)
+        want = reference.draft_block_attention(*p.args(), causal=causal)
+        torch.testing.assert_close(got.cpu().float(), want.float(), **TOLERANCES[torch.bfloat16],
+                                   msg=lambda m: f"seed {seed}: {m}")
 
 
 @pytest.mark.cuda

@@ -54,6 +54,8 @@ def test_append_into_a_layer_of_a_stacked_cache():
     cache.append(1, k, v, slots)
     reference.append_kv(k, v, before_k[1], before_v[1], slots)
     assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v)
+    pairs = cache.layer_caches()
+    assert len(pairs) == 3 and pairs[1][0].data_ptr() == cache.k_cache(1).data_ptr()
 
 
 BAD_APPEND = [

@@ -5,7 +5,9 @@
 #if defined(__CUDACC__)
 #define DSPARK_HD __host__ __device__ __forceinline__
 #else
-#define DSPARK_HD inline
+// Always inlined on the host: these headers are compiled into the generic, AVX2 and AVX-512 objects,
+// and an out-of-line copy shared through the linker could carry AVX-512 code into generic callers.
+#define DSPARK_HD [[gnu::always_inline]] inline
 #endif
 
 namespace dspark {

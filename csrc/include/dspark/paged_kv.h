@@ -11,7 +11,8 @@
 
 namespace dspark {
 
-// Query rows per request in one draft_block_attention call (anchor + drafts).
+// Query rows per request in one draft_block_attention call (anchor + drafts) unless the caller
+// raises max_block_rows (prefill); the CPU kernel also works in chunks of this many block rows.
 constexpr index_t kMaxBlockRows = 16;
 
 struct PagedLayout {
@@ -41,6 +42,7 @@ struct BlockAttentionProblem {
   const int32_t* cu_q_lens = nullptr;           // [B + 1]
   bool causal = true;
   float scale = 1.0f;
+  index_t max_block_rows = kMaxBlockRows;       // longest block allowed
   void* out = nullptr;                          // [T, Hq, D] contiguous
 
   DSPARK_HD index_t group() const { return num_q_heads / kv.num_kv_heads; }
@@ -49,7 +51,7 @@ struct BlockAttentionProblem {
   // outside any tensor (the page ids are checked where they are read).
   DSPARK_HD bool request_ok(index_t b) const {
     const index_t start = cu_q_lens[b], n = block_rows(b), len = seq_lens[b];
-    return start >= 0 && n >= 0 && n <= kMaxBlockRows && start + n <= num_tokens && len >= n &&
+    return start >= 0 && n >= 0 && n <= max_block_rows && start + n <= num_tokens && len >= n &&
            len <= kv.capacity();
   }
   // Last KV position that block row i of request b may attend to.

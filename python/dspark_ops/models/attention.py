@@ -184,18 +184,19 @@ class PagedAttention:
       tokens), cu_q_lens [B+1]: the layout ``draft_block_attention`` expects
       (not needed for a forward that only appends).
 
-    causal=True for the target (verification/prefill), False for drafter blocks.
+    causal=True for the target (verification/prefill), False for drafter blocks;
+    max_block_rows: the longest block (16 for draft/verify blocks; the prompt length for prefill).
     """
 
     def __init__(self, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, slot_mapping: torch.Tensor,
                  page_table: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None,
                  cu_q_lens: torch.Tensor | None = None, causal: bool = True, scale: float | None = None,
-                 ops=None):
+                 max_block_rows: int = 16, ops=None):
         if ops is None:
             import dspark_ops as ops
         self.kv_caches, self.slot_mapping = kv_caches, slot_mapping
         self.page_table, self.seq_lens, self.cu_q_lens = page_table, seq_lens, cu_q_lens
-        self.causal, self.scale, self.ops = causal, scale, ops
+        self.causal, self.scale, self.max_block_rows, self.ops = causal, scale, max_block_rows, ops
 
     def append(self, layer, k, v):
         k_cache, v_cache = self.kv_caches[layer]
@@ -208,5 +209,6 @@ class PagedAttention:
         self.append(layer, k, v)
         k_cache, v_cache = self.kv_caches[layer]
         out = self.ops.draft_block_attention(q.reshape(-1, *q.shape[-2:]), k_cache, v_cache, self.page_table,
-                                             self.seq_lens, self.cu_q_lens, causal=self.causal, scale=self.scale)
+                                             self.seq_lens, self.cu_q_lens, causal=self.causal, scale=self.scale,
+                                             max_block_rows=self.max_block_rows)
         return out.view(q.shape)

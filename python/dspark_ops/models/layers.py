@@ -24,13 +24,21 @@ class LinearImpl:
     Parameter, so a packed copy can be looked up by identity.
     """
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "silu_mul_fn")
 
-    def __init__(self, fn: LinearFn = F.linear):
+    def __init__(self, fn: LinearFn = F.linear, silu_mul_fn: LinearFn | None = None):
         self.fn = fn
+        self.silu_mul_fn = silu_mul_fn  # optional fused silu(gate) * up of a gate/up weight
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.fn(x, weight, bias)
+
+    def silu_mul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """silu(gate) * up where ``weight`` stacks the gate rows over the up rows."""
+        if self.silu_mul_fn is not None:
+            return self.silu_mul_fn(x, weight, bias)
+        gate, up = self.fn(x, weight, bias).chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 class Linear(nn.Module):
@@ -154,8 +162,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, impl=impl, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        g = self.gate_up_proj
+        return self.down_proj(g._impl.silu_mul(x, g.weight, g.bias))
 
 
 class DecoderLayer(nn.Module):

@@ -20,7 +20,7 @@ def linear_silu_mul(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -
     return torch.nn.functional.silu(linear(x, w_gate)) * linear(x, w_up)
 
 
-def error_bound(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+def linear_error_bound(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """Worst-case rounding error of an fp32 evaluation of ``linear`` in any summation order.
 
@@ -36,3 +36,12 @@ def error_bound(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     if residual is not None:
         mag = mag + residual.double().abs()
     return gamma * mag + u * linear(x, w, bias, residual).abs()
+
+
+def linear_silu_mul_error_bound(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """Worst-case error of an fp32 ``linear_silu_mul``: the products' rounding carried
+    through silu (|silu'| < 1.1) and the multiply, plus a few ulp for silu itself."""
+    gate, up = linear(x, w_gate), linear(x, w_up)
+    silu = torch.nn.functional.silu(gate)
+    return (silu.abs() * linear_error_bound(x, w_up) + 1.1 * linear_error_bound(x, w_gate) * up.abs()
+            + 16 * 2.0 ** -24 * (silu * up).abs())

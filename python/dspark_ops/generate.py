@@ -1,0 +1,129 @@
+"""``dspark generate``: text generation on a real model, with and without speculative decoding."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Trained drafters shipped with the package (or found in a source checkout), by target name.
+SHIPPED_DRAFTERS = {"smollm2-135m": "smollm2-135m-dspark"}
+
+
+def shipped_drafter(model: str) -> Path | None:
+    name = SHIPPED_DRAFTERS.get(model)
+    if name is None:
+        return None
+    here = Path(__file__).resolve().parent
+    for folder in (here / "drafters" / name, here.parents[1] / "drafters" / name):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate text with a target model, speculative by default")
+    g.add_argument("--model", default="smollm2-135m", help="known model name or a Hugging Face folder")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--drafter", default=None, help="drafter folder (default: the shipped one for --model)")
+    src.add_argument("--self-drafter", type=int, metavar="LAYERS", default=None,
+                     help="draft with a copy of the target's first LAYERS layers (no training needed)")
+    src.add_argument("--no-spec", action="store_true", help="plain autoregressive decoding only")
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--raw", action="store_true", help="use the prompt as plain text, not a chat message")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--block-size", type=int, default=None, help="drafted tokens per step (default: the drafter's)")
+    g.add_argument("--scheduler", default=None, choices=["fixed", "sync", "async"],
+                   help="verify-length scheduler (default: sync when the drafter has a confidence head)")
+    g.add_argument("--compare", action="store_true", help="also run plain decoding and print the speedup")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.set_defaults(func=run)
+
+
+def _engine_for(target, drafter, args):
+    from .engine import SpeculativeEngine
+
+    scheduler = args.scheduler or ("sync" if drafter is not None and drafter.confidence_weights() is not None
+                                   else "fixed")
+    return SpeculativeEngine(target, drafter, block_size=args.block_size, scheduler=scheduler,
+                             max_batch=max(1, len(args.prompt)), max_tokens=4096)
+
+
+def _run_engine(engine, prompts, args, tokenizer, stop, *, show: bool):
+    t0 = time.perf_counter()
+    outputs = [[] for _ in prompts]
+    for i, toks in engine.stream(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop_token_ids=stop):
+        outputs[i].extend(toks)
+        if show and len(prompts) == 1:
+            print(tokenizer.decode(toks), end="", flush=True)
+    elapsed = time.perf_counter() - t0
+    if show and len(prompts) == 1:
+        print()
+    elif show:
+        for i, o in enumerate(outputs):
+            print(f"--- [{i}]\n{tokenizer.decode(o)}")
+    return outputs, elapsed
+
+
+def _report(label, engine, outputs, elapsed):
+    n = sum(len(o) for o in outputs)
+    s = engine.stats.summary()
+    line = (f"{label}: {n} tokens in {elapsed:.2f} s = {n / elapsed:.1f} tok/s "
+            f"(decode {s['decode_tokens_per_s']:.1f} tok/s")
+    finished = list(engine.finished.values())
+    rounds = sum(r.stats.rounds for r in finished)
+    if engine.drafter is not None and rounds:
+        tau = sum(r.stats.emitted for r in finished) / rounds
+        acc = ", ".join("-" if a is None else f"{a:.2f}" for a in s["acceptance_by_position"])
+        line += f", tau {tau:.2f} tokens/step, verify tokens/step {s['verify_tokens_per_step']:.1f}, "
+        line += f"acceptance by position [{acc}]"
+    t = s["time_s"]
+    line += f"; time: prefill {t['prefill']:.2f} s, draft {t['draft']:.2f} s, schedule {t['schedule']:.3f} s, " \
+            f"verify {t['verify']:.2f} s)"
+    print(line, file=sys.stderr)
+
+
+def run(args) -> int:
+    from .models import LlamaModel, TextTokenizer, build_drafter_from_target, load_drafter, resolve_model
+
+    try:
+        path = resolve_model(args.model, dtype=getattr(torch, args.dtype))
+        target = LlamaModel.from_pretrained(path, dtype=getattr(torch, args.dtype))
+        tokenizer = TextTokenizer(path)
+        drafter = None
+        if args.self_drafter is not None:
+            drafter = build_drafter_from_target(target, num_layers=args.self_drafter, block_size=args.block_size or 7)
+        elif not args.no_spec:
+            folder = args.drafter or shipped_drafter(args.model)
+            if folder is None:
+                print(f"dspark generate: no trained drafter for {args.model!r}; pass --drafter, --self-drafter N "
+                      f"or --no-spec", file=sys.stderr)
+                return 2
+            drafter = load_drafter(folder, target)
+        prompts_text = args.prompt or ["Explain in three sentences why the sky is blue."]
+        prompts = [tokenizer.encode(p) if args.raw else tokenizer.encode_chat(p) for p in prompts_text]
+        args.prompt = prompts_text
+        stop = [t for t in {tokenizer.eos_token_id, tokenizer.tokenizer.token_to_id("<|im_end|>")} if t is not None]
+        engine = _engine_for(target, drafter, args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"dspark generate: {e}", file=sys.stderr)
+        return 2
+    label = "plain" if drafter is None else "speculative"
+    outputs, elapsed = _run_engine(engine, prompts, args, tokenizer, stop, show=True)
+    _report(label, engine, outputs, elapsed)
+    if args.compare and drafter is not None:
+        plain = _engine_for(target, None, args)
+        plain_out, plain_elapsed = _run_engine(plain, prompts, args, tokenizer, stop, show=False)
+        _report("plain", plain, plain_out, plain_elapsed)
+        n, pn = sum(map(len, outputs)), sum(map(len, plain_out))
+        same = "identical output" if plain_out == outputs else "outputs differ (expected only at T > 0)"
+        print(f"speedup: {(n / elapsed) / (pn / plain_elapsed):.2f}x ({same})", file=sys.stderr)
+    return 0

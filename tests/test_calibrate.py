@@ -1,0 +1,85 @@
+"""Sequential Temperature Scaling of the confidence head (dspark_ops.calibrate)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import dspark_ops
+from dspark_ops import calibrate
+
+
+def _seed() -> int:
+    s = random.SystemRandom().randrange(2**31)
+    print(f"seed={s}")
+    return s
+
+
+def _overconfident_head(gen, N=30000, G=5, scale=(2.5, 1.8, 3.0, 0.6, 2.0)):
+    """True conditional survivals c*_k = sigmoid(l_k); the head reports logits l_k * scale_k (mis-calibrated)."""
+    true_logits = torch.randn(N, G, generator=gen, dtype=torch.float64) + 1.0
+    survive = torch.rand(N, G, generator=gen, dtype=torch.float64) < torch.sigmoid(true_logits)
+    accepted = torch.cumprod(survive.long(), 1).bool()  # prefix acceptance
+    return true_logits * torch.tensor(scale, dtype=torch.float64), accepted, torch.tensor(scale)
+
+
+def test_ece_by_hand():
+    p = torch.tensor([0.05, 0.15, 0.95, 0.95], dtype=torch.float64)
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    # 15 bins: bin 0 holds 0.05 (y 0), bin 2 holds 0.15 (y 1), bin 14 holds both 0.95 (mean y 0.5).
+    want = (abs(0.05 - 0) + abs(0.15 - 1) + 2 * abs(0.95 - 0.5)) / 4
+    assert abs(float(calibrate.expected_calibration_error(p, y)) - want) < 1e-12
+    assert float(calibrate.expected_calibration_error(torch.tensor([0.3, 0.3]), torch.tensor([0.0, 1.0]), 5)) \
+        == pytest.approx(0.2)
+
+
+def test_sts_recovers_temperatures_and_lowers_ece():
+    gen = torch.Generator().manual_seed(_seed())
+    logits, accepted, scale = _overconfident_head(gen)
+    temps = calibrate.sequential_temperature_scaling(logits, accepted)
+    assert temps.shape == (5,) and temps.dtype == torch.float32
+    # Early positions are well determined; late ones see few surviving prefixes, so their ECE curve is flatter.
+    torch.testing.assert_close(temps[:3], scale[:3], rtol=0.15, atol=0)
+    torch.testing.assert_close(temps[3:], scale[3:], rtol=0.35, atol=0)
+    report = calibrate.calibration_report(logits, accepted, temps)
+    assert report["mean_ece_before"] > 0.03
+    assert report["mean_ece_after"] < 0.015
+    assert all(a < b for a, b in zip(report["ece_after"], report["ece_before"]))
+
+
+def test_temperature_scaling_preserves_order():
+    gen = torch.Generator().manual_seed(_seed())
+    logits = torch.randn(200, 3, generator=gen)
+    conf = calibrate.apply_temperatures(logits, torch.tensor([0.5, 2.0, 3.0]))
+    for k in range(3):
+        assert torch.equal(torch.argsort(conf[:, k], stable=True), torch.argsort(logits[:, k], stable=True))
+
+
+def test_markov_sample_applies_the_temperatures():
+    """conf_temperature in markov_sample is the same map as calibrate.apply_temperatures."""
+    gen = torch.Generator().manual_seed(_seed())
+    B, G, V, r = 3, 4, 30, 5
+    U = torch.randn(B, G, V, generator=gen)
+    w1, w2 = torch.randn(V, r, generator=gen), torch.randn(r, V, generator=gen)
+    anchor = torch.randint(0, V, (B,), generator=gen)
+    w = torch.randn(r, generator=gen)
+    temps = torch.tensor([0.7, 1.0, 2.0, 4.0])
+    tokens, _, raw = dspark_ops.markov_sample(U, anchor, w1, w2, conf_weight=w, conf_bias=0.3, seed=5)
+    _, _, cal = dspark_ops.markov_sample(U, anchor, w1, w2, conf_weight=w, conf_bias=0.3, conf_temperature=temps,
+                                         seed=5)
+    logit = torch.log(raw.double()) - torch.log1p(-raw.double())
+    torch.testing.assert_close(cal.double(), calibrate.apply_temperatures(logit, temps.double()), atol=1e-5, rtol=1e-4)
+
+
+def test_bad_inputs():
+    logits = torch.randn(10, 3)
+    ok = torch.ones(10, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="prefix"):
+        calibrate.sequential_temperature_scaling(logits, torch.tensor([[False, True, True]] * 10))
+    with pytest.raises(ValueError, match="accepted"):
+        calibrate.sequential_temperature_scaling(logits, ok[:, :2])
+    with pytest.raises(ValueError, match="conf_logits"):
+        calibrate.sequential_temperature_scaling(torch.full((10, 3), float("nan")), ok)
+    with pytest.raises(ValueError, match="grid"):
+        calibrate.sequential_temperature_scaling(logits, ok, grid=[0.0, 1.0])
