@@ -119,7 +119,7 @@ def main():
     drafters = {"self-copy (4 layers)": build_drafter_from_target(target, num_layers=4, block_size=7)}
     shipped = shipped_drafter("smollm2-135m")
     if shipped is not None:
-        drafters = {"DSpark (shipped)": load_drafter(shipped, target), **drafters}
+        drafters = {"DSpark (shipped)": load_drafter(shipped, target, dtype=target.dtype), **drafters}
     print(f"threads {torch.get_num_threads()}, {n} new tokens, T=0, fp32, {len(prompts)} prompts")
     print("| system | batch | tok/s | vs plain engine | tau | greedy == plain |")
     print("|---|---|---|---|---|---|")

@@ -50,7 +50,7 @@ def test_speculative_greedy_equals_plain(smollm2, plain_outputs, drafter_kind):
         folder = shipped_drafter("smollm2-135m")
         if folder is None:
             pytest.skip("no trained drafter in this checkout")
-        drafter = load_drafter(folder, target)
+        drafter = load_drafter(folder, target, dtype=target.dtype)
     scheduler = "sync" if drafter.confidence_weights() is not None else "fixed"
     engine = SpeculativeEngine(target, drafter, scheduler=scheduler, max_batch=1)
     assert engine.generate(prompts, NEW) == plain

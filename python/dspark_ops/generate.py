@@ -107,7 +107,7 @@ def run(args) -> int:
                 print(f"dspark generate: no trained drafter for {args.model!r}; pass --drafter, --self-drafter N "
                       f"or --no-spec", file=sys.stderr)
                 return 2
-            drafter = load_drafter(folder, target)
+            drafter = load_drafter(folder, target, dtype=target.dtype)  # the CPU kernels run fp32
         prompts_text = args.prompt or ["Explain in three sentences why the sky is blue."]
         prompts = [tokenizer.encode(p) if args.raw else tokenizer.encode_chat(p) for p in prompts_text]
         args.prompt = prompts_text
