@@ -5,10 +5,11 @@
 set -uo pipefail
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
-export DSPARK_CUDA=on DSPARK_CUDA_ARCHS="${DSPARK_CUDA_ARCHS:-90}"
+export DSPARK_CUDA=on DSPARK_CUDA_ARCHS="${DSPARK_CUDA_ARCHS:-90}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"   # the interpreter that holds torch there (its pip may not be the `pip` on PATH)
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
-  python -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+  $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 } > "$OUT/env.txt" 2>&1
 start=$(date +%s)
 step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, one summary line
@@ -16,11 +17,11 @@ step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, one summary lin
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name rc=$? ($(( $(date +%s) - start ))s): $(tail -1 "$OUT/$name.log")" | tee -a "$OUT/summary.txt"
 }
-step build 300 pip install --no-build-isolation --no-deps -e .
-step info 30 python -m dspark_ops.cli info
-step cuda_tests 240 python -m pytest -q -m cuda tests -p no:cacheprovider
-step bench_verify 90 python bench/bench_verify.py --gpu --quick
-step bench_attention 90 python bench/bench_attention.py --gpu --quick
-step bench_drafter 60 python bench/bench_drafter.py --device cuda --quick
-step bench_drafter_bf16 60 python bench/bench_drafter.py --device cuda --quick --dtype bfloat16
+step build 300 $PY -m pip install --no-build-isolation --no-deps -e .
+step info 30 $PY -m dspark_ops.cli info
+step cuda_tests 240 $PY -m pytest -q -m cuda tests -p no:cacheprovider
+step bench_verify 90 $PY bench/bench_verify.py --gpu --quick
+step bench_attention 90 $PY bench/bench_attention.py --gpu --quick
+step bench_drafter 60 $PY bench/bench_drafter.py --device cuda --quick
+step bench_drafter_bf16 60 $PY bench/bench_drafter.py --device cuda --quick --dtype bfloat16
 echo "total $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
