@@ -23,12 +23,3 @@ set(DSPARK_TORCH_LIBRARIES c10 torch_cpu torch)
 # The CUDA wheels (installed beside torch, which may live in another venv) put the toolkit headers that ATen/cuda includes (cuBLAS, cuSPARSE) here.
 file(GLOB DSPARK_TORCH_CUDA_INCLUDE_DIRS ${DSPARK_SITE_PACKAGES}/nvidia/cu*/include)
 set(DSPARK_TORCH_CUDA_LIBRARIES c10_cuda torch_cuda)
-
-# CUTLASS/CuTe headers come from the nvidia-cutlass wheel when it is installed (third_party/README.md).
-execute_process(
-  COMMAND ${Python_EXECUTABLE} -c
-  "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))"
-  OUTPUT_VARIABLE CUTLASS_INCLUDE_DIRS OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
-if(CUTLASS_INCLUDE_DIRS)
-  message(STATUS "dspark_ops: CUTLASS headers at ${CUTLASS_INCLUDE_DIRS}")
-endif()

@@ -14,7 +14,12 @@ std::string build_info() {
   std::string archs = DSPARK_CUDA_ARCHS_STR;
   std::string s = "{\"version\": \"" DSPARK_VERSION_STR "\", \"cuda_archs\": \"" + archs +
                   "\", \"cpu_isa\": \"" + dspark::cpu::isa_name(dspark::cpu::best_isa()) +
-                  "\", \"sanitize\": ";
+                  "\", \"attention_tc\": ";
+#if defined(DSPARK_WITH_CUTE)
+  s += "true, \"sanitize\": ";
+#else
+  s += "false, \"sanitize\": ";
+#endif
 #if defined(__SANITIZE_ADDRESS__)
   s += "true}";
 #else

@@ -18,5 +18,8 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$
   python -m pip install -q "$TORCH_SPEC"
 fi
 python -m pip install -q -r "$ROOT/requirements-dev.txt"
+# CUTLASS/CuTe headers for the tensor-core attention kernel; --no-deps: only the headers are used
+# (the wheel's Python tooling would pull cuda-python and friends).
+python -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 # --no-build-isolation: build against the torch installed above (an isolated build would fetch another).
 (cd "$ROOT" && python -m pip install -q --no-build-isolation -e .)

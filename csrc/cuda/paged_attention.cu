@@ -1,4 +1,7 @@
-// CUDA kernel of `draft_block_attention` (SIMT, split-KV / flash-decoding).
+// CUDA kernel of `draft_block_attention` (SIMT, split-KV / flash-decoding), the
+// combine kernel, and the choice between this path and the tensor-core one
+// (paged_attention_tc.cu): tensor cores for fp16/bf16 with head dim 64/128 on
+// sm_80+, this kernel otherwise and as the correctness baseline.
 //
 // Grid (split, kv head, request). A CTA serves every query row of its
 // request's block for the whole GQA group (up to kWarpRows x warps rows per
@@ -20,10 +23,13 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "../bindings/paged_kv.h"
 #include "dspark/convert.h"
 #include "dspark/paged_kv.h"
+#include "paged_attention.cuh"
 
 namespace dspark {
 namespace {
@@ -31,13 +37,6 @@ namespace {
 constexpr int kTile = 32;        // KV positions per tile (one per lane)
 constexpr int kWarpRows = 4;     // query rows a warp carries at once
 constexpr int kMaxWarps = 16;
-constexpr int kMaxSplits = 32;
-constexpr int kMinSplitLen = 256;  // positions: shorter splits cost more in combining than they save
-
-struct SplitWorkspace {
-  float* o = nullptr;   // [splits, T, Hq, D] unnormalised partial outputs
-  float* ml = nullptr;  // [splits, T, Hq, 2] partial max and sum
-};
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -83,22 +82,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const PagedLayout& kv = P.kv;
   const index_t G = P.group(), Hq = P.num_q_heads, Hkv = kv.num_kv_heads;
 
-  // Request metadata; an invalid request still needs rows inside [0, T) to mark.
-  const bool meta_ok = P.request_ok(b);
-  const index_t row0 = P.cu_q_lens[b];
-  index_t n = P.cu_q_lens[b + 1] - row0;
-  if (!meta_ok) n = (row0 >= 0 && row0 < P.num_tokens && n > 0) ? min(n, min(P.max_block_rows, P.num_tokens - row0)) : 0;
-  if (n <= 0) return;
-  const index_t len = meta_ok ? P.seq_lens[b] : 0;
-  const index_t chunk = ((len + splits - 1) / splits + kTile - 1) / kTile * kTile;
-  const index_t begin = min(len, split * chunk), end = min(len, begin + chunk);
-
-  // Page ids of this split's range.
-  int bad = !meta_ok;
-  if (meta_ok && end > begin)
-    for (index_t p = begin / kv.page_size + threadIdx.x; p <= (end - 1) / kv.page_size; p += blockDim.x)
-      bad |= !kv.page_ok(kv.page_table[b * kv.max_pages + p]);
-  bad = __syncthreads_or(bad);
+  const SplitRange range = split_range(P, b, split, splits, kTile);
+  if (range.n == 0) return;
+  const index_t row0 = range.row0, n = range.n, len = range.len, begin = range.begin, end = range.end;
+  const bool bad = range.bad;
 
   const index_t R = n * G;
   const T* kc = static_cast<const T*>(P.k_cache);
@@ -254,7 +241,6 @@ __global__ void combine_splits_kernel(BlockAttentionProblem P, SplitWorkspace ws
 template <typename T, int D>
 void launch(const BlockAttentionProblem& P, const at::Tensor& like, cudaStream_t stream) {
   const auto& props = *at::cuda::getCurrentDeviceProperties();
-  const index_t B = P.kv.batch, Hkv = P.kv.num_kv_heads;
   // Rows a block can have (host bound: no device data is read).
   const index_t max_rows = std::min<index_t>(P.max_block_rows, P.num_tokens) * P.group();
   int warps = static_cast<int>(std::clamp<index_t>((max_rows + kWarpRows - 1) / kWarpRows, 4, kMaxWarps));
@@ -266,30 +252,13 @@ void launch(const BlockAttentionProblem& P, const at::Tensor& like, cudaStream_t
   auto kernel = block_attention_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
 
-  // Splits: enough CTAs to fill the GPU about twice, none shorter than kMinSplitLen positions.
-  const index_t ctas = B * Hkv;
-  const index_t by_len = std::max<index_t>(1, P.kv.capacity() / kMinSplitLen);
-  const index_t want = (2 * props.multiProcessorCount + ctas - 1) / ctas;
-  const int splits = static_cast<int>(std::clamp<index_t>(std::min(want, by_len), 1, kMaxSplits));
-
-  SplitWorkspace ws;
+  const int splits = choose_splits(P);
   at::Tensor workspace;
-  if (splits > 1) {
-    const index_t rows = P.num_tokens * P.num_q_heads;
-    workspace = at::empty({static_cast<int64_t>(splits) * rows * (D + 2)}, like.options().dtype(at::kFloat));
-    ws.o = workspace.data_ptr<float>();
-    ws.ml = ws.o + static_cast<index_t>(splits) * rows * D;
-  }
-  const dim3 grid(splits, static_cast<unsigned>(Hkv), static_cast<unsigned>(B));
+  const SplitWorkspace ws = make_split_workspace(P, splits, like, &workspace);
+  const dim3 grid(splits, static_cast<unsigned>(P.kv.num_kv_heads), static_cast<unsigned>(P.kv.batch));
   kernel<<<grid, warps * 32, smem, stream>>>(P, ws);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
-    constexpr int kCombineWarps = 4;
-    const index_t rows = P.num_tokens * P.num_q_heads;
-    const unsigned blocks = static_cast<unsigned>((rows + kCombineWarps - 1) / kCombineWarps);
-    combine_splits_kernel<T, D><<<blocks, kCombineWarps * 32, 0, stream>>>(P, ws, splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (splits > 1) combine_splits(P, ws, splits, stream);
 }
 
 template <typename T>
@@ -303,14 +272,97 @@ void launch_dim(const BlockAttentionProblem& P, const at::Tensor& like, cudaStre
   }
 }
 
+template <typename T, int D>
+void launch_combine(const BlockAttentionProblem& P, const SplitWorkspace& ws, int splits, cudaStream_t stream) {
+  constexpr int kCombineWarps = 4;
+  const index_t rows = P.num_tokens * P.num_q_heads;
+  const unsigned blocks = static_cast<unsigned>((rows + kCombineWarps - 1) / kCombineWarps);
+  combine_splits_kernel<T, D><<<blocks, kCombineWarps * 32, 0, stream>>>(P, ws, splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_combine_dim(const BlockAttentionProblem& P, const SplitWorkspace& ws, int splits, cudaStream_t stream) {
+  switch (P.kv.head_dim) {
+    case 64: launch_combine<T, 64>(P, ws, splits, stream); break;
+    case 96: launch_combine<T, 96>(P, ws, splits, stream); break;
+    case 128: launch_combine<T, 128>(P, ws, splits, stream); break;
+    case 256: launch_combine<T, 256>(P, ws, splits, stream); break;
+    default: TORCH_CHECK(false, "draft_block_attention: head_dim must be 64, 96, 128 or 256 on CUDA, got ", P.kv.head_dim);
+  }
+}
+
+enum class Impl { automatic, simt, tensor_core };
+
+// DSPARK_ATTENTION_IMPL=simt|tc forces a path (tests and benchmarks compare them); unset or auto picks.
+Impl requested_impl() {
+  const char* s = std::getenv("DSPARK_ATTENTION_IMPL");
+  if (s == nullptr || *s == '\0' || std::strcmp(s, "auto") == 0) return Impl::automatic;
+  if (std::strcmp(s, "simt") == 0) return Impl::simt;
+  TORCH_CHECK(std::strcmp(s, "tc") == 0, "draft_block_attention: DSPARK_ATTENTION_IMPL must be auto, simt or tc, got '",
+              s, "'");
+  return Impl::tensor_core;
+}
+
+// Whether the tensor-core path serves this problem on the current device.
+bool tensor_core_fits(const BlockAttentionProblem& P) {
+#if defined(DSPARK_WITH_CUTE)
+  return (P.dtype == FloatCode::bf16 || P.dtype == FloatCode::f16) &&
+         (P.kv.head_dim == 64 || P.kv.head_dim == 128) && at::cuda::getCurrentDeviceProperties()->major >= 8;
+#else
+  (void)P;
+  return false;
+#endif
+}
+
 }  // namespace
+
+int choose_splits(const BlockAttentionProblem& P) {
+  constexpr index_t kMaxSplits = 32;
+  constexpr index_t kMinSplitLen = 256;  // positions: shorter splits cost more in combining than they save
+  const index_t ctas = P.kv.batch * P.kv.num_kv_heads;
+  const index_t by_len = std::max<index_t>(1, P.kv.capacity() / kMinSplitLen);
+  const index_t want = (2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount + ctas - 1) / ctas;
+  return static_cast<int>(std::clamp<index_t>(std::min(want, by_len), 1, kMaxSplits));
+}
+
+SplitWorkspace make_split_workspace(const BlockAttentionProblem& P, int splits, const at::Tensor& like,
+                                    at::Tensor* holder) {
+  SplitWorkspace ws;
+  if (splits <= 1) return ws;
+  const index_t rows = P.num_tokens * P.num_q_heads, D = P.kv.head_dim;
+  *holder = at::empty({static_cast<int64_t>(splits) * rows * (D + 2)}, like.options().dtype(at::kFloat));
+  ws.o = holder->data_ptr<float>();
+  ws.ml = ws.o + static_cast<index_t>(splits) * rows * D;
+  return ws;
+}
+
+void combine_splits(const BlockAttentionProblem& P, const SplitWorkspace& ws, int splits, cudaStream_t stream) {
+  switch (P.dtype) {
+    case FloatCode::f32: launch_combine_dim<float>(P, ws, splits, stream); break;
+    case FloatCode::bf16: launch_combine_dim<bf16_bits>(P, ws, splits, stream); break;
+    case FloatCode::f16: launch_combine_dim<fp16_bits>(P, ws, splits, stream); break;
+  }
+}
 
 void block_attention_cuda_launch(const BlockAttentionProblem& P, const at::Tensor& like) {
   TORCH_CHECK(P.kv.batch <= 65535, "draft_block_attention: at most 65535 requests per call on CUDA, got ", P.kv.batch);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(P.k_cache) % 16 == 0 && reinterpret_cast<uintptr_t>(P.v_cache) % 16 == 0,
               "draft_block_attention: k_cache and v_cache must be 16-byte aligned on CUDA");
+  const Impl impl = requested_impl();
+  const bool tc = tensor_core_fits(P);
+  TORCH_CHECK(impl != Impl::tensor_core || tc,
+              "draft_block_attention: DSPARK_ATTENTION_IMPL=tc needs fp16/bf16, head_dim 64 or 128, a GPU of compute "
+              "capability 8.0 or newer and a build with the CUTLASS/CuTe headers (dspark info); got dtype code ",
+              static_cast<int>(P.dtype), ", head_dim ", P.kv.head_dim);
   if (P.num_tokens == 0 || P.kv.batch == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+#if defined(DSPARK_WITH_CUTE)
+  if (tc && impl != Impl::simt) {
+    block_attention_tc_launch(P, like, stream);
+    return;
+  }
+#endif
   switch (P.dtype) {
     case FloatCode::f32: launch_dim<float>(P, like, stream); break;
     case FloatCode::bf16: launch_dim<bf16_bits>(P, like, stream); break;

@@ -15,6 +15,9 @@ def _info(args) -> int:
     print(f"torch      {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     print(f"backends   CPU ({info['cpu_isa']})" + (f", CUDA sm_{', sm_'.join(info['cuda_archs'].split(','))}"
                                                    if info["cuda_archs"] else ", CUDA not compiled"))
+    if info["cuda_archs"]:
+        print("attention  tensor-core path " + ("built (CuTe)" if info.get("attention_tc") else
+                                                "not built (no CUTLASS headers): SIMT only"))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     print(f"GPU        {gpu}")
     if info.get("sanitize"):
