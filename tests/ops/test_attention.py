@@ -1,6 +1,7 @@
 """draft_block_attention: agreement with the gather + SDPA reference (ragged blocks, shuffled pages,
 GQA, page sizes, both masks, dtypes, head dims), isolation from other pages, bad input,
-torch.compile, every CPU ISA build, CUDA parity and graph replay."""
+torch.compile, every CPU ISA build, CUDA parity and graph replay, and on CUDA the tensor-core path against
+the reference and the SIMT path (DSPARK_ATTENTION_IMPL=simt|tc forces one)."""
 from __future__ import annotations
 
 import math
@@ -19,6 +20,10 @@ from paged_helpers import TOLERANCES, poisoned_empty, random_blocks, random_prob
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TC_READY = (dspark_ops.build_info().get("attention_tc", False) and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 8)
+needs_tc = pytest.mark.skipif(not TC_READY, reason="needs an sm_80+ GPU and a build with the CUTLASS/CuTe headers "
+                                                   "(tensor-core path; see `dspark info`)")
 
 
 def fresh_seed() -> int:
@@ -420,7 +425,11 @@ def test_cuda_invalid_request_gives_nan_rows_and_check_raises():
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("impl", ["simt", "tc"])
+def test_cuda_graph_capture_and_replay(impl, monkeypatch):
+    if impl == "tc" and not TC_READY:
+        pytest.skip("tensor-core path not available (see `dspark info`)")
+    monkeypatch.setenv("DSPARK_ATTENTION_IMPL", impl)
     gen = torch.Generator().manual_seed(fresh_seed())
     rows, lens = random_blocks(gen, 8, 3000)
     p = _cuda(random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=2, group=4, head_dim=128,
@@ -439,3 +448,101 @@ def test_cuda_graph_capture_and_replay():
         graph.replay()
         eager = dspark_ops.draft_block_attention(*p.args())
         assert torch.equal(out, eager)
+        want = reference.draft_block_attention(*[t.cpu() for t in p.args()])
+        torch.testing.assert_close(out.cpu().float(), want.float(), **TOLERANCES[torch.bfloat16])
+
+
+def _impls(monkeypatch, g, **kwargs):
+    """The op's output with each CUDA path forced."""
+    outs = {}
+    for impl in ("simt", "tc"):
+        monkeypatch.setenv("DSPARK_ATTENTION_IMPL", impl)
+        with poisoned_empty():
+            outs[impl] = dspark_ops.draft_block_attention(*g.args(), **kwargs).cpu()
+    monkeypatch.delenv("DSPARK_ATTENTION_IMPL")
+    return outs
+
+
+def _check_impls(monkeypatch, p, seed, **kwargs):
+    """Both CUDA paths against the reference and against each other (same tolerance: both are within it of
+    the fp32 reference; the tensor-core path also rounds the probabilities to the input type before P.V)."""
+    outs = _impls(monkeypatch, _cuda(p), **kwargs)
+    want = reference.draft_block_attention(*p.args(), **{k: v for k, v in kwargs.items() if k != "max_block_rows"})
+    tol = TOLERANCES[p.q.dtype]
+    for impl, got in outs.items():
+        assert torch.isfinite(got.float()).all(), f"seed {seed}: {impl}: unwritten or non-finite output"
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"seed {seed}: {impl}: {m}")
+    torch.testing.assert_close(outs["tc"].float(), outs["simt"].float(), **tol, msg=lambda m: f"seed {seed}: tc vs simt: {m}")
+
+
+# Each of dtype, GQA group, page size and head dim takes every value at least once (kept small: a few seconds).
+# Blocks of up to 16 rows give 16 G rows: 1, 2 or 4 row tiles per pass for G = 1, 2, 3 (the warps then split
+# each KV tile 4, 2 or 1 ways), and two passes for G = 8.
+TC_CASES = [(torch.bfloat16, 1, 1, 64), (torch.float16, 1, 16, 128), (torch.bfloat16, 2, 16, 128),
+            (torch.float16, 2, 64, 64), (torch.bfloat16, 3, 16, 128), (torch.float16, 3, 64, 64),
+            (torch.bfloat16, 8, 64, 128), (torch.float16, 8, 1, 64), (torch.float16, 3, 1, 128)]
+
+
+@pytest.mark.cuda
+@needs_tc
+@pytest.mark.parametrize("dtype,group,page_size,head_dim", TC_CASES,
+                         ids=[f"{str(c[0])[6:]}-g{c[1]}-p{c[2]}-d{c[3]}" for c in TC_CASES])
+def test_cuda_tensor_core_matches_reference_and_simt(dtype, group, page_size, head_dim, monkeypatch):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    rows, lens = random_blocks(gen, 9, 2000)  # blocks of 0 and 16 rows included
+    p = random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=2, group=group, head_dim=head_dim,
+                       page_size=page_size, dtype=dtype)
+    for causal in (True, False):
+        _check_impls(monkeypatch, p, seed, causal=causal)
+
+
+@pytest.mark.cuda
+@needs_tc
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_tensor_core_tile_edges_passes_and_empty_splits(head_dim, monkeypatch):
+    """Lengths around the 64-position tile, a block of one row (one row tile), blocks whose rows need more than
+    one 64-row pass (max_block_rows raised), and a long page table with short requests (many KV splits, most of
+    them empty for most requests)."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    rows = [1, 16, 5, 0, 16, 40, 33, 2]
+    lens = [63, 64, 65, 7, 129, 40, 5000, 2]
+    p = random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=1, group=4, head_dim=head_dim,
+                       page_size=16, dtype=torch.bfloat16, pad=300)
+    single = random_problem(gen, block_rows=[1], seq_lens=[200], num_kv_heads=1, group=1, head_dim=head_dim,
+                            page_size=16, dtype=torch.float16)
+    for causal in (True, False):
+        _check_impls(monkeypatch, p, seed, causal=causal, max_block_rows=40)
+        _check_impls(monkeypatch, single, seed, causal=causal)
+
+
+@pytest.mark.cuda
+@needs_tc
+def test_cuda_tensor_core_invalid_request_gives_nan_rows(monkeypatch):
+    monkeypatch.setenv("DSPARK_ATTENTION_IMPL", "tc")
+    gen = torch.Generator().manual_seed(fresh_seed())
+    p = _cuda(random_problem(gen, block_rows=[2, 4], seq_lens=[10, 2000], num_kv_heads=2, group=2, head_dim=64,
+                             page_size=4, dtype=torch.bfloat16))
+    table = p.page_table.clone()
+    table[1, 2] = 10_000
+    out = dspark_ops.draft_block_attention(p.q, p.k_cache, p.v_cache, table, p.seq_lens, p.cu_q_lens)
+    assert torch.isnan(out[2:]).all() and torch.isfinite(out[:2]).all()
+    too_long = torch.tensor([10, 100_000], dtype=torch.int32, device="cuda")
+    out = dspark_ops.draft_block_attention(p.q, p.k_cache, p.v_cache, p.page_table, too_long, p.cu_q_lens)
+    assert torch.isnan(out[2:]).all() and torch.isfinite(out[:2]).all()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_impl_selection_errors(monkeypatch):
+    p = _cuda(_base())  # fp32: the tensor-core path does not take it
+    monkeypatch.setenv("DSPARK_ATTENTION_IMPL", "tc")
+    with pytest.raises(RuntimeError, match="DSPARK_ATTENTION_IMPL=tc needs fp16/bf16"):
+        dspark_ops.draft_block_attention(*p.args())
+    monkeypatch.setenv("DSPARK_ATTENTION_IMPL", "fast")
+    with pytest.raises(RuntimeError, match="DSPARK_ATTENTION_IMPL must be auto, simt or tc, got 'fast'"):
+        dspark_ops.draft_block_attention(*p.args())
+    monkeypatch.setenv("DSPARK_ATTENTION_IMPL", "simt")
+    torch.testing.assert_close(dspark_ops.draft_block_attention(*p.args()).cpu(),
+                               reference.draft_block_attention(*_base().args()), **TOLERANCES[torch.float32])
