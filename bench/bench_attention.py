@@ -6,8 +6,9 @@ causal block mask (GQA via enable_gqa), and against a memory floor (one copy
 of the K/V bytes the op must read), all in the same run. Shapes: SmolLM2-135M
 (Hq 9, Hkv 3, D 64) and Qwen3-8B-like (Hq 32, Hkv 8, D 128), B in {1, 8, 32},
 context {512, 4096}, block 8, bf16, page size 16, shuffled pages.
-GPU (when CUDA is available): time and achieved bandwidth (K/V bytes read /
-time) against the device's copy bandwidth, and FlashInfer's
+GPU (when CUDA is available): both CUDA paths (SIMT and tensor-core, forced
+through DSPARK_ATTENTION_IMPL), their time and achieved bandwidth (K/V bytes
+read / time) against the device's copy bandwidth, and FlashInfer's
 BatchPrefillWithPagedKVCacheWrapper on the same shapes if importable.
 
     python bench/bench_attention.py            # full CPU table (about a minute)
@@ -18,6 +19,7 @@ BatchPrefillWithPagedKVCacheWrapper on the same shapes if importable.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -132,6 +134,14 @@ def flashinfer_runner(q, kc, vc, pt, sl, cu, block):
         return f"n/a ({type(e).__name__}: {str(e)[:60]})"
 
 
+def with_impl(impl, fn):
+    """Time-able callable running `fn` with the CUDA path forced (the op reads the variable at each call)."""
+    def run():
+        os.environ["DSPARK_ATTENTION_IMPL"] = impl
+        return fn()
+    return run
+
+
 def gpu_table(cases, repeat, block):
     sync = torch.cuda.synchronize
     big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -139,23 +149,40 @@ def gpu_table(cases, repeat, block):
     t = timeit(lambda: dst.copy_(big), repeat=repeat, sync=sync)
     copy_bw = 2 * big.numel() / t / 1e9  # read + write
     del big, dst
+    tc_built = dspark_ops.build_info().get("attention_tc", False)
     print(f"GPU: {torch.cuda.get_device_name(0)}; device copy bandwidth {copy_bw:.0f} GB/s (read + write); bf16, "
-          f"page size {PAGE_SIZE}, block {block}")
-    print("| model | B | ctx | op us | KV GB/s | % of copy bw | flashinfer us | flashinfer/op |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, B, ctx in cases:
-        Hq, Hkv, D = SHAPES[name]
-        args = make(Hq, Hkv, D, B, ctx, block, device="cuda")
-        t = timeit(lambda: dspark_ops.draft_block_attention(*args), repeat=repeat, sync=sync)
-        gbs = kv_bytes(args[1], B, ctx) / t / 1e9
-        fi = flashinfer_runner(*args, block)
-        if callable(fi):
-            ft = timeit(fi, repeat=repeat, sync=sync)
-            fi_cols = f"{ft * 1e6:.1f} | {ft / t:.2f}"
+          f"page size {PAGE_SIZE}, block {block}; tensor-core path {'built' if tc_built else 'NOT built'}")
+    print("| model | B | ctx | simt us | tc us | simt/tc | tc KV GB/s | tc % of copy bw | simt % of copy bw | "
+          "flashinfer us | flashinfer/tc |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    saved = os.environ.get("DSPARK_ATTENTION_IMPL")
+    try:
+        for name, B, ctx in cases:
+            Hq, Hkv, D = SHAPES[name]
+            args = make(Hq, Hkv, D, B, ctx, block, device="cuda")
+            nbytes = kv_bytes(args[1], B, ctx)
+            op = lambda: dspark_ops.draft_block_attention(*args)
+            simt = timeit(with_impl("simt", op), repeat=repeat, sync=sync)
+            if tc_built:
+                tc = timeit(with_impl("tc", op), repeat=repeat, sync=sync)
+                diff = (with_impl("tc", op)().float() - with_impl("simt", op)().float()).abs().max().item()
+                assert diff < 5e-2, f"tensor-core and SIMT paths disagree ({diff})"
+                tc_cols = f"{tc * 1e6:.1f} | {simt / tc:.2f} | {nbytes / tc / 1e9:.0f} | {100 * nbytes / tc / 1e9 / copy_bw:.0f}%"
+            else:
+                tc, tc_cols = simt, "n/a | - | - | -"
+            fi = flashinfer_runner(*args, block)
+            if callable(fi):
+                ft = timeit(fi, repeat=repeat, sync=sync)
+                fi_cols = f"{ft * 1e6:.1f} | {ft / tc:.2f}"
+            else:
+                fi_cols = f"{fi} | -"
+            print(f"| {name} | {B} | {ctx} | {simt * 1e6:.1f} | {tc_cols} | {100 * nbytes / simt / 1e9 / copy_bw:.0f}% | "
+                  f"{fi_cols} |", flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("DSPARK_ATTENTION_IMPL", None)
         else:
-            fi_cols = f"{fi} | -"
-        print(f"| {name} | {B} | {ctx} | {t * 1e6:.1f} | {gbs:.0f} | {100 * gbs / copy_bw:.0f}% | {fi_cols} |",
-              flush=True)
+            os.environ["DSPARK_ATTENTION_IMPL"] = saved
 
 
 def main():
@@ -178,7 +205,9 @@ def main():
         cases, repeat = [(name, B, ctx) for name in SHAPES for B in (1, 8, 32) for ctx in (512, 4096)], 7
     if args.gpu or torch.cuda.is_available():
         if torch.cuda.is_available():
-            gpu_cases = cases if args.quick else cases + [(name, B, 16384) for name in SHAPES for B in (8, 64)]
+            # --quick adds one large bandwidth-bound case (2 GB of K/V) to the two B = 8, ctx 4096 ones.
+            gpu_cases = (cases + [("qwen3-8b", 32, 16384)] if args.quick
+                         else cases + [(name, B, 16384) for name in SHAPES for B in (8, 64)])
             gpu_table(gpu_cases, 20, args.block)
         else:
             print("no GPU visible")
