@@ -2,6 +2,11 @@
 # One call on a GPU machine: build there (torch + nvcc installed, no internet), run every CUDA
 # test and GPU benchmark, write logs under $OUT (default ./out). Budget: under 8 minutes.
 #   run: bash bench/device_check.sh
+# The tensor-core attention kernel needs the CUTLASS/CuTe headers at build time. That machine has no
+# internet: carry this checkout's copy (27 MB) and point the build at it, e.g. carry
+# .venv/lib/python3.11/site-packages/cutlass_library/source/include and run
+#   DSPARK_CUTLASS_INCLUDE=$PWD/.venv/lib/python3.11/site-packages/cutlass_library/source/include bash bench/device_check.sh
+# Without them the build still succeeds (SIMT path only) and the tc_path line below says so.
 set -uo pipefail
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
@@ -19,6 +24,7 @@ step() {  # step NAME TIMEOUT CMD...: run, log to $OUT/NAME.log, one summary lin
 }
 step build 300 $PY -m pip install --no-build-isolation --no-deps -e .
 step info 30 $PY -m dspark_ops.cli info
+step tc_path 30 $PY -c "import dspark_ops; print('attention tensor-core path built:', dspark_ops.build_info()['attention_tc'])"
 step cuda_tests 240 $PY -m pytest -q -m cuda tests -p no:cacheprovider
 step bench_verify 90 $PY bench/bench_verify.py --gpu --quick
 step bench_attention 90 $PY bench/bench_attention.py --gpu --quick
