@@ -102,6 +102,12 @@ def draft_block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
     Returns:
       out [T, Hq, D] in q's dtype.
+
+    On CUDA, fp16/bf16 with head_dim 64 or 128 on sm_80+ run on tensor cores
+    (when the build found the CUTLASS headers: ``dspark info``), everything
+    else on a SIMT kernel; the environment variable
+    ``DSPARK_ATTENTION_IMPL=simt|tc`` forces one (``tc`` raises where it does
+    not apply).
     """
     check_floating(q, "q")
     _check_cache(k_cache, "k_cache")
