@@ -111,20 +111,29 @@ constexpr size_t smem_bytes() {
   return static_cast<size_t>(kWarps * kRowTile + 2 * kStages * kTileN) * smem_stride<D>() * 2;
 }
 
-// K/V of positions [p0, p0 + kTileN) of request b, head h, into one stage; positions >= stop become zeros.
+// Slots of positions [p0, p0 + kTileN) of request b (-1 from `stop` on), one per thread from `first_thread`:
+// the page lookups (a division each) are done once per position rather than once per 16-byte chunk.
+__device__ __forceinline__ void tile_slots(const PagedLayout& kv, index_t b, index_t p0, index_t stop,
+                                           int first_thread, index_t* slots) {
+  const int j = static_cast<int>(threadIdx.x) - first_thread;
+  if (j < 0 || j >= kTileN) return;
+  const index_t pos = p0 + j;
+  slots[j] = pos < stop ? kv.slot(b, pos) : -1;
+}
+
+// K/V of one tile (head h) into one stage, from its slots; slot -1 becomes zeros.
 template <typename T, int D>
-__device__ __forceinline__ void load_kv_tile(const BlockAttentionProblem& P, index_t b, index_t h, index_t p0,
-                                             index_t stop, T* k_dst, T* v_dst) {
+__device__ __forceinline__ void load_kv_tile(const BlockAttentionProblem& P, index_t h, const index_t* slots,
+                                             T* k_dst, T* v_dst) {
   constexpr int kStride = smem_stride<D>(), kChunks = D / 8;  // 16-byte chunks per position
   const T* kc = static_cast<const T*>(P.k_cache);
   const T* vc = static_cast<const T*>(P.v_cache);
   for (int e = threadIdx.x; e < kTileN * kChunks; e += blockDim.x) {
     const int j = e / kChunks, c = (e % kChunks) * 8;
-    const index_t pos = p0 + j;
-    const bool in = pos < stop;
-    const index_t off = in ? (P.kv.slot(b, pos) * P.kv.num_kv_heads + h) * D + c : 0;
-    cp_async16(k_dst + j * kStride + c, kc + off, in);
-    cp_async16(v_dst + j * kStride + c, vc + off, in);
+    const index_t slot = slots[j];
+    const index_t off = slot >= 0 ? (slot * P.kv.num_kv_heads + h) * D + c : 0;
+    cp_async16(k_dst + j * kStride + c, kc + off, slot >= 0);
+    cp_async16(v_dst + j * kStride + c, vc + off, slot >= 0);
   }
 }
 
@@ -142,6 +151,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   // After a pass's last tile the K/V stages hold the merge of the warps' partial results.
   float* merge_o = reinterpret_cast<float*>(k_s);        // [kWarps][kRowTile][D]
   float* merge_ml = merge_o + kWarps * kRowTile * D;     // [kWarps][kRowTile][2]
+  __shared__ index_t slot_s[kStages][kTileN];            // slots of the tiles whose loads are issued next
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -165,17 +175,18 @@ __global__ void __launch_bounds__(kWarps * 32)
     const index_t pass_end =
         range.bad ? range.begin : min(range.end, P.last_visible(range.len, range.n, pass_last_row / G) + 1);
     const index_t kv_tiles = pass_end > range.begin ? (pass_end - range.begin + kTileN - 1) / kTileN : 0;
-    if (kv_tiles > 0) load_kv_tile<T, D>(P, b, h, range.begin, pass_end, k_s, v_s);
-    cute::cp_async_fence();
+    tile_slots(P.kv, b, range.begin, pass_end, 0, slot_s[0]);
+    if (kv_tiles > 1) tile_slots(P.kv, b, range.begin + kTileN, pass_end, kTileN, slot_s[1]);
 
-    // Query rows of this pass (zeros past R), element-wise: q may have any strides.
-    for (int e = threadIdx.x; e < rows_per_pass * D; e += blockDim.x) {
-      const int r = e / D, d = e % D;
+    // Query rows of this pass (zeros past R), one warp per row: q may have any strides.
+    for (int r = warp; r < rows_per_pass; r += kWarps) {
       const index_t row = pass0 + r;
-      q_s[r * kStride + d] =
-          row < R ? q[(range.row0 + row / G) * P.q_stride_t + (h * G + row % G) * P.q_stride_h + d] : T{0};
+      const T* src = row < R ? q + (range.row0 + row / G) * P.q_stride_t + (h * G + row % G) * P.q_stride_h : nullptr;
+      for (int d = lane; d < D; d += 32) q_s[r * kStride + d] = src != nullptr ? src[d] : T{0};
     }
     __syncthreads();
+    if (kv_tiles > 0) load_kv_tile<T, D>(P, h, slot_s[0], k_s, v_s);
+    cute::cp_async_fence();
     uint32_t qa[kKSteps][4];  // A fragments of this warp's 16 rows
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks)
@@ -191,16 +202,15 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int dt = 0; dt < kDTiles; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
 
     for (index_t it = 0; it < kv_tiles; ++it) {
-      if (it + 1 < kv_tiles) {
-        const int next = static_cast<int>((it + 1) % kStages);
-        load_kv_tile<T, D>(P, b, h, range.begin + (it + 1) * kTileN, pass_end, k_s + next * kTileN * kStride,
-                           v_s + next * kTileN * kStride);
-      }
+      const int cur = static_cast<int>(it % kStages), next = static_cast<int>((it + 1) % kStages);
+      if (it + 1 < kv_tiles)
+        load_kv_tile<T, D>(P, h, slot_s[next], k_s + next * kTileN * kStride, v_s + next * kTileN * kStride);
       cute::cp_async_fence();
       cute::cp_async_wait<1>();  // this tile's group has landed (the next one may be in flight)
-      __syncthreads();
-      const T* kt = k_s + (it % kStages) * kTileN * kStride;
-      const T* vt = v_s + (it % kStages) * kTileN * kStride;
+      __syncthreads();           // ... for every thread; and every thread has issued the loads that read slot_s
+      if (it + 2 < kv_tiles) tile_slots(P.kv, b, range.begin + (it + 2) * kTileN, pass_end, 0, slot_s[cur]);
+      const T* kt = k_s + cur * kTileN * kStride;
+      const T* vt = v_s + cur * kTileN * kStride;
 
       // S = Q K^T over this warp's slice: n8 tiles j cover positions slice0 + 8j .. + 7.
       float s[kMaxSliceTiles][4];
@@ -279,7 +289,7 @@ __global__ void __launch_bounds__(kWarps * 32)
           mma<T>(o[2 * dd + 1], pa, vb[2], vb[3]);
         }
       }
-      __syncthreads();  // the next iteration's loads overwrite this stage
+      __syncthreads();  // the next iteration's loads overwrite this stage; its slots (tile it + 2) are visible
     }
     cute::cp_async_wait<0>();  // only empty groups can still be pending
     l_a = quad_sum(l_a);
