@@ -353,8 +353,9 @@ void block_attention_cuda_launch(const BlockAttentionProblem& P, const at::Tenso
   const bool tc = tensor_core_fits(P);
   TORCH_CHECK(impl != Impl::tensor_core || tc,
               "draft_block_attention: DSPARK_ATTENTION_IMPL=tc needs fp16/bf16, head_dim 64 or 128, a GPU of compute "
-              "capability 8.0 or newer and a build with the CUTLASS/CuTe headers (dspark info); got dtype code ",
-              static_cast<int>(P.dtype), ", head_dim ", P.kv.head_dim);
+              "capability 8.0 or newer and a build with the CUTLASS/CuTe headers (dspark info); got ",
+              P.dtype == FloatCode::f32 ? "float32" : P.dtype == FloatCode::bf16 ? "bfloat16" : "float16",
+              ", head_dim ", P.kv.head_dim);
   if (P.num_tokens == 0 || P.kv.batch == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 #if defined(DSPARK_WITH_CUTE)
