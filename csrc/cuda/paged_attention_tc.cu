@@ -10,12 +10,13 @@
 // tile is read from global memory once per block.
 //
 // Work per CTA (4 warps): the R rows are cut into 16-row MMA tiles, up to 4 per
-// pass (R > 64, possible only with max_block_rows raised, takes more passes).
+// pass (R > 64, i.e. G = 8 with n_b > 8 or longer blocks, takes more passes,
+// each reading the split's K/V again).
 // KV tiles of 64 positions are gathered from their pages into shared memory
 // with cp.async, two stages deep so the next tile's loads overlap this tile's
 // math. Warp w takes row tile w % row_tiles and a 64 / kv_groups-position slice
-// of every KV tile (kv_groups = 4 / row_tiles), so all warps issue MMAs even
-// for one row tile. Per slice: S = Q K^T with m16n8k16 MMAs (fp32
+// of every KV tile (row_tiles = 1, 2 or 4 from the request's R, kv_groups =
+// 4 / row_tiles), so all warps do useful MMAs even for a one-row block. Per slice: S = Q K^T with m16n8k16 MMAs (fp32
 // accumulators; Q fragments stay in registers for the pass), mask, online
 // softmax in fp32 registers, P rounded to the input type and O += P V with
 // the S accumulators reused directly as the A operand. At the end of a pass
@@ -35,8 +36,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <algorithm>
 
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
@@ -139,7 +138,7 @@ __device__ __forceinline__ void load_kv_tile(const BlockAttentionProblem& P, ind
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32)
-    block_attention_tc_kernel(BlockAttentionProblem P, SplitWorkspace ws, int row_tiles) {
+    block_attention_tc_kernel(BlockAttentionProblem P, SplitWorkspace ws) {
   constexpr int kStride = smem_stride<D>();
   constexpr int kKSteps = D / 16;  // k16 steps of Q K^T
   constexpr int kDTiles = D / 8;   // n8 tiles of O
@@ -155,16 +154,19 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int kv_groups = kWarps / row_tiles;
-  const int wr = warp % row_tiles, wk = warp / row_tiles;  // this warp's row tile and KV slice
-  const int slice = kTileN / kv_groups;                     // 16, 32 or 64 positions
-  const int slice_tiles = slice / 8, slice0 = wk * slice;
 
   const index_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, splits = gridDim.x;
   const index_t G = P.group(), Hq = P.num_q_heads;
   const SplitRange range = split_range(P, b, split, splits, kTileN);
   if (range.n == 0) return;
   const index_t R = range.n * G;
+  // Row tiles per pass from this request's rows: a short block (e.g. one decode row) leaves the warps
+  // free to split every KV tile between them instead of idling.
+  const int row_tiles = R <= kRowTile ? 1 : R <= 2 * kRowTile ? 2 : kWarps;
+  const int kv_groups = kWarps / row_tiles;
+  const int wr = warp % row_tiles, wk = warp / row_tiles;  // this warp's row tile and KV slice
+  const int slice = kTileN / kv_groups;                     // 16, 32 or 64 positions
+  const int slice_tiles = slice / 8, slice0 = wk * slice;
   const T* q = static_cast<const T*>(P.q);
   const int rows_per_pass = row_tiles * kRowTile;
 
@@ -385,9 +387,6 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 template <typename T, int D>
 void launch(const BlockAttentionProblem& P, const at::Tensor& like, cudaStream_t stream) {
-  // Row tiles per pass from the longest block the call allows (host-known: no device data is read).
-  const index_t max_rows = std::min<index_t>(P.max_block_rows, P.num_tokens) * P.group();
-  const int row_tiles = max_rows <= kRowTile ? 1 : max_rows <= 2 * kRowTile ? 2 : kWarps;
   constexpr size_t smem = smem_bytes<D>();
   static_assert(kWarps * kRowTile * (D + 2) * sizeof(float) <= 2 * kStages * kTileN * smem_stride<D>() * 2,
                 "the merge area must fit in the K/V stages");
@@ -398,7 +397,7 @@ void launch(const BlockAttentionProblem& P, const at::Tensor& like, cudaStream_t
   at::Tensor workspace;
   const SplitWorkspace ws = make_split_workspace(P, splits, like, &workspace);
   const dim3 grid(splits, static_cast<unsigned>(P.kv.num_kv_heads), static_cast<unsigned>(P.kv.batch));
-  kernel<<<grid, kWarps * 32, smem, stream>>>(P, ws, row_tiles);
+  kernel<<<grid, kWarps * 32, smem, stream>>>(P, ws);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) combine_splits(P, ws, splits, stream);
 }

@@ -476,8 +476,9 @@ def _check_impls(monkeypatch, p, seed, **kwargs):
 
 
 # Each of dtype, GQA group, page size and head dim takes every value at least once (kept small: a few seconds).
-# Blocks of up to 16 rows give 16 G rows: 1, 2 or 4 row tiles per pass for G = 1, 2, 3 (the warps then split
-# each KV tile 4, 2 or 1 ways), and two passes for G = 8.
+# A request's n_b G rows take 1, 2 or 4 row tiles per pass (R <= 16, <= 32, more; the 4 warps then split each
+# KV tile 4, 2 or 1 ways) and more than one pass past 64 rows (G = 8, n_b > 8): random blocks of 0..16 rows
+# with these groups cover every arrangement.
 TC_CASES = [(torch.bfloat16, 1, 1, 64), (torch.float16, 1, 16, 128), (torch.bfloat16, 2, 16, 128),
             (torch.float16, 2, 64, 64), (torch.bfloat16, 3, 16, 128), (torch.float16, 3, 64, 64),
             (torch.bfloat16, 8, 64, 128), (torch.float16, 8, 1, 64), (torch.float16, 3, 1, 128)]
