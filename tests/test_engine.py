@@ -52,10 +52,19 @@ def drafters(target, seed):
         "self_copy": build_drafter_from_target(target, num_layers=2, block_size=6),
         "dflash_random": random_drafter(target, seed, rank=0, confidence=False),
         "dspark_random": random_drafter(target, seed, rank=8, confidence=True),
+        "dspark_bf16_valued": bf16_valued(random_drafter(target, seed + 1, rank=8, confidence=True)),
     }
 
 
-@pytest.mark.parametrize("kind", ["none", "self_copy", "dflash_random", "dspark_random"])
+def bf16_valued(drafter: DSparkDrafter) -> DSparkDrafter:
+    """The drafter with every weight rounded to a bfloat16 value (as when loaded from a bf16 checkpoint)."""
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return drafter
+
+
+@pytest.mark.parametrize("kind", ["none", "self_copy", "dflash_random", "dspark_random", "dspark_bf16_valued"])
 def test_greedy_equals_target_greedy_batch1(kind):
     seed = fresh_seed()
     target = tiny_target(seed)
@@ -66,6 +75,10 @@ def test_greedy_equals_target_greedy_batch1(kind):
     out = engine.generate([prompt], max_new_tokens=24)[0]
     assert out == plain_greedy(target, prompt, 24), f"seed {seed}"
     assert engine.target_cache.num_free_pages == engine.target_cache.num_pages
+    if kind == "dspark_bf16_valued":   # bf16-valued weights are kept (exactly) in bf16: half the bytes to stream
+        assert all(w.dtype == torch.bfloat16 for w in engine._markov_weights)
+    elif kind == "dspark_random":
+        assert all(w.dtype == torch.float32 for w in engine._markov_weights)
 
 
 @pytest.mark.parametrize("scheduler", ["fixed", "sync", "async"])

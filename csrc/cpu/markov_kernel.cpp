@@ -120,16 +120,6 @@ float confidence_of(const MarkovProblem& P, index_t b, index_t k) {
 }
 
 template <typename W>
-float confidence_dispatch(const MarkovProblem& P, index_t b, index_t k) {
-  switch (P.hidden_dtype) {
-    case FloatCode::f32: return confidence_of<float, W>(P, b, k);
-    case FloatCode::bf16: return confidence_of<bf16_bits, W>(P, b, k);
-    case FloatCode::f16: return confidence_of<fp16_bits, W>(P, b, k);
-  }
-  return 0.0f;
-}
-
-template <typename W>
 void sample_row(const MarkovProblem& P, index_t b, index_t k) {
   const index_t V = P.vocab;
   if (P.row_error[b] != kRowOk) return;
@@ -139,7 +129,9 @@ void sample_row(const MarkovProblem& P, index_t b, index_t k) {
     P.row_error[b] = kRowNonFiniteLogits;
     return;
   }
-  if (P.confidence != nullptr) P.confidence[b * P.steps + k] = confidence_dispatch<W>(P, b, k);
+  if (P.confidence != nullptr)
+    with_float_type(P.hidden_dtype,
+                    [&](auto h) { P.confidence[b * P.steps + k] = confidence_of<decltype(h), W>(P, b, k); });
   float* q = P.probs == nullptr ? nullptr : P.probs + (b * P.steps + k) * V;
   const float temperature = P.temperature[b];
   index_t token;
@@ -164,18 +156,10 @@ void sample_row(const MarkovProblem& P, index_t b, index_t k) {
 // Step k, vocabulary tiles [tile_begin, tile_end) of kCols columns (the last
 // tile may be partial); `rows` is scratch for B indices.
 void markov_logits(const MarkovProblem& P, index_t k, index_t tile_begin, index_t tile_end, index_t* rows) {
-#define DSPARK_W_CASES(L)                                                              \
-  switch (P.w_dtype) {                                                                 \
-    case FloatCode::f32: return logits_typed<L, float>(P, k, tile_begin, tile_end, rows);     \
-    case FloatCode::bf16: return logits_typed<L, bf16_bits>(P, k, tile_begin, tile_end, rows); \
-    case FloatCode::f16: return logits_typed<L, fp16_bits>(P, k, tile_begin, tile_end, rows);  \
-  }
-  switch (P.logits_dtype) {
-    case FloatCode::f32: DSPARK_W_CASES(float) break;
-    case FloatCode::bf16: DSPARK_W_CASES(bf16_bits) break;
-    case FloatCode::f16: DSPARK_W_CASES(fp16_bits) break;
-  }
-#undef DSPARK_W_CASES
+  with_float_type(P.logits_dtype, [&](auto l) {
+    with_float_type(P.w_dtype,
+                    [&](auto w) { logits_typed<decltype(l), decltype(w)>(P, k, tile_begin, tile_end, rows); });
+  });
 }
 
 index_t markov_tiles(index_t vocab) { return (vocab + kCols - 1) / kCols; }
@@ -183,11 +167,7 @@ index_t markov_tiles(index_t vocab) { return (vocab + kCols - 1) / kCols; }
 // Step k for rows [begin, end): token, draft_probs row, confidence.
 void markov_rows(const MarkovProblem& P, index_t k, index_t begin, index_t end) {
   for (index_t b = begin; b < end; ++b) {
-    switch (P.w_dtype) {
-      case FloatCode::f32: sample_row<float>(P, b, k); break;
-      case FloatCode::bf16: sample_row<bf16_bits>(P, b, k); break;
-      case FloatCode::f16: sample_row<fp16_bits>(P, b, k); break;
-    }
+    with_float_type(P.w_dtype, [&](auto w) { sample_row<decltype(w)>(P, b, k); });
   }
 }
 

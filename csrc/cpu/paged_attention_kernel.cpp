@@ -231,20 +231,12 @@ void combine_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t 
 // otherwise partial is null and the item writes them.
 void block_attention_item(const BlockAttentionProblem& P, index_t b, index_t h, index_t chunk, index_t split,
                           float* scratch, float* partial) {
-  switch (P.dtype) {
-    case FloatCode::f32: attention_item<float>(P, b, h, chunk, split, scratch, partial); break;
-    case FloatCode::bf16: attention_item<bf16_bits>(P, b, h, chunk, split, scratch, partial); break;
-    case FloatCode::f16: attention_item<fp16_bits>(P, b, h, chunk, split, scratch, partial); break;
-  }
+  with_float_type(P.dtype, [&](auto t) { attention_item<decltype(t)>(P, b, h, chunk, split, scratch, partial); });
 }
 
 // Output rows of (request b, kv head h, row chunk `chunk`) from its splits' consecutive states.
 void block_attention_combine(const BlockAttentionProblem& P, index_t b, index_t h, index_t chunk, float* partials) {
-  switch (P.dtype) {
-    case FloatCode::f32: combine_item<float>(P, b, h, chunk, partials); break;
-    case FloatCode::bf16: combine_item<bf16_bits>(P, b, h, chunk, partials); break;
-    case FloatCode::f16: combine_item<fp16_bits>(P, b, h, chunk, partials); break;
-  }
+  with_float_type(P.dtype, [&](auto t) { combine_item<decltype(t)>(P, b, h, chunk, partials); });
 }
 
 }  // namespace dspark::cpu::DSPARK_ISA

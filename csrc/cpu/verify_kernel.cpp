@@ -143,11 +143,7 @@ void verify_row(const VerifyProblem& P, index_t b, float* e) {
 template <typename L>
 void verify_rows_typed(const VerifyProblem& P, index_t begin, index_t end, float* scratch) {
   for (index_t b = begin; b < end; ++b) {
-    switch (P.draft_probs_dtype) {
-      case FloatCode::f32: verify_row<L, float>(P, b, scratch); break;
-      case FloatCode::bf16: verify_row<L, bf16_bits>(P, b, scratch); break;
-      case FloatCode::f16: verify_row<L, fp16_bits>(P, b, scratch); break;
-    }
+    with_float_type(P.draft_probs_dtype, [&](auto q) { verify_row<L, decltype(q)>(P, b, scratch); });
   }
 }
 
@@ -155,11 +151,7 @@ void verify_rows_typed(const VerifyProblem& P, index_t begin, index_t end, float
 
 // Rows [begin, end); `scratch` holds 2 V floats.
 void verify_rows(const VerifyProblem& P, index_t begin, index_t end, float* scratch) {
-  switch (P.logits_dtype) {
-    case FloatCode::f32: verify_rows_typed<float>(P, begin, end, scratch); break;
-    case FloatCode::bf16: verify_rows_typed<bf16_bits>(P, begin, end, scratch); break;
-    case FloatCode::f16: verify_rows_typed<fp16_bits>(P, begin, end, scratch); break;
-  }
+  with_float_type(P.logits_dtype, [&](auto l) { verify_rows_typed<decltype(l)>(P, begin, end, scratch); });
 }
 
 }  // namespace dspark::cpu::DSPARK_ISA

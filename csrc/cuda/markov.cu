@@ -73,11 +73,7 @@ __global__ void __launch_bounds__(kThreads) markov_kernel(MarkovProblem P) {
     const float max = Ops::max(mx, sh.ops);
 
     if (P.confidence != nullptr) {
-      switch (P.hidden_dtype) {
-        case FloatCode::f32: confidence_step<float, W>(P, b, k, w1_row, sh); break;
-        case FloatCode::bf16: confidence_step<bf16_bits, W>(P, b, k, w1_row, sh); break;
-        case FloatCode::f16: confidence_step<fp16_bits, W>(P, b, k, w1_row, sh); break;
-      }
+      with_float_type(P.hidden_dtype, [&](auto h) { confidence_step<decltype(h), W>(P, b, k, w1_row, sh); });
     }
     float* q = P.probs == nullptr ? nullptr : P.probs + (b * G + k) * V;
     index_t token;
@@ -108,26 +104,15 @@ __global__ void __launch_bounds__(kThreads) markov_kernel(MarkovProblem P) {
   }
 }
 
-template <typename L>
-void launch_typed(const MarkovProblem& P, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(P.batch));
-  switch (P.w_dtype) {
-    case FloatCode::f32: markov_kernel<L, float><<<grid, kThreads, 0, stream>>>(P); break;
-    case FloatCode::bf16: markov_kernel<L, bf16_bits><<<grid, kThreads, 0, stream>>>(P); break;
-    case FloatCode::f16: markov_kernel<L, fp16_bits><<<grid, kThreads, 0, stream>>>(P); break;
-  }
-}
-
 }  // namespace
 
 void markov_cuda_launch(const MarkovProblem& P) {
   if (P.batch == 0 || P.steps == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  switch (P.logits_dtype) {
-    case FloatCode::f32: launch_typed<float>(P, stream); break;
-    case FloatCode::bf16: launch_typed<bf16_bits>(P, stream); break;
-    case FloatCode::f16: launch_typed<fp16_bits>(P, stream); break;
-  }
+  const dim3 grid(static_cast<unsigned>(P.batch));
+  with_float_type(P.logits_dtype, [&](auto l) {
+    with_float_type(P.w_dtype, [&](auto w) { markov_kernel<decltype(l), decltype(w)><<<grid, kThreads, 0, stream>>>(P); });
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -181,26 +181,15 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyProblem P) {
   }
 }
 
-template <typename L>
-void launch_typed(const VerifyProblem& P, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(P.batch));
-  switch (P.draft_probs_dtype) {
-    case FloatCode::f32: verify_kernel<L, float><<<grid, kThreads, 0, stream>>>(P); break;
-    case FloatCode::bf16: verify_kernel<L, bf16_bits><<<grid, kThreads, 0, stream>>>(P); break;
-    case FloatCode::f16: verify_kernel<L, fp16_bits><<<grid, kThreads, 0, stream>>>(P); break;
-  }
-}
-
 }  // namespace
 
 void verify_cuda_launch(const VerifyProblem& P) {
   if (P.batch == 0) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  switch (P.logits_dtype) {
-    case FloatCode::f32: launch_typed<float>(P, stream); break;
-    case FloatCode::bf16: launch_typed<bf16_bits>(P, stream); break;
-    case FloatCode::f16: launch_typed<fp16_bits>(P, stream); break;
-  }
+  const dim3 grid(static_cast<unsigned>(P.batch));
+  with_float_type(P.logits_dtype, [&](auto l) {
+    with_float_type(P.draft_probs_dtype, [&](auto q) { verify_kernel<decltype(l), decltype(q)><<<grid, kThreads, 0, stream>>>(P); });
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

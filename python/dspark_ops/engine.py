@@ -139,6 +139,14 @@ def _grow(counts: list[int], n: int) -> None:
     counts.extend([0] * (n - len(counts)))
 
 
+def storage_dtype(w: torch.Tensor) -> torch.dtype:
+    """bfloat16 when every value of fp32 ``w`` is a bfloat16 number (a drafter loaded from a bf16 checkpoint),
+    else w's dtype: the kernels widen bf16 to fp32 exactly, so the results are bit-identical for half the bytes."""
+    if w.dtype == torch.float32 and torch.equal(w.detach().to(torch.bfloat16).float(), w.detach()):
+        return torch.bfloat16
+    return w.dtype
+
+
 def pack_linear_layers(model: torch.nn.Module) -> None:
     """Route ``model``'s projections through ``dspark_ops.linear`` on weights packed once (CPU).
 
@@ -148,13 +156,16 @@ def pack_linear_layers(model: torch.nn.Module) -> None:
     """
     from .linear import MAX_ROWS, linear, linear_silu_mul, pack_linear_weight
 
-    gate_up = {id(p): pack_linear_weight(p.detach(), gate_up=True) for name, p in model.named_parameters()
+    def pack(w, gate_up=False):
+        return pack_linear_weight(w.detach(), storage_dtype(w), gate_up=gate_up)
+
+    gate_up = {id(p): pack(p, gate_up=True) for name, p in model.named_parameters()
                if name.endswith("gate_up_proj.weight")}
-    packed = {id(p): pack_linear_weight(p.detach()) for name, p in model.named_parameters()
+    packed = {id(p): pack(p) for name, p in model.named_parameters()
               if p.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name and id(p) not in gate_up}
     if hasattr(model, "lm_head_weight"):
         w = model.lm_head_weight
-        packed.setdefault(id(w), pack_linear_weight(w.detach()))
+        packed.setdefault(id(w), pack(w))
 
     def small_block(x):  # tall inputs (long prompts) are what MKL's matmul is good at, on the original weight
         return x.dtype == torch.float32 and x.numel() <= MAX_ROWS * x.shape[-1]
@@ -233,6 +244,11 @@ class SpeculativeEngine:
             pack_linear_layers(target)
             if drafter is not None:
                 pack_linear_layers(drafter)
+        if drafter is not None:   # markov_sample reads W2 once per block position: keep it as narrow as is exact
+            V = target.config.vocab_size
+            markov = drafter.markov_weights()
+            markov = markov if markov is not None else (torch.zeros(V, 0), torch.zeros(0, V))
+            self._markov_weights = tuple(w.detach().to(self.device, storage_dtype(w)) for w in markov)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.finished: dict[int, Request] = {}
@@ -427,9 +443,7 @@ class SpeculativeEngine:
                                  seq_lens=self.drafter_cache.seq_lens(ids), cu_q_lens=cu, causal=False)
         block = self.drafter.draft_block(anchors, starts, kv=backend)
         self.drafter_cache.rollback(ids, [0] * R)  # the block was scratch: back to the context
-        markov = self.drafter.markov_weights()
-        V = self.target.config.vocab_size
-        w1, w2 = markov if markov is not None else (block.logits.new_zeros(V, 0), block.logits.new_zeros(0, V))
+        w1, w2 = self._markov_weights
         conf = self.drafter.confidence_weights()
         kwargs = {}
         if conf is not None:

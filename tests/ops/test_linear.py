@@ -133,6 +133,19 @@ def test_thread_count_does_not_change_the_result():
     assert torch.equal(one, many)
 
 
+@pytest.mark.parametrize("gate_up", [False, True])
+def test_bf16_storage_of_bf16_valued_weights_is_bit_identical(gate_up):
+    """The engine stores bf16-valued fp32 weights (bf16 checkpoints) as bf16: the kernel must widen them exactly."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    w = torch.randn(2 * 150, 300, generator=gen).to(torch.bfloat16).float()
+    op = dspark_ops.linear_silu_mul if gate_up else dspark_ops.linear
+    for M in (1, 7, 16, 40):
+        x = torch.randn(M, 300, generator=gen)
+        as_fp32 = op(x, dspark_ops.pack_linear_weight(w, torch.float32, gate_up=gate_up))
+        as_bf16 = op(x, dspark_ops.pack_linear_weight(w, torch.bfloat16, gate_up=gate_up))
+        assert torch.equal(as_fp32, as_bf16), M
+
+
 def test_nan_and_inf_propagate_like_matmul():
     gen = torch.Generator().manual_seed(fresh_seed())
     w = torch.randn(50, 20, generator=gen)

@@ -76,6 +76,23 @@ def test_return_flags_and_determinism():
     assert not torch.equal(t1, t3)  # a new offset is a new stream (V = 40, 12 tokens: a tie has odds ~1e-8)
 
 
+def test_bf16_weights_of_bf16_values_give_identical_results():
+    """fp32 logits with bf16 W1/W2 holding the same values as fp32 ones: bit-identical drafts, probs and
+    confidences (the engine keeps a bf16 checkpoint's Markov head in bf16 for half the W2 traffic)."""
+    gen = torch.Generator().manual_seed(_seed())
+    B, G, V, r, H = 3, 6, 300, 8, 16
+    U, anchor, w1, w2, hidden = _problem(gen, B, G, V, r, H)
+    w1, w2 = w1.to(torch.bfloat16), w2.to(torch.bfloat16)
+    cw, cb = torch.randn(H + r, generator=gen), torch.randn((), generator=gen)
+    seed = torch.randint(0, 2**62, (B,), generator=gen)
+    for T in (0.0, 0.8):
+        kw = dict(temperature=T, seed=seed, hidden=hidden, conf_weight=cw, conf_bias=cb)
+        narrow = dspark_ops.markov_sample(U, anchor, w1, w2, **kw)
+        wide = dspark_ops.markov_sample(U, anchor, w1.float(), w2.float(), **kw)
+        for a, b in zip(narrow, wide):
+            assert torch.equal(a, b), T
+
+
 def test_joint_distribution_chi_square():
     """The empirical law of (x1, x2) and of (x2, x3) over seeded rows equals the Markov-conditioned softmaxes."""
     gen = torch.Generator().manual_seed(_seed())

@@ -64,6 +64,20 @@ DSPARK_HD uint64_t mass_of(float e) {  // e in [0, 1]
 struct bf16_bits { uint16_t x; };
 struct fp16_bits { uint16_t x; };
 
+// Calls f(T{}) with T the storage type `code` names (float, bf16_bits or fp16_bits): the one place that
+// turns a runtime dtype into a template argument, for the CPU and CUDA kernels alike.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename F>
+DSPARK_HD void with_float_type(FloatCode code, F&& f) {
+  switch (code) {
+    case FloatCode::f32: f(float{}); break;
+    case FloatCode::bf16: f(bf16_bits{}); break;
+    case FloatCode::f16: f(fp16_bits{}); break;
+  }
+}
+
 DSPARK_HD float to_float(float v) { return v; }
 DSPARK_HD float to_float(bf16_bits v) { return bits_float(static_cast<uint32_t>(v.x) << 16); }
 DSPARK_HD float to_float(fp16_bits v) {
