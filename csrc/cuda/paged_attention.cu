@@ -338,11 +338,7 @@ SplitWorkspace make_split_workspace(const BlockAttentionProblem& P, int splits, 
 }
 
 void combine_splits(const BlockAttentionProblem& P, const SplitWorkspace& ws, int splits, cudaStream_t stream) {
-  switch (P.dtype) {
-    case FloatCode::f32: launch_combine_dim<float>(P, ws, splits, stream); break;
-    case FloatCode::bf16: launch_combine_dim<bf16_bits>(P, ws, splits, stream); break;
-    case FloatCode::f16: launch_combine_dim<fp16_bits>(P, ws, splits, stream); break;
-  }
+  with_float_type(P.dtype, [&](auto t) { launch_combine_dim<decltype(t)>(P, ws, splits, stream); });
 }
 
 void block_attention_cuda_launch(const BlockAttentionProblem& P, const at::Tensor& like) {
@@ -364,11 +360,7 @@ void block_attention_cuda_launch(const BlockAttentionProblem& P, const at::Tenso
     return;
   }
 #endif
-  switch (P.dtype) {
-    case FloatCode::f32: launch_dim<float>(P, like, stream); break;
-    case FloatCode::bf16: launch_dim<bf16_bits>(P, like, stream); break;
-    case FloatCode::f16: launch_dim<fp16_bits>(P, like, stream); break;
-  }
+  with_float_type(P.dtype, [&](auto t) { launch_dim<decltype(t)>(P, like, stream); });
 }
 
 }  // namespace dspark
