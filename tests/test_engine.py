@@ -90,7 +90,7 @@ def test_greedy_batch8_with_requests_joining_midway(scheduler):
     while engine.has_work:
         engine.step()
         for req in engine.running:  # cache invariant: K/V for every consumed token, nothing more
-            assert engine.target_cache.length(req.id) == req.context_len == len(req.prompt) + len(req.output) - 1
+            assert engine.context_length(req.id) == len(req.prompt) + len(req.output) - 1
     for i, rid in enumerate(ids):
         assert engine.finished[rid].output == plain_greedy(target, prompts[i], budgets[i]), f"seed {seed}, request {i}"
     assert engine.target_cache.num_free_pages == engine.target_cache.num_pages
