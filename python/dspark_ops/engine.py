@@ -387,17 +387,20 @@ class SpeculativeEngine:
             async_conf=self.block_size if scheduler == "async" else 0,
             eagle_hidden=drafter.config.backbone.hidden_size if self.eagle else 0,
             dtype=target.dtype if drafter is None else drafter.dtype, device=self.device)
-        self._pad_pages = (None, None)
+        self._pad_pages = self._reserve_pad_pages() if cuda_graphs else (None, None)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if cuda_graphs:
-            pads = []
-            for cache in (self.target_cache, self.drafter_cache):
-                if cache is not None:
-                    cache.reserve(_PAD_REQUEST, self._step_rows)
-                pads.append(None if cache is None else cache.page_table([_PAD_REQUEST], width=pages_per_request)[0])
-            self._pad_pages = tuple(pads)
-            self._graph_pool = torch.cuda.graph_pool_handle()
+        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.slots.freeze(0, *self._pad_pages)
+
+    def _reserve_pad_pages(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """KV pages for the padding slots of a graph bucket (page-table rows of the target and drafter caches)."""
+        rows = []
+        for cache in (self.target_cache, self.drafter_cache):
+            if cache is not None:
+                cache.reserve(_PAD_REQUEST, self._step_rows)
+            rows.append(None if cache is None else
+                        cache.page_table([_PAD_REQUEST], width=self.slots.target_pages.shape[1])[0])
+        return tuple(rows)
 
     # ---- requests ----------------------------------------------------------------------------------------------
 
@@ -718,7 +721,7 @@ class SpeculativeEngine:
             event = torch.cuda.Event()
             event.record()
         else:
-            host = packed.cpu()
+            host = packed.to("cpu", copy=True)   # a graph's output buffer is overwritten by its next replay
         self._pending.append(_Pending(requests, host, event, decode))
 
     def _collect(self, keep: int, new: dict[int, list[int]]) -> None:
