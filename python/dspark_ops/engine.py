@@ -320,7 +320,7 @@ class SpeculativeEngine:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         self.eagle = isinstance(drafter, Eagle3Drafter)
-        conf = drafter.confidence_weights() if isinstance(drafter, DSparkDrafter) else None
+        conf = None if drafter is None else drafter.confidence_weights()
         if scheduler != "fixed" and conf is None:
             raise ValueError(f"scheduler={scheduler!r} needs a drafter with a confidence head")
         if max_batch < 1 or max_tokens < 1:
