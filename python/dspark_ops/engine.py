@@ -295,8 +295,9 @@ class SpeculativeEngine:
         early stop) or "async" (capacity from confidences two steps old, then the
         top fresh survivals). The confidence schedulers need a DSpark confidence head.
       max_batch: running requests at most; more wait in a queue.
-      max_tokens: KV capacity (tokens) of the target cache, shared by all requests;
-        a request reserves prompt + max_new_tokens + block_size + 1 of them when it joins.
+      max_tokens: KV capacity (tokens) of the target cache, shared by all requests; a request
+        reserves its whole lifetime (prompt + max_new_tokens + one block) when it joins, so the
+        decode loop never allocates.
       page_size: tokens per KV page.
       sps_table: steps/s of a verify batch of B tokens (index B); profiled at start when None
         and a confidence scheduler is used.
@@ -488,9 +489,9 @@ class SpeculativeEngine:
         the new requests take the slots after the running ones."""
         t0 = time.perf_counter()
         dev, width = self.device, self.slots.target_pages.shape[1]
-        ids = torch.tensor([t for r in batch for t in r.prompt], dtype=torch.long).to(dev)
+        ids = _to_device([t for r in batch for t in r.prompt], torch.long, dev)
         lens = [len(r.prompt) for r in batch]
-        positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
+        positions = _to_device([i for n in lens for i in range(n)], torch.long, dev)
         ends = list(itertools.accumulate(lens))
         cu = _to_device([0, *ends], torch.int32, dev)
         seq_lens = _to_device(lens, torch.int32, dev)
