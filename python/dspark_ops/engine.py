@@ -272,7 +272,7 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 @dataclasses.dataclass
-class _Pending:
+class _InFlight:
     """A launched step's results on their way to the host: packed [B, W + 2] = tokens | accepted | verified."""
 
     requests: list[Request]
@@ -378,7 +378,7 @@ class SpeculativeEngine:
         self.finished: dict[int, Request] = {}
         self._next_id = 0
         self.stats = EngineStats()
-        self._pending: collections.deque[_Pending] = collections.deque()
+        self._inflight: collections.deque[_InFlight] = collections.deque()
         self.sps_table = sps_table
         if scheduler != "fixed" and sps_table is None:
             self.sps_table = self.profile_sps()
@@ -435,7 +435,7 @@ class SpeculativeEngine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._pending)
+        return bool(self.waiting or self.running or self._inflight)
 
     def context_length(self, request_id: int) -> int:
         """Tokens whose K/V a running request has cached (the device's view; syncs)."""
@@ -589,7 +589,7 @@ class SpeculativeEngine:
             drafts = torch.empty(B, 0, dtype=torch.int32, device=dev)
             draft_probs = confidence = None
             if G:
-                drafts, draft_probs, confidence = self._draft_eagle(s) if self.eagle else self._draft_dspark(s)
+                drafts, draft_probs, confidence = self._draft(s)
 
         with self._phase("schedule_s"):
             lengths = self._schedule(s, confidence, max_len) if G else max_len
@@ -634,6 +634,10 @@ class SpeculativeEngine:
                 s.conf_old.copy_(s.conf_prev)
                 s.conf_prev.copy_(confidence)
         return torch.cat((tokens, num_accepted.unsqueeze(1), lengths.unsqueeze(1)), 1)
+
+    def _draft(self, s: SlotState):
+        """(drafts [B, G] int32, draft distributions [B, G, V], confidences [B, G] or None)."""
+        return self._draft_eagle(s) if self.eagle else self._draft_dspark(s)
 
     def _draft_dspark(self, s: SlotState):
         """One parallel drafter pass over [anchor, mask..] at start.. (scratch K/V past the context), then
@@ -723,12 +727,12 @@ class SpeculativeEngine:
             event.record()
         else:
             host = packed.to("cpu", copy=True)   # a graph's output buffer is overwritten by its next replay
-        self._pending.append(_Pending(requests, host, event, decode))
+        self._inflight.append(_InFlight(requests, host, event, decode))
 
     def _collect(self, keep: int, new: dict[int, list[int]]) -> None:
         """Apply the results of all but the last ``keep`` launched steps, then let finished requests leave."""
-        while len(self._pending) > keep:
-            p = self._pending.popleft()
+        while len(self._inflight) > keep:
+            p = self._inflight.popleft()
             if p.event is not None:
                 p.event.synchronize()
             if p.decode:
