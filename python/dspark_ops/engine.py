@@ -497,8 +497,8 @@ class SpeculativeEngine:
         seq_lens = _to_device(lens, torch.int32, dev)
         request_ids = [r.id for r in batch]
         target_pages = self.target_cache.page_table(request_ids, width=width)
-        backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=torch.cat([r.prefill_slots for r in batch]),
-                                 page_table=target_pages, seq_lens=seq_lens, cu_q_lens=cu, causal=True,
+        backend = PagedAttention(self.target_cache.layer_caches(),
+                                 slot_mapping=torch.cat([r.prefill_slots for r in batch]), page_table=target_pages, seq_lens=seq_lens, cu_q_lens=cu, causal=True,
                                  max_block_rows=max(lens))
         out = self.target(ids, positions, kv=backend, hidden_layers=self.hidden_layers, return_logits=False)
         last = _to_device(ends, torch.long, dev) - 1
@@ -609,9 +609,9 @@ class SpeculativeEngine:
             cu = torch.cat((counts.new_zeros(1), counts.cumsum(0))).to(torch.int32)
             seq_lens = (s.start + counts).to(torch.int32)
             flat_pos = rows(positions)
-            backend = PagedAttention(self.target_cache.layer_caches(),
-                                     slot_mapping=rows(_slot_mapping(s.target_pages, positions, self.target_cache.page_size)),
-                                     page_table=s.target_pages, seq_lens=seq_lens, cu_q_lens=cu, causal=True)
+            slots = rows(_slot_mapping(s.target_pages, positions, self.target_cache.page_size))
+            backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=slots, page_table=s.target_pages,
+                                     seq_lens=seq_lens, cu_q_lens=cu, causal=True)
             out = self.target(rows(block), flat_pos, kv=backend, hidden_layers=self.hidden_layers)
             # [B, G1] -> forwarded row (rows past a request's block repeat its last row; verify never reads them)
             row_of = cu[:-1].to(torch.long).unsqueeze(1) + torch.minimum(
@@ -645,8 +645,8 @@ class SpeculativeEngine:
         B, G, dev = s.anchor.shape[0], self.block_size, self.device
         bs = self.drafter.config.block_size
         positions = s.start.unsqueeze(1) + torch.arange(bs, device=dev)
-        backend = PagedAttention(self.drafter_cache.layer_caches(),
-                                 slot_mapping=_slot_mapping(s.drafter_pages, positions, self.drafter_cache.page_size).view(-1),
+        slots = _slot_mapping(s.drafter_pages, positions, self.drafter_cache.page_size).view(-1)
+        backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=slots,
                                  page_table=s.drafter_pages, seq_lens=(s.start + bs).to(torch.int32),
                                  cu_q_lens=torch.arange(B + 1, dtype=torch.int32, device=dev) * bs, causal=False)
         block = self.drafter.draft_block(s.anchor, s.start, kv=backend)
