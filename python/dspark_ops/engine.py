@@ -498,8 +498,8 @@ class SpeculativeEngine:
         request_ids = [r.id for r in batch]
         target_pages = self.target_cache.page_table(request_ids, width=width)
         backend = PagedAttention(self.target_cache.layer_caches(),
-                                 slot_mapping=torch.cat([r.prefill_slots for r in batch]), page_table=target_pages, seq_lens=seq_lens, cu_q_lens=cu, causal=True,
-                                 max_block_rows=max(lens))
+                                 slot_mapping=torch.cat([r.prefill_slots for r in batch]), page_table=target_pages,
+                                 seq_lens=seq_lens, cu_q_lens=cu, causal=True, max_block_rows=max(lens))
         out = self.target(ids, positions, kv=backend, hidden_layers=self.hidden_layers, return_logits=False)
         last = _to_device(ends, torch.long, dev) - 1
         logits = self.target.compute_logits(out.hidden[last]).unsqueeze(1)
