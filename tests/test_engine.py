@@ -15,9 +15,10 @@ def fresh_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
-def tiny_target(seed: int, vocab: int = 96, layers: int = 3, scale: float = 0.35) -> LlamaModel:
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+def tiny_target(seed: int, vocab: int = 96, layers: int = 3, scale: float = 0.35, head_dim: int = 16) -> LlamaModel:
+    """head_dim=64 for CUDA (its attention kernel takes head_dim 64, 96, 128 or 256)."""
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=4 * head_dim, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, rms_norm_eps=1e-5,
                       max_position_embeddings=512, tie_word_embeddings=True)
     model = LlamaModel(cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -194,7 +195,7 @@ def test_mismatched_drafter_is_rejected():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_engine_greedy_equals_target_greedy(dtype):
     seed = fresh_seed()
-    target = tiny_target(seed).to("cuda", dtype)
+    target = tiny_target(seed, head_dim=64, scale=0.2).to("cuda", dtype)
     drafter = random_drafter(target, seed, rank=8, confidence=True).to("cuda", dtype)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 95, (int(n),), generator=gen).tolist() for n in (5, 17, 9)]
@@ -339,7 +340,7 @@ def test_cuda_graph_replay_equals_eager(kind):
     fixed scheduler, see test_graph_code_path_on_cpu), greedy equals plain decoding, and each batch bucket is
     captured once."""
     seed = fresh_seed()
-    target = tiny_target(seed).to("cuda")
+    target = tiny_target(seed, head_dim=64, scale=0.2).to("cuda")
     drafter, scheduler = {
         "none": (None, "fixed"),
         "dspark_sync": (random_drafter(target, seed, rank=8, confidence=True), "sync"),
