@@ -292,6 +292,7 @@ def graph_path_on_cpu(engine: SpeculativeEngine) -> SpeculativeEngine:
     engine.slots.freeze(0, *engine._pad_pages)
 
     def capture(B):
+        engine._warm_up(B)   # as the real capture does: must leave no trace
         graph = _ReplayEagerly(engine, B)
         return graph, graph.packed
 

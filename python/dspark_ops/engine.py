@@ -563,18 +563,25 @@ class SpeculativeEngine:
         self._enqueue(list(self.running), packed[:B], decode=True)
 
     def _capture(self, B: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """A CUDA graph of the decode step over the first B slots (warm-up run undone: state restored)."""
-        saved = self.slots.snapshot()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._decode(B)  # lazy initialisation outside the capture; its K/V writes lie past every context
-        torch.cuda.current_stream().wait_stream(side)
-        self.slots.restore(saved)
+        """A CUDA graph of the decode step over the first B slots."""
+        self._warm_up(B)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
             packed = self._decode(B)
         return graph, packed
+
+    def _warm_up(self, B: int) -> None:
+        """Run the step once before capturing it (lazy initialisation; on a side stream on CUDA, as capture
+        wants), then undo it: the slot state is restored, and its K/V writes lie past every context."""
+        saved = self.slots.snapshot()
+        side = torch.cuda.Stream() if self.device.type == "cuda" else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            self._decode(B)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        self.slots.restore(saved)
 
     @torch.no_grad()
     def _decode(self, B: int) -> torch.Tensor:
