@@ -6,12 +6,22 @@ tokens, temperature 0, fp32:
     assisted mode that needs no second model), when transformers is installed;
   - our engine, plain decoding (drafter=None);
   - our engine with each drafter available: the shipped trained DSpark drafter
-    (if present) and a drafter copied from the target's first layers.
+    (if present), a drafter copied from the target's first layers, and an
+    EAGLE-3-style drafter when a checkpoint is given (--eagle).
 Reports tokens/s, tau (tokens per target step) and whether the greedy output
 equals plain decoding, and writes a bar chart (PNG) next to RESULTS.md.
 
+On a GPU (--device cuda, bf16 by default) the same engines run with CUDA
+graphs off and on, and each row adds the fraction of the decode time the
+device sits idle (torch.profiler: 1 - union of kernel/copy intervals / their
+span, in a second, profiled run). Without the model files (a machine with no
+network) --random-weights builds SmolLM2-135M's shape with random weights and
+random prompts: speeds and idle fractions hold, tau does not.
+
     python bench/bench_e2e.py --quick          # batch 1, 2 prompts, 48 tokens
     python bench/bench_e2e.py                  # batch 1 and 8, 128 tokens
+    python bench/bench_e2e.py --eagle /path/to/eagle3/drafter
+    python bench/bench_e2e.py --device cuda --quick --random-weights
 """
 from __future__ import annotations
 
@@ -20,10 +30,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 from dspark_ops.engine import SpeculativeEngine
 from dspark_ops.generate import shipped_drafter
-from dspark_ops.models import LlamaModel, TextTokenizer, build_drafter_from_target, load_drafter, resolve_model
+from dspark_ops.models import (LlamaConfig, LlamaModel, TextTokenizer, build_drafter_from_target, load_drafter,
+                               resolve_model)
 
 PROMPTS = [
     "Explain why the sky is blue in simple terms.",
@@ -37,19 +49,51 @@ PROMPTS = [
 ]
 
 
-def run_engine(target, drafter, prompts, n, batch, stop):
-    engine = SpeculativeEngine(target, drafter, max_batch=batch, max_tokens=4096,
-                               scheduler="sync" if drafter is not None and drafter.confidence_weights() is not None
-                               else "fixed")
-    engine.generate([prompts[0]], max_new_tokens=4)  # warm-up (lazy init, first-call costs)
-    engine = SpeculativeEngine(target, drafter, max_batch=batch, max_tokens=4096, scheduler=engine.scheduler,
-                               sps_table=engine.sps_table)
+def make_engine(target, drafter, batch, **kw):
+    confident = drafter is not None and drafter.confidence_weights() is not None
+    return SpeculativeEngine(target, drafter, max_batch=batch, max_tokens=4096,
+                             scheduler="sync" if confident else "fixed", **kw)
+
+
+def run_engine(target, drafter, prompts, n, batch, stop, **kw):
+    """Tokens/s and tau of one engine over the prompts, after a warm-up on the same engine
+    (lazy initialisation, CUDA-graph capture of the batch buckets)."""
+    engine = make_engine(target, drafter, batch, **kw)
+    engine.generate(prompts[:batch], max_new_tokens=4)
+    engine.finished.clear()
+    engine.stats = type(engine.stats)()
+    sync()
     t0 = time.perf_counter()
     outs = engine.generate(prompts, max_new_tokens=n, stop_token_ids=stop)
+    sync()
     dt = time.perf_counter() - t0
     rounds = sum(r.stats.rounds for r in engine.finished.values())
     tau = sum(r.stats.emitted for r in engine.finished.values()) / max(rounds, 1)
-    return outs, sum(map(len, outs)) / dt, tau
+    return outs, sum(map(len, outs)) / dt, tau, engine
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_idle(engine, prompts, n, stop) -> float | None:
+    """Fraction of a generate call's device time span with no kernel or copy running (profiled run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.generate(prompts, max_new_tokens=n, stop_token_ids=stop)
+        sync()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return None
+    busy, (lo, hi) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            busy, lo = busy + hi - lo, a
+        hi = max(hi, b)
+    busy += hi - lo
+    return 1 - busy / (spans[-1][1] - spans[0][0]) if spans[-1][1] > spans[0][0] else None
 
 
 def run_transformers(path, prompts, n, stop, assisted):
@@ -101,32 +145,86 @@ def forward_cost(target, context=200, repeat=5):
     print(f"8-token / 1-token forward: {times[8] / times[1]:.2f}x")
 
 
+# SmolLM2-135M's architecture, for --random-weights on machines without the model files.
+SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                      rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def load_target(args, dtype):
+    """(target, prompts, stop tokens, model folder or None)."""
+    count = (4 if args.device.startswith("cuda") else 2) if args.quick else 8
+    if args.random_weights:
+        target = LlamaModel(LlamaConfig(**SMOLLM2_CONFIG), device=args.device, dtype=dtype, seed=0).eval()
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 49152, (int(n),), generator=gen).tolist()
+                   for n in torch.randint(20, 60, (count,), generator=gen)]
+        return target, prompts, [], None
+    path = resolve_model("smollm2-135m")
+    tok = TextTokenizer(path)
+    target = LlamaModel.from_pretrained(path, dtype=dtype, device=args.device)
+    prompts = [tok.encode_chat(p) for p in PROMPTS[:count]]
+    return target, prompts, [tok.eos_token_id, tok.tokenizer.token_to_id("<|im_end|>")], path
+
+
+def load_drafters(args, target):
+    drafters = {"self-copy (4 layers)": build_drafter_from_target(target, num_layers=4, block_size=7)}
+    shipped = shipped_drafter("smollm2-135m")
+    if shipped is not None and not args.random_weights:
+        drafters = {"DSpark (shipped)": load_drafter(shipped, target, dtype=target.dtype), **drafters}
+    if args.eagle:
+        drafters["EAGLE-3"] = load_drafter(args.eagle, target, dtype=target.dtype)
+    return drafters
+
+
+def gpu_main(args, target, prompts, stop, n, batches):
+    """Plain and speculative engines with CUDA graphs off and on; tokens/s, tau, device idle fraction."""
+    drafters = load_drafters(args, target)
+    print(f"{torch.cuda.get_device_name()}, {n} new tokens, T=0, {str(target.dtype).removeprefix('torch.')}, "
+          f"{len(prompts)} prompts{', random weights' if args.random_weights else ''}")
+    print("| system | batch | CUDA graphs | tok/s | vs plain, graphs off | tau | device idle | greedy == plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in batches:
+        plain = base = None
+        for name, drafter in [("plain", None), *drafters.items()]:
+            for graphs in (False, True):
+                outs, tps, tau, engine = run_engine(target, drafter, prompts, n, batch, stop, cuda_graphs=graphs)
+                plain, base = (outs, tps) if plain is None else (plain, base)
+                idle = device_idle(engine, prompts, n, stop)
+                idle = "n/a" if idle is None else f"{100 * idle:.1f}%"
+                print(f"| dspark engine, {name} | {batch} | {'on' if graphs else 'off'} | {tps:.1f} | "
+                      f"{tps / base:.2f}x | {tau:.2f} | {idle} | {outs == plain} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--forward-cost", action="store_true", help="only the target forward time by block size")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--eagle", default=None, help="an EAGLE-3-style drafter folder to include")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="SmolLM2-135M's shape with random weights and random prompts (no model files needed)")
     ap.add_argument("--plot", default=str(Path(__file__).with_name("e2e_smollm2.png")))
     args = ap.parse_args()
     n = 48 if args.quick else 128
     batches = [1] if args.quick else [1, 8]
-    path = resolve_model("smollm2-135m")
-    tok = TextTokenizer(path)
-    target = LlamaModel.from_pretrained(path, dtype=torch.float32)
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    target, prompts, stop, path = load_target(args, dtype)
     if args.forward_cost:
         return forward_cost(target)
-    prompts = [tok.encode_chat(p) for p in PROMPTS[: 2 if args.quick else 8]]
-    stop = [tok.eos_token_id, tok.tokenizer.token_to_id("<|im_end|>")]
-    drafters = {"self-copy (4 layers)": build_drafter_from_target(target, num_layers=4, block_size=7)}
-    shipped = shipped_drafter("smollm2-135m")
-    if shipped is not None:
-        drafters = {"DSpark (shipped)": load_drafter(shipped, target, dtype=target.dtype), **drafters}
-    print(f"threads {torch.get_num_threads()}, {n} new tokens, T=0, fp32, {len(prompts)} prompts")
+    if cuda:
+        return gpu_main(args, target, prompts, stop, n, [1, 4] if args.quick else [1, 8])
+    drafters = load_drafters(args, target)
+    print(f"threads {torch.get_num_threads()}, {n} new tokens, T=0, {str(dtype).removeprefix('torch.')}, "
+          f"{len(prompts)} prompts")
     print("| system | batch | tok/s | vs plain engine | tau | greedy == plain |")
     print("|---|---|---|---|---|---|")
     rows = []
     for batch in batches:
-        plain, plain_tps, _ = run_engine(target, None, prompts, n, batch, stop)
-        if batch == 1:
+        plain, plain_tps, _, _ = run_engine(target, None, prompts, n, batch, stop)
+        if batch == 1 and path is not None:
             try:
                 hf, hf_tps = run_transformers(path, prompts, n, stop, assisted=False)
                 print(f"| transformers generate | 1 | {hf_tps:.1f} | {hf_tps / plain_tps:.2f}x | 1.00 | "
@@ -141,7 +239,7 @@ def main():
         print(f"| dspark engine, plain | {batch} | {plain_tps:.1f} | 1.00x | 1.00 | True |", flush=True)
         rows.append((f"engine plain\nb={batch}", plain_tps))
         for name, drafter in drafters.items():
-            outs, tps, tau = run_engine(target, drafter, prompts, n, batch, stop)
+            outs, tps, tau, _ = run_engine(target, drafter, prompts, n, batch, stop)
             print(f"| dspark engine, {name} | {batch} | {tps:.1f} | {tps / plain_tps:.2f}x | {tau:.2f} | "
                   f"{outs == plain} |", flush=True)
             rows.append((f"{name}\nb={batch}", tps))

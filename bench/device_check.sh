@@ -30,4 +30,5 @@ step bench_verify 90 $PY bench/bench_verify.py --gpu --quick
 step bench_attention 90 $PY bench/bench_attention.py --gpu --quick
 step bench_drafter 60 $PY bench/bench_drafter.py --device cuda --quick
 step bench_drafter_bf16 60 $PY bench/bench_drafter.py --device cuda --quick --dtype bfloat16
+step bench_e2e 120 $PY bench/bench_e2e.py --device cuda --quick --random-weights
 echo "total $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"

@@ -7,16 +7,18 @@ import torch
 from scipy import stats
 
 from dspark_ops.engine import SamplingParams, SpeculativeEngine
-from dspark_ops.models import DSparkConfig, DSparkDrafter, LlamaConfig, LlamaModel, build_drafter_from_target
+from dspark_ops.models import (DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter, LlamaConfig, LlamaModel,
+                               build_drafter_from_target)
 
 
 def fresh_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
-def tiny_target(seed: int, vocab: int = 96, layers: int = 3, scale: float = 0.35) -> LlamaModel:
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+def tiny_target(seed: int, vocab: int = 96, layers: int = 3, scale: float = 0.35, head_dim: int = 16) -> LlamaModel:
+    """head_dim=64 for CUDA (its attention kernel takes head_dim 64, 96, 128 or 256)."""
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=4 * head_dim, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, rms_norm_eps=1e-5,
                       max_position_embeddings=512, tie_word_embeddings=True)
     model = LlamaModel(cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -36,6 +38,14 @@ def random_drafter(target: LlamaModel, seed: int, *, rank: int, confidence: bool
     return DSparkDrafter(cfg, target, seed=seed, init_std=0.2).eval()
 
 
+def eagle_drafter(target: LlamaModel, seed: int, *, block: int = 5, init_std: float = 0.2) -> Eagle3Drafter:
+    tc = target.config
+    backbone = LlamaConfig(**{**tc.__dict__, "num_hidden_layers": 1})
+    cfg = Eagle3Config(backbone=backbone, target_layer_ids=[0, tc.num_hidden_layers - 1],
+                       num_target_layers=tc.num_hidden_layers, ttt_length=block)
+    return Eagle3Drafter(cfg, target, seed=seed, init_std=init_std).eval()
+
+
 def plain_greedy(target: LlamaModel, prompt: list[int], n: int) -> list[int]:
     """The target's own greedy continuation: full forward over the sequence each step (no cache)."""
     seq = list(prompt)
@@ -53,6 +63,7 @@ def drafters(target, seed):
         "dflash_random": random_drafter(target, seed, rank=0, confidence=False),
         "dspark_random": random_drafter(target, seed, rank=8, confidence=True),
         "dspark_bf16_valued": bf16_valued(random_drafter(target, seed + 1, rank=8, confidence=True)),
+        "eagle_random": eagle_drafter(target, seed),
     }
 
 
@@ -64,7 +75,8 @@ def bf16_valued(drafter: DSparkDrafter) -> DSparkDrafter:
     return drafter
 
 
-@pytest.mark.parametrize("kind", ["none", "self_copy", "dflash_random", "dspark_random", "dspark_bf16_valued"])
+@pytest.mark.parametrize("kind", ["none", "self_copy", "dflash_random", "dspark_random", "dspark_bf16_valued",
+                                  "eagle_random"])
 def test_greedy_equals_target_greedy_batch1(kind):
     seed = fresh_seed()
     target = tiny_target(seed)
@@ -76,9 +88,9 @@ def test_greedy_equals_target_greedy_batch1(kind):
     assert out == plain_greedy(target, prompt, 24), f"seed {seed}"
     assert engine.target_cache.num_free_pages == engine.target_cache.num_pages
     if kind == "dspark_bf16_valued":   # bf16-valued weights are kept (exactly) in bf16: half the bytes to stream
-        assert all(w.dtype == torch.bfloat16 for w in engine._markov_weights)
+        assert all(w.dtype == torch.bfloat16 for w in engine._markov)
     elif kind == "dspark_random":
-        assert all(w.dtype == torch.float32 for w in engine._markov_weights)
+        assert all(w.dtype == torch.float32 for w in engine._markov)
 
 
 @pytest.mark.parametrize("scheduler", ["fixed", "sync", "async"])
@@ -103,7 +115,7 @@ def test_greedy_batch8_with_requests_joining_midway(scheduler):
     while engine.has_work:
         engine.step()
         for req in engine.running:  # cache invariant: K/V for every consumed token, nothing more
-            assert engine.target_cache.length(req.id) == req.context_len == len(req.prompt) + len(req.output) - 1
+            assert engine.context_length(req.id) == len(req.prompt) + len(req.output) - 1
     for i, rid in enumerate(ids):
         assert engine.finished[rid].output == plain_greedy(target, prompts[i], budgets[i]), f"seed {seed}, request {i}"
     assert engine.target_cache.num_free_pages == engine.target_cache.num_pages
@@ -124,17 +136,22 @@ def test_stop_tokens_and_streaming():
     assert streamed == full[:full.index(stop) + 1]
 
 
-@pytest.mark.parametrize("kind", ["dspark", "one_hot_drafts", "plain"])
-@pytest.mark.parametrize("scheduler", ["fixed", "sync"])
-def test_sampling_distribution_matches_target(kind, scheduler):
-    """First three generated tokens at T = 1 follow the target's joint distribution (chi-square)."""
+@pytest.mark.parametrize("graph_path", [False, True])
+@pytest.mark.parametrize("kind", ["dspark", "one_hot_drafts", "plain", "eagle"])
+@pytest.mark.parametrize("scheduler", ["fixed", "sync", "async"])
+def test_sampling_distribution_matches_target(kind, scheduler, graph_path):
+    """First three generated tokens at T = 1 follow the target's joint distribution (chi-square), eagerly
+    and along the CUDA-graph code path (see graph_path_on_cpu)."""
     if kind != "dspark" and scheduler != "fixed":
         pytest.skip("scheduler variants need the confidence head")
     seed = fresh_seed()
     V = 6
     target = tiny_target(seed, vocab=V, layers=2, scale=0.6)
-    drafter = None if kind == "plain" else random_drafter(target, seed, rank=4 if kind == "dspark" else 0,
-                                                          confidence=kind == "dspark", block=3)
+    if kind == "eagle":
+        drafter = eagle_drafter(target, seed, block=3, init_std=0.5)
+    else:
+        drafter = None if kind == "plain" else random_drafter(target, seed, rank=4 if kind == "dspark" else 0,
+                                                              confidence=kind == "dspark", block=3)
     prompt = [1, 2]
     # exact joint of 3 tokens from the target
     with torch.no_grad():
@@ -146,6 +163,8 @@ def test_sampling_distribution_matches_target(kind, scheduler):
     N = 3000
     engine = SpeculativeEngine(target, drafter, scheduler=scheduler, max_batch=256, max_tokens=N * 8,
                                sps_table=torch.tensor([0.0] + [100.0 / (1 + 0.1 * b) for b in range(1, 400)]))
+    if graph_path:
+        graph_path_on_cpu(engine)
     outs = engine.generate([prompt] * N, max_new_tokens=3, temperature=1.0, seed=seed)
     codes = torch.tensor([o[0] * V * V + o[1] * V + o[2] for o in outs])
     counts = torch.bincount(codes, minlength=V ** 3).double()
@@ -190,7 +209,7 @@ def test_mismatched_drafter_is_rejected():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_engine_greedy_equals_target_greedy(dtype):
     seed = fresh_seed()
-    target = tiny_target(seed).to("cuda", dtype)
+    target = tiny_target(seed, head_dim=64, scale=0.2).to("cuda", dtype)
     drafter = random_drafter(target, seed, rank=8, confidence=True).to("cuda", dtype)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 95, (int(n),), generator=gen).tolist() for n in (5, 17, 9)]
@@ -199,3 +218,166 @@ def test_cuda_engine_greedy_equals_target_greedy(dtype):
     outs = engine.generate(prompts, max_new_tokens=16)
     plain = SpeculativeEngine(target, None, max_batch=3, max_tokens=512).generate(prompts, max_new_tokens=16)
     assert outs == plain, f"seed {seed}"
+
+
+def eagle_reference_steps(target: LlamaModel, drafter: Eagle3Drafter, prompt: list[int], n: int, block: int):
+    """Greedy EAGLE-3 drafting + verification at batch 1 on dense caches, written out step by step:
+    (output, accepted drafts per step)."""
+    from dspark_ops.models import DenseKVCache
+
+    layers = drafter.config.target_layer_ids
+    cap = len(prompt) + n + block + 2
+    tcache, dcache = DenseKVCache.for_model(target, 1, cap), DenseKVCache.for_model(drafter, 1, cap)
+    with torch.no_grad():
+        out = target(torch.tensor([prompt]), kv=tcache, hidden_layers=layers)
+        output = [int(out.logits[0, -1].argmax())]
+        pairs, feats = torch.tensor([prompt[1:] + output]), out.layer_hidden   # state t with token t+1
+        accepted = []
+        while len(output) < n:
+            start = int(dcache.lengths[0])
+            h = drafter(pairs, feats, kv=dcache)[:, -1:]
+            g = min(block, n - len(output) - 1)
+            drafts = []
+            for j in range(g):
+                drafts.append(int(drafter.compute_logits(h)[0, 0].argmax()))
+                if j + 1 < g:
+                    h = drafter(torch.tensor([[drafts[-1]]]), h, kv=dcache, from_target=False)
+            dcache.truncate([start + pairs.shape[1]])
+            vout = target(torch.tensor([[output[-1]] + drafts]), kv=tcache, hidden_layers=layers)
+            greedy = vout.logits[0].argmax(-1).tolist()
+            a = next((j for j in range(g) if drafts[j] != greedy[j]), g)
+            accepted.append(a)
+            tcache.truncate([int(tcache.lengths[0]) - g + a])
+            new = drafts[:a] + [greedy[a]]
+            output.extend(new)
+            pairs, feats = torch.tensor([new]), vout.layer_hidden[:, :a + 1]
+    return output[:n], accepted
+
+
+def test_eagle_drafts_match_reference_drafting():
+    """The engine drafts with the EAGLE-3 drafter exactly as the step-by-step reference (same acceptance per
+    position), with four requests of different lengths sharing the batch."""
+    seed = fresh_seed()
+    target = tiny_target(seed, vocab=6, scale=0.5)
+    drafter = eagle_drafter(target, seed, block=4, init_std=1.0)  # large weights: drafts react to every input
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 6, (n,), generator=gen).tolist() for n in (9, 3, 14, 6)]
+    engine = SpeculativeEngine(target, drafter, max_batch=4, max_tokens=256)
+    outs = engine.generate(prompts, max_new_tokens=64)
+    for i, prompt in enumerate(prompts):
+        ref, accepted = eagle_reference_steps(target, drafter, prompt, 64, 4)
+        st = engine.finished[i].stats
+        assert outs[i] == ref == plain_greedy(target, prompt, 64), f"seed {seed}, request {i}"
+        assert st.rounds == len(accepted), f"seed {seed}, request {i}"
+        want = [sum(a > j for a in accepted) for j in range(len(st.accepts))]
+        assert st.accepts == want, f"seed {seed}, request {i}: accepts {st.accepts} vs reference {want}"
+
+
+def _run_joining(engine: SpeculativeEngine, prompts, budgets, temperature: float) -> list[list[int]]:
+    """Two requests first, the rest join after two steps (the batch bucket changes as they come and go)."""
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=temperature, seed=7 + i))
+           for i, (p, n) in enumerate(zip(prompts[:2], budgets[:2]))]
+    engine.step()
+    engine.step()
+    ids += [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=temperature, seed=9 + i))
+            for i, (p, n) in enumerate(zip(prompts[2:], budgets[2:]))]
+    while engine.has_work:
+        engine.step()
+    return [engine.finished[i].output for i in ids]
+
+
+
+class _ReplayEagerly:
+    """Stands in for a captured CUDA graph on CPU: replay runs the step again into the same output buffer."""
+
+    def __init__(self, engine: SpeculativeEngine, B: int):
+        self.engine, self.B = engine, B
+        self.packed = torch.full((B, engine.block_size + 3), -7, dtype=torch.int32)
+        self.captures = 0
+
+    def replay(self):
+        self.packed.copy_(self.engine._decode(self.B))
+
+
+def graph_path_on_cpu(engine: SpeculativeEngine) -> SpeculativeEngine:
+    """Run the CUDA-graph code path on CPU: fixed-shape blocks, padded buckets, results read one step late."""
+    engine.fixed_shapes, engine._lag, engine.cuda_graphs = True, 1, True
+    engine._pad_pages = engine._reserve_pad_pages()
+    engine.slots.freeze(0, *engine._pad_pages)
+
+    def capture(B):
+        engine._warm_up(B)   # as the real capture does: must leave no trace
+        graph = _ReplayEagerly(engine, B)
+        return graph, graph.packed
+
+    engine._capture = capture
+    return engine
+
+
+@pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle"])
+def test_graph_code_path_on_cpu(kind):
+    """The step as the CUDA-graph path runs it (fixed shapes, padding slots, one-step-late results, requests
+    joining and leaving across buckets) gives the eager engine's tokens: greedy always, sampled too where the
+    verify lengths do not depend on the batch (the confidence schedulers plan over the whole padded batch,
+    so their sampled tokens may differ, losslessly)."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    drafter, scheduler = {
+        "none": (None, "fixed"),
+        "dspark_sync": (random_drafter(target, seed, rank=8, confidence=True), "sync"),
+        "dspark_async": (random_drafter(target, seed, rank=8, confidence=True), "async"),
+        "eagle": (eagle_drafter(target, seed, block=4), "fixed"),
+    }[kind]
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 95, (int(n),), generator=gen).tolist() for n in (5, 17, 9, 30, 2, 11)]
+    budgets = [12, 20, 7, 16, 1, 9]
+    sps = torch.tensor([0.0] + [100.0 / (1 + 0.05 * b) for b in range(1, 60)])
+
+    def engine(d):
+        return SpeculativeEngine(target, d, scheduler=scheduler if d is not None else "fixed", max_batch=4,
+                                 max_tokens=512, sps_table=sps)
+
+    for temperature in (0.0, 1.0) if scheduler == "fixed" else (0.0,):
+        graphed = graph_path_on_cpu(engine(drafter))
+        out = _run_joining(graphed, prompts, budgets, temperature)
+        assert out == _run_joining(engine(drafter), prompts, budgets, temperature), f"seed {seed}, T {temperature}"
+        assert set(graphed._graphs) <= {1, 2, 4} and len(graphed._graphs) >= 2
+        pad = graphed.target_cache.num_pages - graphed.target_cache.num_free_pages
+        assert pad == 1, "only the padding page stays reserved"
+        if temperature == 0.0:
+            assert out == [plain_greedy(target, p, n) for p, n in zip(prompts, budgets)], f"seed {seed}"
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle"])
+def test_cuda_graph_replay_equals_eager(kind):
+    """The captured decode step gives the same tokens as the same step run eagerly (greedy; sampled too with the
+    fixed scheduler, see test_graph_code_path_on_cpu), greedy equals plain decoding, and each batch bucket is
+    captured once."""
+    seed = fresh_seed()
+    target = tiny_target(seed, head_dim=64, scale=0.2).to("cuda")
+    drafter, scheduler = {
+        "none": (None, "fixed"),
+        "dspark_sync": (random_drafter(target, seed, rank=8, confidence=True), "sync"),
+        "dspark_async": (random_drafter(target, seed, rank=8, confidence=True), "async"),
+        "eagle": (eagle_drafter(target, seed, block=4), "fixed"),
+    }[kind]
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 95, (int(n),), generator=gen).tolist() for n in (5, 17, 9, 30, 2)]
+    budgets = [12, 20, 7, 16, 1]
+    sps = torch.tensor([0.0] + [100.0 / (1 + 0.05 * b) for b in range(1, 60)])
+
+    def engine(d, graphs):
+        return SpeculativeEngine(target, d, scheduler=scheduler if d is not None else "fixed", max_batch=4,
+                                 max_tokens=512, sps_table=sps, cuda_graphs=graphs)
+
+    plain = _run_joining(engine(None, False), prompts, budgets, 0.0)
+    for temperature in (0.0, 1.0) if scheduler == "fixed" else (0.0,):
+        graphed = engine(drafter, True)
+        out = _run_joining(graphed, prompts, budgets, temperature)
+        eager = _run_joining(engine(drafter, False), prompts, budgets, temperature)
+        assert out == eager, f"seed {seed}, T {temperature}"
+        assert set(graphed._graphs) <= {1, 2, 4}
+        assert graphed.target_cache.num_free_pages == graphed.target_cache.num_pages - 1   # the padding page
+        if temperature == 0.0:
+            assert out == plain, f"seed {seed}"

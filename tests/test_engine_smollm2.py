@@ -3,6 +3,8 @@
 whose requests have different lengths."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -40,12 +42,17 @@ def test_plain_engine_equals_transformers_greedy(smollm2, plain_outputs):
             assert out[0, len(prompt):].tolist() == ours
 
 
-@pytest.mark.parametrize("drafter_kind", ["self_copy", "shipped"])
+@pytest.mark.parametrize("drafter_kind", ["self_copy", "shipped", "eagle"])
 def test_speculative_greedy_equals_plain(smollm2, plain_outputs, drafter_kind):
     _, target, _ = smollm2
     prompts, plain = plain_outputs
     if drafter_kind == "self_copy":
         drafter = build_drafter_from_target(target, num_layers=4, block_size=7)
+    elif drafter_kind == "eagle":
+        folder = os.environ.get("DSPARK_EAGLE_DRAFTER")
+        if not folder:
+            pytest.skip("set DSPARK_EAGLE_DRAFTER to an EAGLE-3-style drafter folder for SmolLM2-135M")
+        drafter = load_drafter(folder, target, dtype=target.dtype)
     else:
         folder = shipped_drafter("smollm2-135m")
         if folder is None:

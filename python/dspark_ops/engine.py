@@ -1,19 +1,21 @@
-"""SpeculativeEngine: continuous batching with DSpark drafting on the dspark ops.
+"""SpeculativeEngine: continuous batching with speculative decoding on the dspark ops.
 
 One engine step, for every running request (a request joins after its
 prefill and leaves when it finishes, between steps):
 
-  1. draft     the drafter runs one parallel pass over [anchor, mask, ...]
+  1. draft     DSpark: the drafter runs one parallel pass over [anchor, mask, ...]
                (``draft_block_attention(causal=False)`` over its paged cache of
                projected target context), then ``markov_sample`` draws the
                block left to right and returns the draft distributions and the
-               per-token confidences;
+               per-token confidences. EAGLE-3: one decoder layer drafts the
+               block autoregressively (block_size - 1 sequential steps after
+               the step that extended its context);
   2. schedule  ``schedule_verify_lengths`` picks how many drafts each request
                verifies (confidence scheduler over the SPS table), or all of
                them ("fixed");
-  3. verify    the target runs one forward over the ragged blocks
-               [anchor, x_1..x_l] of all requests, ``verify`` accepts a prefix
-               and samples one more token per request, losslessly;
+  3. verify    the target runs one forward over the blocks [anchor, x_1..x_G]
+               of all requests, ``verify`` accepts a prefix of the scheduled
+               drafts and samples one more token per request, losslessly;
   4. rollback  ``kv_rollback`` keeps the accepted entries of the target cache
                (chain verification: nothing moves, lengths shrink), and the
                drafter's cache gains the context of the tokens that stayed.
@@ -21,15 +23,29 @@ prefill and leaves when it finishes, between steps):
 With ``drafter=None`` the same loop is plain autoregressive decoding (blocks
 of one token), the baseline every speedup is measured against.
 
+Zero-overhead scheduling. The decode step (:meth:`SpeculativeEngine._decode`)
+reads and writes only device tensors: the per-slot state (anchor token,
+context length, Philox offset, remaining token budget, sampling parameters,
+page tables) lives in :class:`SlotState`, and the step's results feed the next
+step without the host. Requests reserve the KV pages of their whole lifetime
+when they join, so no allocation happens between steps. The host copies each
+step's packed results (tokens, accepted counts, verify lengths) back
+asynchronously and reads them one step late on CUDA (immediately on CPU, where
+a copy costs nothing), to stream tokens and detect stop tokens; a request that
+runs one step past its stop token on the device has that step discarded. On
+CUDA the step is captured as a CUDA graph once per batch bucket (powers of
+two; padding slots are frozen), so the forward always runs B_bucket x
+(block_size + 1) query rows and the scheduled lengths only change what
+``verify`` may accept. On CPU the same function runs eagerly and forwards only
+the scheduled rows (compute-bound there).
+
 Random numbers: request i draws from (seed_i, offset = its step counter), so
 its tokens do not depend on which other requests share the batch.
-
-This loop runs eagerly on CPU and GPU. CUDA-graph capture of the step and the
-overlap of host scheduling with device work (ZOS) are not implemented yet: on
-CUDA each step reads the accepted counts back to the host.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -38,13 +54,15 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from . import markov_sample, plan_capacity, profile_sps, schedule_verify_lengths, verify
+from . import kv_rollback, markov_sample, plan_capacity, profile_sps, schedule_verify_lengths, verify
 from .kv_cache import OutOfPagesError, PagedKVCache
 from .models.attention import PagedAttention
-from .models.drafter import DSparkDrafter
+from .models.drafter import DSparkDrafter, Eagle3Drafter
 from .models.llama import LlamaModel
 
 SCHEDULERS = ("fixed", "sync", "async")
+_EAGLE_DRAWS_PER_STEP = 16   # Philox offsets per engine step for the EAGLE drafter's sequential draws (block <= 15)
+_PAD_REQUEST = -(2**40)      # KV pages that padding slots of a CUDA-graph bucket write into
 
 
 @dataclasses.dataclass
@@ -92,16 +110,10 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     output: list[int] = dataclasses.field(default_factory=list)
-    context_len: int = 0            # tokens whose K/V the target cache holds (prompt + output[:-1])
-    offset: int = 0                 # Philox step counter
     finish_reason: str | None = None
     stats: RequestStats = dataclasses.field(default_factory=RequestStats)
     prefill_slots: torch.Tensor | None = None   # KV slots of the prompt between admission and prefill
     drafter_slots: torch.Tensor | None = None
-
-    @property
-    def anchor(self) -> int:
-        return self.output[-1]
 
     @property
     def finished(self) -> bool:
@@ -112,17 +124,14 @@ class Request:
 class EngineStats:
     steps: int = 0
     prefill_s: float = 0.0
-    draft_s: float = 0.0
+    draft_s: float = 0.0            # phase times: measured on CPU only (on CUDA the host merely launches work)
     schedule_s: float = 0.0
     verify_s: float = 0.0
-    verify_tokens: int = 0          # target tokens forwarded in decode steps
+    decode_s: float = 0.0           # wall time of decode steps (launch, results, bookkeeping)
+    verify_tokens: int = 0          # verify rows scheduled in decode steps (anchor + scheduled drafts)
     emitted: int = 0
     attempts: list[int] = dataclasses.field(default_factory=list)
     accepts: list[int] = dataclasses.field(default_factory=list)
-
-    @property
-    def decode_s(self) -> float:
-        return self.draft_s + self.schedule_s + self.verify_s
 
     def summary(self) -> dict:
         rounds = max(self.steps, 1)
@@ -187,56 +196,177 @@ def pack_linear_layers(model: torch.nn.Module) -> None:
     model.linear_impl.silu_mul_fn = silu_mul_fn
 
 
+
+
+@dataclasses.dataclass
+class SlotState:
+    """Decode state per batch slot, on the device: slot b holds ``engine.running[b]``.
+
+    Every field is a tensor with max_batch rows (None when the engine does not
+    need it). The decode step reads and updates these in place, so a CUDA graph
+    captured over the first B rows stays valid while requests come and go.
+    Rows past the running batch are frozen padding (remaining = 0).
+    """
+
+    anchor: torch.Tensor             # int64: the last emitted token, first row of the next block
+    start: torch.Tensor              # int64: tokens whose K/V are cached = the anchor's position
+    offset: torch.Tensor             # int64: Philox step counter
+    remaining: torch.Tensor          # int32: tokens the request may still emit (0: frozen)
+    temperature: torch.Tensor        # float32
+    top_k: torch.Tensor              # int32
+    top_p: torch.Tensor              # float32
+    min_p: torch.Tensor              # float32
+    seed: torch.Tensor               # int64
+    target_pages: torch.Tensor       # int32 [M, W]: the request's target KV pages (-1 past them)
+    drafter_pages: torch.Tensor | None = None    # int32 [M, W]
+    conf_prev: torch.Tensor | None = None        # float32 [M, G]: confidences of the last step (async scheduler)
+    conf_old: torch.Tensor | None = None         # ... of the step before (what async capacity is planned from)
+    draft_hidden: torch.Tensor | None = None     # [M, d]: EAGLE drafter output that predicts the first draft
+
+    @classmethod
+    def allocate(cls, M: int, width: int, *, drafter: bool, async_conf: int, eagle_hidden: int,
+                 dtype: torch.dtype, device) -> "SlotState":
+        def z(*shape, dt=torch.int64):
+            return torch.zeros(shape, dtype=dt, device=device)
+
+        return cls(anchor=z(M), start=z(M), offset=z(M), remaining=z(M, dt=torch.int32),
+                   temperature=z(M, dt=torch.float32), top_k=z(M, dt=torch.int32), top_p=z(M, dt=torch.float32) + 1,
+                   min_p=z(M, dt=torch.float32), seed=z(M), target_pages=z(M, width, dt=torch.int32) - 1,
+                   drafter_pages=z(M, width, dt=torch.int32) - 1 if drafter else None,
+                   conf_prev=z(M, async_conf, dt=torch.float32) + 1 if async_conf else None,
+                   conf_old=z(M, async_conf, dt=torch.float32) + 1 if async_conf else None,
+                   draft_hidden=z(M, eagle_hidden, dt=dtype) if eagle_hidden else None)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: t for f in dataclasses.fields(self) if (t := getattr(self, f.name)) is not None}
+
+    def rows(self, B: int) -> "SlotState":
+        """Views of the first B slots (same storage: in-place updates reach the engine's state)."""
+        return SlotState(**{name: t[:B] for name, t in self.tensors().items()})
+
+    def keep(self, slots: list[int]) -> None:
+        """Move the rows of ``slots`` (in order) to the front, on the device."""
+        index = _to_device(slots, torch.long, self.anchor.device)
+        for t in self.tensors().values():
+            t[:len(slots)] = t[index]
+
+    def freeze(self, first: int, pad_target: torch.Tensor | None, pad_drafter: torch.Tensor | None) -> None:
+        """Make slots first.. padding: no budget, position 0, writing into the pad pages (if any)."""
+        self.remaining[first:] = 0
+        self.start[first:] = 0
+        self.anchor[first:] = 0
+        if pad_target is not None:
+            self.target_pages[first:] = pad_target
+            if self.drafter_pages is not None:
+                self.drafter_pages[first:] = pad_drafter
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: t.clone() for name, t in self.tensors().items()}
+
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        for name, t in self.tensors().items():
+            t.copy_(saved[name])
+
+
+def _slot_mapping(pages: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """KV slots (page * page_size + offset) of ``positions`` [B, T] in each row's pages [B, W]: int64 [B, T]."""
+    page = pages.gather(1, torch.div(positions, page_size, rounding_mode="floor")).to(torch.int64)
+    return page * page_size + positions % page_size
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without blocking the host on CUDA (pinned staging copy)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A launched step's results on their way to the host: packed [B, W + 2] = tokens | accepted | verified."""
+
+    requests: list[Request]
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+    decode: bool
+
+
+
 class SpeculativeEngine:
-    """Continuous-batching generation with an optional DSpark drafter (see the module docstring).
+    """Continuous-batching generation with an optional drafter (see the module docstring).
 
     Args:
       target: the target :class:`LlamaModel` (eval mode).
       drafter: a :class:`DSparkDrafter` bound to ``target`` (Markov head of any
-        rank; rank 0 is DFlash), or None for plain decoding.
-      block_size: drafted tokens per step (default: the drafter's block size).
+        rank; rank 0 is DFlash), an :class:`Eagle3Drafter` bound to ``target``,
+        or None for plain decoding.
+      block_size: drafted tokens per step (default: the drafter's block size / ttt_length).
       scheduler: "fixed" (verify every draft), "sync" (DSpark Algorithm 1, lossless
         early stop) or "async" (capacity from confidences two steps old, then the
-        top fresh survivals). The confidence schedulers need a confidence head.
+        top fresh survivals). The confidence schedulers need a DSpark confidence head.
       max_batch: running requests at most; more wait in a queue.
-      max_tokens: KV capacity (tokens) of the target cache, shared by all requests.
+      max_tokens: KV capacity (tokens) of the target cache, shared by all requests; a request
+        reserves its whole lifetime (prompt + max_new_tokens + one block) when it joins, so the
+        decode loop never allocates.
       page_size: tokens per KV page.
       sps_table: steps/s of a verify batch of B tokens (index B); profiled at start when None
         and a confidence scheduler is used.
       packed_linear: route CPU fp32 projections through ``dspark_ops.linear`` (default: on CPU).
+      cuda_graphs: capture the decode step as a CUDA graph per batch bucket (default: on CUDA;
+        CUDA only).
     """
 
-    def __init__(self, target: LlamaModel, drafter: DSparkDrafter | None = None, *, block_size: int | None = None,
-                 scheduler: str = "fixed", max_batch: int = 8, max_tokens: int = 8192, page_size: int = 16,
-                 sps_table: torch.Tensor | None = None, packed_linear: bool | None = None):
+    def __init__(self, target: LlamaModel, drafter: DSparkDrafter | Eagle3Drafter | None = None, *,
+                 block_size: int | None = None, scheduler: str = "fixed", max_batch: int = 8, max_tokens: int = 8192,
+                 page_size: int = 16, sps_table: torch.Tensor | None = None, packed_linear: bool | None = None,
+                 cuda_graphs: bool | None = None):
         if not isinstance(target, LlamaModel):
             raise TypeError(f"target must be a LlamaModel, got {type(target).__name__}")
-        if drafter is not None and not isinstance(drafter, DSparkDrafter):
-            raise TypeError(f"drafter must be a DSparkDrafter (or None), got {type(drafter).__name__}")
+        if drafter is not None and not isinstance(drafter, (DSparkDrafter, Eagle3Drafter)):
+            raise TypeError(f"drafter must be a DSparkDrafter, an Eagle3Drafter or None, got {type(drafter).__name__}")
         if drafter is not None:
             drafter.config.validate_against(target.config)
             if drafter.target is not target:
                 raise ValueError("the drafter is bound to a different target model")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        if scheduler != "fixed" and (drafter is None or drafter.confidence_weights() is None):
+        self.eagle = isinstance(drafter, Eagle3Drafter)
+        conf = None if drafter is None else drafter.confidence_weights()
+        if scheduler != "fixed" and conf is None:
             raise ValueError(f"scheduler={scheduler!r} needs a drafter with a confidence head")
         if max_batch < 1 or max_tokens < 1:
             raise ValueError("max_batch and max_tokens must be >= 1")
         self.target, self.drafter, self.scheduler = target, drafter, scheduler
         self.device = target.device
-        self.block_size = 0 if drafter is None else (block_size or drafter.config.block_size)
-        if drafter is not None and not 1 <= self.block_size <= min(15, drafter.config.block_size):
-            raise ValueError(f"block_size must be in [1, {min(15, drafter.config.block_size)}] for this drafter, "
-                             f"got {block_size}")
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, the target is on {self.device}")
+        self.cuda_graphs = cuda_graphs
+        # CPU is compute-bound: forward only the scheduled verify rows. CUDA: fixed shapes, graph-capturable.
+        self.fixed_shapes = self.device.type != "cpu"
+        # Results are read one step late on CUDA so the host never waits for the step it just launched.
+        self._lag = 0 if self.device.type == "cpu" else 1
+        native = 0 if drafter is None else (drafter.config.ttt_length if self.eagle else drafter.config.block_size)
+        self.block_size = 0 if drafter is None else (block_size or native)
+        if drafter is not None and not 1 <= self.block_size <= min(15, native):
+            raise ValueError(f"block_size must be in [1, {min(15, native)}] for this drafter, got {block_size}")
         self.max_batch = max_batch
-        num_pages = math.ceil(max_tokens / page_size) + max_batch  # + one page of slack per request
+        # K/V rows a decode step may write past a request's context: its verify block or its draft block.
+        self._step_rows = self.block_size + 1
+        if drafter is not None and not self.eagle:
+            self._step_rows = max(self._step_rows, drafter.config.block_size)
+        pages_per_request = math.ceil((max_tokens + self._step_rows) / page_size)
+        num_pages = pages_per_request + max_batch + (math.ceil(self._step_rows / page_size) if cuda_graphs else 0)
         layers, heads, dim = target.kv_cache_shape()
-        self.target_cache = PagedKVCache(layers, num_pages, page_size, heads, dim, target.dtype, self.device)
+        self.target_cache = PagedKVCache(layers, num_pages, page_size, heads, dim, target.dtype, self.device,
+                                         max_pages_per_request=pages_per_request)
         self.drafter_cache = None
         if drafter is not None:
             layers, heads, dim = drafter.kv_cache_shape()
-            self.drafter_cache = PagedKVCache(layers, num_pages, page_size, heads, dim, drafter.dtype, self.device)
+            self.drafter_cache = PagedKVCache(layers, num_pages, page_size, heads, dim, drafter.dtype, self.device,
+                                              max_pages_per_request=pages_per_request)
         self.hidden_layers = None if drafter is None else list(drafter.config.target_layer_ids)
         if packed_linear is None:
             packed_linear = self.device.type == "cpu" and target.dtype == torch.float32
@@ -244,20 +374,47 @@ class SpeculativeEngine:
             pack_linear_layers(target)
             if drafter is not None:
                 pack_linear_layers(drafter)
-        if drafter is not None:   # markov_sample reads W2 once per block position: keep it as narrow as is exact
-            V = target.config.vocab_size
-            markov = drafter.markov_weights()
-            markov = markov if markov is not None else (torch.zeros(V, 0), torch.zeros(0, V))
-            self._markov_weights = tuple(w.detach().to(self.device, storage_dtype(w)) for w in markov)
+        # Drafter heads as the ops take them, made once (device tensors: nothing is built inside a captured step).
+        V = target.config.vocab_size
+        markov = drafter.markov_weights() if isinstance(drafter, DSparkDrafter) else None
+        # markov_sample reads W2 once per block position: kept as narrow as is exact (bf16 checkpoints: bf16)
+        self._markov = (tuple(w.detach().to(self.device, storage_dtype(w)) for w in markov) if markov else
+                        (torch.zeros(V, 0, dtype=target.dtype, device=self.device),
+                         torch.zeros(0, V, dtype=target.dtype, device=self.device)))
+        self._conf = None
+        if conf is not None:
+            sts = getattr(drafter.config, "confidence_temperatures", None)  # from `dspark calibrate`
+            temps = None if sts is None else torch.tensor(sts[:self.block_size], device=self.device)
+            self._conf = (conf[0].detach(), conf[1].detach(), temps)
         self.waiting: list[Request] = []
-        self.running: list[Request] = []
+        self.running: list[Request] = []            # in slot order
         self.finished: dict[int, Request] = {}
         self._next_id = 0
         self.stats = EngineStats()
-        self._stale_confidence: list[torch.Tensor] = []   # async scheduler: confidences of earlier steps
+        self._inflight: collections.deque[_InFlight] = collections.deque()
         self.sps_table = sps_table
         if scheduler != "fixed" and sps_table is None:
             self.sps_table = self.profile_sps()
+        self._sps = None if self.sps_table is None else self.sps_table.to(self.device, torch.float64)
+        self.slots = SlotState.allocate(
+            max_batch, pages_per_request, drafter=drafter is not None,
+            async_conf=self.block_size if scheduler == "async" else 0,
+            eagle_hidden=drafter.config.backbone.hidden_size if self.eagle else 0,
+            dtype=target.dtype if drafter is None else drafter.dtype, device=self.device)
+        self._pad_pages = self._reserve_pad_pages() if cuda_graphs else (None, None)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.slots.freeze(0, *self._pad_pages)
+
+    def _reserve_pad_pages(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """KV pages for the padding slots of a graph bucket (page-table rows of the target and drafter caches)."""
+        rows = []
+        for cache in (self.target_cache, self.drafter_cache):
+            if cache is not None:
+                cache.reserve(_PAD_REQUEST, self._step_rows)
+            rows.append(None if cache is None else
+                        cache.page_table([_PAD_REQUEST], width=self.slots.target_pages.shape[1])[0])
+        return tuple(rows)
 
     # ---- requests ----------------------------------------------------------------------------------------------
 
@@ -276,8 +433,7 @@ class SpeculativeEngine:
         if bad:
             raise ValueError(f"stop_token_ids must lie in [0, {vocab}), got {bad[0]}")
         capacity = self.target_cache.max_pages_per_request * self.target_cache.page_size
-        need = len(prompt) + params.max_new_tokens + self.block_size + 1
-        if need > capacity:
+        if self._lifetime_tokens(len(prompt), params) > capacity:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) does not fit "
                              f"the KV cache ({capacity} tokens): raise max_tokens")
         req = Request(self._next_id, prompt, params)
@@ -285,43 +441,51 @@ class SpeculativeEngine:
         self.waiting.append(req)
         return req.id
 
+    def _lifetime_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        """KV positions a request reserves when it joins: its context can reach prompt + max_new_tokens - 1,
+        and a step writes _step_rows rows from there."""
+        return prompt_len + params.max_new_tokens - 1 + self._step_rows
+
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._inflight)
+
+    def context_length(self, request_id: int) -> int:
+        """Tokens whose K/V a running request has cached (the device's view; syncs)."""
+        slot = next(b for b, r in enumerate(self.running) if r.id == request_id)
+        return int(self.slots.start[slot])
 
     def step(self) -> dict[int, list[int]]:
-        """Admit waiting requests (one batched prefill), run one decode step; returns each request's new tokens."""
+        """Admit waiting requests (one batched prefill), launch one decode step, apply the results that are ready.
+
+        Returns the new tokens of each request whose results arrived (on CUDA: those of the previous step).
+        """
         new: dict[int, list[int]] = {}
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
-            for req in admitted:
-                self._settle(req)
-                new[req.id] = list(req.output)
-                if req.finished:
-                    self._release(req)
-                else:
-                    self.running.append(req)
-        decode = [r for r in self.running if r.id not in new]
-        if decode:
-            new.update(self._decode_step(decode))
-        for req in [r for r in self.running if r.finished]:
-            self.running.remove(req)
-            self._release(req)
+        self._collect(self._lag, new)
+        t0 = time.perf_counter()
+        launched = bool(self.running)
+        if launched:
+            self._launch_decode()
+        self._collect(self._lag if launched else 0, new)
+        self.stats.decode_s += time.perf_counter() - t0
         return new
 
     # ---- prefill -----------------------------------------------------------------------------------------------
 
     def _admit(self) -> list[Request]:
-        """Waiting requests that get a batch slot and KV pages for their prompt now (in arrival order)."""
+        """Waiting requests that get a batch slot and the KV pages of their lifetime now (in arrival order)."""
         admitted = []
         while self.waiting and len(self.running) + len(admitted) < self.max_batch:
             req = self.waiting[0]
-            n = len(req.prompt)
+            n = self._lifetime_tokens(len(req.prompt), req.params)
             try:
-                req.prefill_slots = self.target_cache.reserve(req.id, n)
+                req.prefill_slots = self.target_cache.reserve(req.id, n)[:len(req.prompt)]
                 try:
-                    req.drafter_slots = None if self.drafter_cache is None else self.drafter_cache.reserve(req.id, n)
+                    if self.drafter_cache is not None:
+                        req.drafter_slots = self.drafter_cache.reserve(req.id, n)[:len(req.prompt)]
                 except OutOfPagesError:
                     self.target_cache.free(req.id)
                     raise
@@ -334,154 +498,294 @@ class SpeculativeEngine:
 
     @torch.no_grad()
     def _prefill(self, batch: list[Request]) -> None:
-        """All prompts in one forward (each a causal block over its own, empty, cache), then each first token."""
+        """All prompts in one forward (each a causal block over its own, empty, cache), then each first token;
+        the new requests take the slots after the running ones."""
         t0 = time.perf_counter()
-        dev = self.device
-        ids = torch.tensor([t for r in batch for t in r.prompt], dtype=torch.long, device=dev)
-        positions = torch.cat([torch.arange(len(r.prompt), device=dev) for r in batch])
-        ends = list(itertools.accumulate(len(r.prompt) for r in batch))
+        dev, width = self.device, self.slots.target_pages.shape[1]
+        ids = _to_device([t for r in batch for t in r.prompt], torch.long, dev)
+        lens = [len(r.prompt) for r in batch]
+        positions = _to_device([i for n in lens for i in range(n)], torch.long, dev)
+        ends = list(itertools.accumulate(lens))
+        cu = _to_device([0, *ends], torch.int32, dev)
+        seq_lens = _to_device(lens, torch.int32, dev)
         request_ids = [r.id for r in batch]
-        backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=torch.cat([r.prefill_slots for r in batch]),
-                                 page_table=self.target_cache.page_table(request_ids),
-                                 seq_lens=self.target_cache.seq_lens(request_ids),
-                                 cu_q_lens=torch.tensor([0, *ends], dtype=torch.int32, device=dev), causal=True,
-                                 max_block_rows=max(len(r.prompt) for r in batch))
+        target_pages = self.target_cache.page_table(request_ids, width=width)
+        backend = PagedAttention(self.target_cache.layer_caches(),
+                                 slot_mapping=torch.cat([r.prefill_slots for r in batch]), page_table=target_pages,
+                                 seq_lens=seq_lens, cu_q_lens=cu, causal=True, max_block_rows=max(lens))
         out = self.target(ids, positions, kv=backend, hidden_layers=self.hidden_layers, return_logits=False)
-        last = torch.tensor(ends, device=dev) - 1
+        last = _to_device(ends, torch.long, dev) - 1
         logits = self.target.compute_logits(out.hidden[last]).unsqueeze(1)
-        params = self._params_tensors(batch)
-        tokens, _ = verify(logits, torch.empty(len(batch), 0, dtype=torch.int32, device=dev), None, **params)
+        p = [r.params for r in batch]
+        params = {
+            "temperature": _to_device([q.temperature for q in p], torch.float32, dev),
+            "top_k": _to_device([q.top_k for q in p], torch.int32, dev),
+            "top_p": _to_device([q.top_p for q in p], torch.float32, dev),
+            "min_p": _to_device([q.min_p for q in p], torch.float32, dev),
+            "seed": _to_device([q.seed for q in p], torch.int64, dev),
+        }
+        tokens, _ = verify(logits, torch.empty(len(batch), 0, dtype=torch.int32, device=dev), None,
+                           offset=torch.zeros(len(batch), dtype=torch.int64, device=dev), **params)
+        first = tokens[:, 0].to(torch.long)
+        s = self.slots
+        lo, hi = len(self.running), len(self.running) + len(batch)
         if self.drafter is not None:
+            drafter_pages = self.drafter_cache.page_table(request_ids, width=width)
             drafter_slots = torch.cat([r.drafter_slots for r in batch])
-            backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots, causal=False)
-            self.drafter.extend_context(out.layer_hidden, positions, kv=backend)
-        for req, token in zip(batch, tokens[:, 0].tolist()):
-            req.offset += 1
-            req.context_len = len(req.prompt)
-            req.output.append(token)
+            if self.eagle:  # row t pairs the target state at t with token t+1 (the first new token after the prompt)
+                paired = torch.cat((ids[1:], ids[:1]))
+                paired[last] = first
+                backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots,
+                                         page_table=drafter_pages, seq_lens=seq_lens, cu_q_lens=cu, causal=True,
+                                         max_block_rows=max(lens))
+                h = self.drafter(paired, out.layer_hidden, positions, kv=backend)
+                s.draft_hidden[lo:hi] = h[last]
+            else:
+                backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots, causal=False)
+                self.drafter.extend_context(out.layer_hidden, positions, kv=backend)
+            s.drafter_pages[lo:hi] = drafter_pages
+        s.anchor[lo:hi] = first
+        s.start[lo:hi] = seq_lens
+        s.offset[lo:hi] = 1
+        s.remaining[lo:hi] = _to_device([q.max_new_tokens - 1 for q in p], torch.int32, dev)
+        for name, value in params.items():
+            getattr(s, name)[lo:hi] = value
+        s.target_pages[lo:hi] = target_pages
+        if s.conf_prev is not None:
+            s.conf_prev[lo:hi] = 1.0
+            s.conf_old[lo:hi] = 1.0
+        for req in batch:
             req.prefill_slots = req.drafter_slots = None
+        self.running.extend(batch)
+        zeros = torch.zeros_like(tokens[:, :1])
+        self._enqueue(batch, torch.cat((tokens[:, :1], zeros, zeros), 1), decode=False)
         self.stats.prefill_s += time.perf_counter() - t0
 
     # ---- one decode step -----------------------------------------------------------------------------------------
 
+    def _launch_decode(self) -> None:
+        B = len(self.running)
+        if self.cuda_graphs:
+            bucket = min(self.max_batch, 1 << (B - 1).bit_length())
+            if bucket not in self._graphs:
+                self._graphs[bucket] = self._capture(bucket)
+            graph, packed = self._graphs[bucket]
+            graph.replay()
+        else:
+            packed = self._decode(B)
+        self._enqueue(list(self.running), packed[:B], decode=True)
+
+    def _capture(self, B: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """A CUDA graph of the decode step over the first B slots."""
+        self._warm_up(B)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            packed = self._decode(B)
+        return graph, packed
+
+    def _warm_up(self, B: int) -> None:
+        """Run the step once before capturing it (lazy initialisation; on a side stream on CUDA, as capture
+        wants), then undo it: the slot state is restored, and its K/V writes lie past every context."""
+        saved = self.slots.snapshot()
+        side = torch.cuda.Stream() if self.device.type == "cuda" else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            self._decode(B)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        self.slots.restore(saved)
+
     @torch.no_grad()
-    def _decode_step(self, batch: list[Request]) -> dict[int, list[int]]:
-        dev, R, G = self.device, len(batch), self.block_size
-        ids = [r.id for r in batch]
-        anchors = torch.tensor([r.anchor for r in batch], dtype=torch.long, device=dev)
-        starts = torch.tensor([r.context_len for r in batch], dtype=torch.long, device=dev)
-        params = self._params_tensors(batch)
-
-        # 1. draft
-        t0 = time.perf_counter()
-        drafts = torch.empty(R, 0, dtype=torch.int32, device=dev)
-        draft_probs = confidence = None
-        if G:
-            drafts, draft_probs, confidence = self._draft(batch, ids, anchors, starts, params)
+    def _decode(self, B: int) -> torch.Tensor:
+        """One decode step of slots 0..B-1, device tensors only; returns [B, G+3] int32:
+        tokens [G+1] (accepted drafts, then the sampled token; -1 after) | accepted | verified drafts."""
+        s, G, dev = self.slots.rows(B), self.block_size, self.device
+        live = s.remaining > 0
         # Never verify drafts a request could not emit (its remaining budget).
-        remaining = torch.tensor([r.params.max_new_tokens - len(r.output) - 1 for r in batch], device=dev)
-        max_len = remaining.clamp(0, G).to(torch.int32)
-        t1 = time.perf_counter()
+        max_len = (s.remaining - 1).clamp(0, G).to(torch.int32)
 
-        # 2. schedule
-        lengths = self._schedule(confidence, max_len) if G else max_len
-        t2 = time.perf_counter()
+        with self._phase("draft_s"):
+            drafts = torch.empty(B, 0, dtype=torch.int32, device=dev)
+            draft_probs = confidence = None
+            if G:
+                drafts, draft_probs, confidence = self._draft(s)
 
-        # 3. verify: one target forward over [anchor, x_1..x_l] of every request
-        lens = lengths.to(torch.long).cpu().tolist()
-        rows = [l + 1 for l in lens]
-        slots = self.target_cache.reserve_batch(ids, rows)
-        cu = torch.tensor([0, *itertools.accumulate(rows)], dtype=torch.int32, device=dev)
-        block_ids = torch.cat([torch.cat((anchors[b:b + 1], drafts[b, :lens[b]].long())) for b in range(R)])
-        positions = torch.cat([starts[b] + torch.arange(rows[b], device=dev) for b in range(R)])
-        backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=slots,
-                                 page_table=self.target_cache.page_table(ids), seq_lens=self.target_cache.seq_lens(ids),
-                                 cu_q_lens=cu, causal=True)
-        out = self.target(block_ids, positions, kv=backend, hidden_layers=self.hidden_layers)
-        # [R, G+1, V] view of the ragged rows (positions past a request's block repeat its last row; verify never reads them)
-        j = torch.arange(G + 1, device=dev)
-        row_index = cu[:-1].long().unsqueeze(1) + torch.minimum(j.unsqueeze(0), lengths.long().unsqueeze(1))
-        logits = out.logits[row_index]
-        tokens, num_accepted = verify(logits, drafts, draft_probs, num_draft=lengths, **params)
-        accepted = num_accepted.cpu().tolist()
-        tokens = tokens.cpu()
+        with self._phase("schedule_s"):
+            lengths = self._schedule(s, confidence, max_len) if G else max_len
 
-        # 4. rollback: keep anchor + accepted drafts; the drafter's context gains them
-        kept = [a + 1 for a in accepted]
-        self.target_cache.rollback(ids, kept)
-        if self.drafter is not None:
-            keep_rows = torch.cat([cu[b] + torch.arange(kept[b], device=dev) for b in range(R)]).long()
-            drafter_slots = self.drafter_cache.reserve_batch(ids, kept)
-            ctx_backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots, causal=False)
-            self.drafter.extend_context(out.layer_hidden[keep_rows], positions[keep_rows], kv=ctx_backend)
-        t3 = time.perf_counter()
+        with self._phase("verify_s"):
+            # The verify block of every request: [anchor, x_1..x_G] at positions start.. (rows past its
+            # scheduled length are forwarded only at fixed shapes, and never accepted).
+            G1 = G + 1
+            block = torch.cat((s.anchor.unsqueeze(1), drafts.to(torch.long)), 1)
+            positions = s.start.unsqueeze(1) + torch.arange(G1, device=dev)
+            counts = torch.full_like(lengths, G1) if self.fixed_shapes else lengths + 1
+            row_mask = None if self.fixed_shapes else torch.arange(G1, device=dev) < counts.unsqueeze(1)
 
-        new = {}
-        for b, req in enumerate(batch):
-            self._record(req, lens[b], accepted[b])
-            req.context_len += kept[b]
-            req.offset += 1
-            before = len(req.output)
-            req.output.extend(tokens[b, :accepted[b] + 1].tolist())
-            self._settle(req)  # may cut after a stop token or at the budget
-            new[req.id] = req.output[before:]
-        s = self.stats
-        s.steps += 1
-        s.draft_s += t1 - t0
-        s.schedule_s += t2 - t1
-        s.verify_s += t3 - t2
-        s.verify_tokens += sum(rows)
-        return new
+            def rows(x):  # [B, G1, ...] -> the forwarded rows
+                return x.reshape(B * G1, *x.shape[2:]) if row_mask is None else x[row_mask]
 
-    def _draft(self, batch, ids, anchors, starts, params):
-        R, G, dev = len(batch), self.block_size, self.device
+            cu = torch.cat((counts.new_zeros(1), counts.cumsum(0))).to(torch.int32)
+            seq_lens = (s.start + counts).to(torch.int32)
+            flat_pos = rows(positions)
+            slots = rows(_slot_mapping(s.target_pages, positions, self.target_cache.page_size))
+            backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=slots, page_table=s.target_pages,
+                                     seq_lens=seq_lens, cu_q_lens=cu, causal=True)
+            out = self.target(rows(block), flat_pos, kv=backend, hidden_layers=self.hidden_layers)
+            # [B, G1] -> forwarded row (rows past a request's block repeat its last row; verify never reads them)
+            row_of = cu[:-1].to(torch.long).unsqueeze(1) + torch.minimum(
+                torch.arange(G1, device=dev), (counts - 1).to(torch.long).unsqueeze(1))
+            logits = out.logits.view(B, G1, -1) if row_mask is None else out.logits[row_of]
+            tokens, num_accepted = verify(logits, drafts, draft_probs, num_draft=lengths, temperature=s.temperature,
+                                          top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=s.seed, offset=s.offset)
+
+            # rollback: the anchor and the accepted drafts stay (num_accepted < 0: an invalid row, nothing stays)
+            kept = torch.where(live & (num_accepted >= 0), num_accepted + 1, 0).to(torch.int32)
+            kv_rollback(self.target_cache.k, self.target_cache.v, s.target_pages, seq_lens, s.start, None, kept)
+            last = (kept.to(torch.long) - 1).clamp(min=0).unsqueeze(1)
+            if self.drafter is not None:  # its context length is the target's (s.start)
+                self._extend_drafter(s, out, tokens, rows, flat_pos, cu, row_of.gather(1, last).squeeze(1), kept > 0)
+            s.anchor.copy_(torch.where(kept > 0, tokens.gather(1, last).squeeze(1).to(torch.long), s.anchor))
+            s.start.copy_(seq_lens)
+            s.offset.add_(live.to(torch.long))
+            s.remaining.sub_(kept)
+            if s.conf_prev is not None:
+                s.conf_old.copy_(s.conf_prev)
+                s.conf_prev.copy_(confidence)
+        return torch.cat((tokens, num_accepted.unsqueeze(1), lengths.unsqueeze(1)), 1)
+
+    def _draft(self, s: SlotState):
+        """(drafts [B, G] int32, draft distributions [B, G, V], confidences [B, G] or None)."""
+        return self._draft_eagle(s) if self.eagle else self._draft_dspark(s)
+
+    def _draft_dspark(self, s: SlotState):
+        """One parallel drafter pass over [anchor, mask..] at start.. (scratch K/V past the context), then
+        markov_sample draws the block and its confidences."""
+        B, G, dev = s.anchor.shape[0], self.block_size, self.device
         bs = self.drafter.config.block_size
-        slots = self.drafter_cache.reserve_batch(ids, [bs] * R)
-        cu = torch.arange(R + 1, dtype=torch.int32, device=dev) * bs
+        positions = s.start.unsqueeze(1) + torch.arange(bs, device=dev)
+        slots = _slot_mapping(s.drafter_pages, positions, self.drafter_cache.page_size).view(-1)
         backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=slots,
-                                 page_table=self.drafter_cache.page_table(ids),
-                                 seq_lens=self.drafter_cache.seq_lens(ids), cu_q_lens=cu, causal=False)
-        block = self.drafter.draft_block(anchors, starts, kv=backend)
-        self.drafter_cache.rollback(ids, [0] * R)  # the block was scratch: back to the context
-        w1, w2 = self._markov_weights
-        conf = self.drafter.confidence_weights()
+                                 page_table=s.drafter_pages, seq_lens=(s.start + bs).to(torch.int32),
+                                 cu_q_lens=torch.arange(B + 1, dtype=torch.int32, device=dev) * bs, causal=False)
+        block = self.drafter.draft_block(s.anchor, s.start, kv=backend)
         kwargs = {}
-        if conf is not None:
-            sts = getattr(self.drafter.config, "confidence_temperatures", None)  # from `dspark calibrate`
-            kwargs = dict(hidden=block.hidden[:, :G], conf_weight=conf[0], conf_bias=conf[1],
-                          conf_temperature=None if sts is None else torch.tensor(sts[:G], device=dev))
-        drafts, draft_probs, confidence = markov_sample(
-            block.logits[:, :G], anchors, w1, w2, temperature=params["temperature"], seed=params["seed"],
-            offset=params["offset"], **kwargs)
-        return drafts, draft_probs, confidence
+        if self._conf is not None:
+            w, b, temps = self._conf
+            kwargs = dict(hidden=block.hidden[:, :G], conf_weight=w, conf_bias=b, conf_temperature=temps)
+        return markov_sample(block.logits[:, :G], s.anchor, *self._markov, temperature=s.temperature, seed=s.seed,
+                             offset=s.offset, **kwargs)
 
-    def _schedule(self, confidence, max_len) -> torch.Tensor:
+    def _draft_eagle(self, s: SlotState):
+        """EAGLE-3: the output that predicts x_1 came with the last step; each further draft feeds the previous
+        output with the token just drawn (at the next position, scratch K/V past the context). Every draw is
+        ``markov_sample`` without a Markov head on its own Philox offset, so q is what the token was drawn from."""
+        B, G, dev = s.anchor.shape[0], self.block_size, self.device
+        cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        h, prev = s.draft_hidden, s.anchor
+        tokens, probs = [], []
+        for j in range(G):
+            if j:
+                pos = s.start + (j - 1)
+                slots = _slot_mapping(s.drafter_pages, pos.unsqueeze(1), self.drafter_cache.page_size).view(-1)
+                backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=slots,
+                                         page_table=s.drafter_pages, seq_lens=(pos + 1).to(torch.int32), cu_q_lens=cu,
+                                         causal=True)
+                h = self.drafter(prev, h, pos, kv=backend, from_target=False)
+            logits = self.drafter.compute_logits(h).unsqueeze(1)
+            tok, q, _ = markov_sample(logits, prev, *self._markov, temperature=s.temperature, seed=s.seed,
+                                      offset=s.offset * _EAGLE_DRAWS_PER_STEP + j)
+            prev = tok[:, 0].to(torch.long)
+            tokens.append(tok)
+            probs.append(q)
+        return torch.cat(tokens, 1), torch.cat(probs, 1), None
+
+    def _extend_drafter(self, s, out, tokens, rows, flat_pos, cu, last_row, advanced) -> None:
+        """The drafter's context gains the verified rows (all forwarded rows are written; those past the
+        accepted ones lie past the new context and are overwritten before they are read)."""
+        dc = self.drafter_cache
+        block_pos = s.start.unsqueeze(1) + torch.arange(self.block_size + 1, device=self.device)
+        slots = rows(_slot_mapping(s.drafter_pages, block_pos, dc.page_size))
+        if self.eagle:  # row j pairs the target state at start + j with the token emitted after it
+            backend = PagedAttention(dc.layer_caches(), slot_mapping=slots, page_table=s.drafter_pages,
+                                     seq_lens=(s.start + cu.diff()).to(torch.int32), cu_q_lens=cu, causal=True)
+            h = self.drafter(rows(tokens.clamp(min=0).to(torch.long)), out.layer_hidden, flat_pos, kv=backend)
+            s.draft_hidden.copy_(torch.where(advanced.unsqueeze(1), h[last_row], s.draft_hidden))
+        else:
+            self.drafter.extend_context(out.layer_hidden, flat_pos,
+                                        kv=PagedAttention(dc.layer_caches(), slot_mapping=slots, causal=False))
+
+    def _schedule(self, s: SlotState, confidence, max_len) -> torch.Tensor:
         if self.scheduler == "fixed" or confidence is None:
             return max_len
         if self.scheduler == "sync":
-            return schedule_verify_lengths(confidence, self.sps_table, mode="sync", max_len=max_len)
-        # async: capacity chosen from confidences two steps old (same batch size), or all drafts before that
-        R = confidence.shape[0]
-        stale = self._stale_confidence[0] if len(self._stale_confidence) == 2 else None
-        if stale is not None and stale.shape[0] == R:
-            capacity = plan_capacity(stale, self.sps_table, max_len=max_len)
+            return schedule_verify_lengths(confidence, self._sps, mode="sync", max_len=max_len)
+        # async: capacity planned from the confidences two steps old (1 for a request that joined since)
+        capacity = plan_capacity(s.conf_old, self._sps, max_len=max_len)
+        return schedule_verify_lengths(confidence, self._sps, mode="async", capacity=capacity, max_len=max_len)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Time a phase of an eager CPU step (on CUDA the host only launches work: nothing to time)."""
+        if self.device.type != "cpu":
+            yield
+            return
+        t0 = time.perf_counter()
+        yield
+        setattr(self.stats, name, getattr(self.stats, name) + time.perf_counter() - t0)
+
+    # ---- results -------------------------------------------------------------------------------------------------
+
+    def _enqueue(self, requests: list[Request], packed: torch.Tensor, *, decode: bool) -> None:
+        """Start copying a step's packed results to the host (asynchronously on CUDA)."""
+        event = None
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
         else:
-            capacity = int(max_len.sum()) + R
-        self._stale_confidence = (self._stale_confidence + [confidence])[-2:]
-        return schedule_verify_lengths(confidence, self.sps_table, mode="async", capacity=capacity, max_len=max_len)
+            host = packed.to("cpu", copy=True)   # a graph's output buffer is overwritten by its next replay
+        self._inflight.append(_InFlight(requests, host, event, decode))
+
+    def _collect(self, keep: int, new: dict[int, list[int]]) -> None:
+        """Apply the results of all but the last ``keep`` launched steps, then let finished requests leave."""
+        while len(self._inflight) > keep:
+            p = self._inflight.popleft()
+            if p.event is not None:
+                p.event.synchronize()
+            if p.decode:
+                self.stats.steps += 1
+            for req, row in zip(p.requests, p.host.tolist()):
+                if req.finished:  # ran one step past its end on the device: discarded
+                    continue
+                *tokens, accepted, verified = row
+                if accepted < 0:
+                    req.finish_reason = "error"   # the device flagged the row invalid (e.g. NaN logits)
+                    continue
+                if p.decode:
+                    self._record(req, verified, accepted)
+                    self.stats.verify_tokens += verified + 1
+                before = len(req.output)
+                req.output.extend(tokens[:accepted + 1])
+                self._settle(req)  # may cut after a stop token or at the budget
+                new.setdefault(req.id, []).extend(req.output[before:])
+        self._retire()
+
+    def _retire(self) -> None:
+        """Finished requests leave: the others move to the front slots, their pages go back."""
+        keep = [b for b, r in enumerate(self.running) if not r.finished]
+        if len(keep) == len(self.running):
+            return
+        self.slots.keep(keep)
+        self.slots.freeze(len(keep), *self._pad_pages)
+        for req in self.running:
+            if req.finished:
+                self._release(req)
+        self.running = [self.running[b] for b in keep]
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------------
-
-    def _params_tensors(self, batch: list[Request]) -> dict[str, torch.Tensor]:
-        dev = self.device
-        return {
-            "temperature": torch.tensor([r.params.temperature for r in batch], dtype=torch.float32, device=dev),
-            "top_k": torch.tensor([r.params.top_k for r in batch], dtype=torch.int32, device=dev),
-            "top_p": torch.tensor([r.params.top_p for r in batch], dtype=torch.float32, device=dev),
-            "min_p": torch.tensor([r.params.min_p for r in batch], dtype=torch.float32, device=dev),
-            "seed": torch.tensor([r.params.seed for r in batch], dtype=torch.int64, device=dev),
-            "offset": torch.tensor([r.offset for r in batch], dtype=torch.int64, device=dev),
-        }
 
     def _record(self, req: Request, verified: int, accepted: int) -> None:
         st, es = req.stats, self.stats

@@ -476,6 +476,10 @@ class Eagle3Drafter(_Drafter):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.target.compute_logits(self.norm(hidden).to(self.target.dtype))
 
+    def confidence_weights(self) -> None:
+        """No confidence head: the engine's confidence schedulers need a DSpark drafter."""
+        return None
+
     def slots(self) -> dict[str, Slot]:
         s = {"fc.weight": Slot(self.fc.weight), "norm.weight": Slot(self.norm.weight)}
         for i, layer in enumerate(self.layers):
