@@ -63,3 +63,17 @@ def test_speculative_greedy_equals_plain(smollm2, plain_outputs, drafter_kind):
     assert engine.generate(prompts, NEW) == plain
     batched = SpeculativeEngine(target, drafter, scheduler=scheduler, max_batch=3, sps_table=engine.sps_table)
     assert batched.generate(prompts, NEW) == plain
+
+
+@pytest.mark.parametrize("scheduler", ["fixed", "sync", "async"])
+def test_generate_cli_compare_with_each_scheduler(smollm2, scheduler, capsys):
+    """`dspark generate --compare --scheduler S`: the speculative run and its plain baseline agree (greedy)."""
+    if shipped_drafter("smollm2-135m") is None:
+        pytest.skip("no shipped drafter")
+    from dspark_ops.cli import main
+
+    rc = main(["generate", "--model", "smollm2-135m", "--prompt", PROMPTS[0], "--max-new-tokens", "12",
+               "--compare", "--scheduler", scheduler])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "speedup:" in err and "(identical output)" in err, err

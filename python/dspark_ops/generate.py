@@ -50,8 +50,10 @@ def add_parser(sub) -> None:
 def _engine_for(target, drafter, args):
     from .engine import SpeculativeEngine
 
-    scheduler = args.scheduler or ("sync" if drafter is not None and drafter.confidence_weights() is not None
-                                   else "fixed")
+    if drafter is None:   # plain decoding (--no-spec, or the --compare baseline) verifies no drafts
+        scheduler = "fixed"
+    else:
+        scheduler = args.scheduler or ("sync" if drafter.confidence_weights() is not None else "fixed")
     return SpeculativeEngine(target, drafter, block_size=args.block_size, scheduler=scheduler,
                              max_batch=max(1, len(args.prompt)), max_tokens=4096)
 
