@@ -7,14 +7,15 @@ verified):
 - tau: mean tokens emitted per decode round, bonus token included;
 - per-position conditional acceptance P(draft k accepted | drafts < k accepted),
   pooled over domains (PNG: the DSpark paper's Figure 2 curve);
-- end-to-end decode tokens/s of the engine with the DSpark drafter vs the
-  engine's own plain decoding, batch 1, temperature 0, with the outputs checked
+- decode tokens/s of the engine with each drafter vs the engine's own plain
+  decoding (``--speed``), batch 1, temperature 0, with the outputs checked
   token for token (greedy speculative decoding is lossless).
 
-DSpark and DFlash drafters run in :class:`~dspark_ops.engine.SpeculativeEngine`;
-the EAGLE-3-style drafter (autoregressive, not an engine drafter) runs in the
-chain-drafting loop below over dense caches, verified by the same
-``dspark_ops.verify`` op, so tau means the same thing for all three.
+For tau, DSpark and DFlash drafters run in :class:`~dspark_ops.engine.SpeculativeEngine`
+and the EAGLE-3-style drafter in the chain-drafting loop below over dense
+caches (the engine drives it too and drafts the same tokens; ``--speed`` times
+it there), all verified by the same ``dspark_ops.verify`` op, so tau means the
+same thing for all three.
 
     python bench/bench_drafters.py --data-dir DATA --dspark DIR [--dflash DIR] [--eagle3 DIR] [--speed]
     python bench/bench_drafters.py ... --quick      # 3 prompts per domain, 48 tokens
@@ -149,10 +150,11 @@ def eagle3_generate(target: LlamaModel, drafter: Eagle3Drafter, prompt: list[int
     return output[:max_new_tokens]
 
 
-def speed(target, drafter, prompts, max_new_tokens, eos) -> dict:
-    """Decode tokens/s at batch 1, temperature 0: plain engine vs the engine with ``drafter``; outputs compared."""
+def speed(target, drafters: dict, prompts, max_new_tokens, eos) -> dict:
+    """Decode tokens/s at batch 1, temperature 0: the plain engine, then the engine with each drafter
+    (DSpark / DFlash in parallel blocks, EAGLE-3 autoregressively); each output compared with plain's."""
     res = {}
-    for name, d in (("plain", None), ("dspark", drafter)):
+    for name, d in (("plain", None), *drafters.items()):
         engine = SpeculativeEngine(target, d, max_batch=1, max_tokens=max(map(len, prompts)) + max_new_tokens + 32)
         engine.generate(prompts[:1], 8, stop_token_ids=eos)           # warm-up
         engine.stats = type(engine.stats)()
@@ -162,7 +164,10 @@ def speed(target, drafter, prompts, max_new_tokens, eos) -> dict:
         s = engine.stats.summary()
         res[name] = {"outputs": outs, "decode_tok_s": s["decode_tokens_per_s"],
                      "e2e_tok_s": sum(map(len, outs)) / wall, "steps": engine.stats.steps}
-    res["identical"] = res["plain"]["outputs"] == res["dspark"]["outputs"]
+    for name in drafters:
+        res[name]["identical"] = res[name]["outputs"] == res["plain"]["outputs"]
+    for r in res.values():
+        r.pop("outputs")
     return res
 
 
@@ -214,7 +219,7 @@ def main():
     ap.add_argument("--eagle3")
     ap.add_argument("--prompts-per-domain", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--speed", action="store_true", help="also time the DSpark engine against plain decoding")
+    ap.add_argument("--speed", action="store_true", help="also time the engine with each drafter against plain decoding")
     ap.add_argument("--speed-prompts", type=int, default=3)
     ap.add_argument("--temperatures", type=float, nargs="*", default=[0.0, 1.0])
     ap.add_argument("--png", default="bench/drafters_acceptance.png")
@@ -269,19 +274,19 @@ def main():
         report(results, args.temperatures, list(prompts), args.png)
     out = {"tau": results, "temperatures": args.temperatures, "domains": list(prompts)}
     if args.speed:
-        if not args.dspark:
-            ap.error("--speed needs --dspark")
-        drafter = load_drafter(args.dspark, target, dtype="float32")
+        if not drafters:
+            ap.error("--speed needs a drafter (--dspark, --dflash or --eagle3)")
         sp_prompts = [ps[i] for i in range(args.speed_prompts) for ps in prompts.values() if i < len(ps)]
         sp_prompts = sp_prompts[:args.speed_prompts]
-        sp = speed(target, drafter, sp_prompts, args.max_new_tokens, eos)
-        ratio = sp["dspark"]["decode_tok_s"] / sp["plain"]["decode_tok_s"]
+        loaded = {name: load_drafter(path, target, dtype="float32") for name, path in drafters.items()}
+        sp = speed(target, loaded, sp_prompts, args.max_new_tokens, eos)
+        plain = sp["plain"]
         print(f"\nbatch 1, T=0, {len(sp_prompts)} prompts x {args.max_new_tokens} tokens: plain "
-              f"{sp['plain']['decode_tok_s']:.1f} tok/s, DSpark {sp['dspark']['decode_tok_s']:.1f} tok/s "
-              f"-> {ratio:.2f}x decode (end to end incl. prefill: {sp['plain']['e2e_tok_s']:.1f} vs "
-              f"{sp['dspark']['e2e_tok_s']:.1f} tok/s); identical greedy output: {sp['identical']}")
-        for k in ("plain", "dspark"):
-            sp[k].pop("outputs")
+              f"{plain['decode_tok_s']:.1f} tok/s decode ({plain['e2e_tok_s']:.1f} end to end incl. prefill)")
+        for name in drafters:
+            r = sp[name]
+            print(f"  {name:8s} {r['decode_tok_s']:.1f} tok/s -> {r['decode_tok_s'] / plain['decode_tok_s']:.2f}x "
+                  f"decode ({r['e2e_tok_s']:.1f} end to end); identical greedy output: {r['identical']}")
         out["speed"] = sp
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
