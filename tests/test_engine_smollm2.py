@@ -77,3 +77,13 @@ def test_generate_cli_compare_with_each_scheduler(smollm2, scheduler, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "speedup:" in err and "(identical output)" in err, err
+
+
+def test_generate_cli_device_choice(smollm2, capsys):
+    """--device cpu runs; --device cuda without a visible GPU is a clear error, not a crash."""
+    from dspark_ops.cli import main
+
+    assert main(["generate", "--prompt", PROMPTS[1], "--max-new-tokens", "4", "--device", "cpu", "--no-spec"]) == 0
+    if not torch.cuda.is_available():
+        assert main(["generate", "--prompt", PROMPTS[1], "--max-new-tokens", "4", "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA GPU" in capsys.readouterr().err

@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
                    help="verify-length scheduler (default: sync when the drafter has a confidence head)")
     g.add_argument("--compare", action="store_true", help="also run plain decoding and print the speedup")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the models run (auto: cuda when a GPU is visible)")
+    g.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graphs (the step runs eagerly)")
     g.set_defaults(func=run)
 
 
@@ -55,7 +58,8 @@ def _engine_for(target, drafter, args):
     else:
         scheduler = args.scheduler or ("sync" if drafter.confidence_weights() is not None else "fixed")
     return SpeculativeEngine(target, drafter, block_size=args.block_size, scheduler=scheduler,
-                             max_batch=max(1, len(args.prompt)), max_tokens=4096)
+                             max_batch=max(1, len(args.prompt)), max_tokens=4096,
+                             cuda_graphs=False if args.eager else None)
 
 
 def _run_engine(engine, prompts, args, tokenizer, stop, *, show: bool):
@@ -97,8 +101,11 @@ def run(args) -> int:
     from .models import LlamaModel, TextTokenizer, build_drafter_from_target, load_drafter, resolve_model
 
     try:
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible to torch")
         path = resolve_model(args.model, dtype=getattr(torch, args.dtype))
-        target = LlamaModel.from_pretrained(path, dtype=getattr(torch, args.dtype))
+        target = LlamaModel.from_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
         tokenizer = TextTokenizer(path)
         drafter = None
         if args.self_drafter is not None:
@@ -109,7 +116,7 @@ def run(args) -> int:
                 print(f"dspark generate: no trained drafter for {args.model!r}; pass --drafter, --self-drafter N "
                       f"or --no-spec", file=sys.stderr)
                 return 2
-            drafter = load_drafter(folder, target, dtype=target.dtype)  # the CPU kernels run fp32
+            drafter = load_drafter(folder, target, dtype=target.dtype, device=target.device)  # CPU kernels run fp32
         prompts_text = args.prompt or ["Explain in three sentences why the sky is blue."]
         prompts = [tokenizer.encode(p) if args.raw else tokenizer.encode_chat(p) for p in prompts_text]
         args.prompt = prompts_text
