@@ -314,6 +314,15 @@ def graph_path_on_cpu(engine: SpeculativeEngine) -> SpeculativeEngine:
     return engine
 
 
+def graph_case(kind: str, target: LlamaModel, seed: int):
+    """(drafter, scheduler) of a graph-path test case."""
+    if kind == "none":
+        return None, "fixed"
+    if kind == "eagle":
+        return eagle_drafter(target, seed, block=4), "fixed"
+    return random_drafter(target, seed, rank=8, confidence=True), kind.removeprefix("dspark_")
+
+
 @pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle"])
 def test_graph_code_path_on_cpu(kind):
     """The step as the CUDA-graph path runs it (fixed shapes, padding slots, one-step-late results, requests
@@ -322,12 +331,7 @@ def test_graph_code_path_on_cpu(kind):
     so their sampled tokens may differ, losslessly)."""
     seed = fresh_seed()
     target = tiny_target(seed)
-    drafter, scheduler = {
-        "none": (None, "fixed"),
-        "dspark_sync": (random_drafter(target, seed, rank=8, confidence=True), "sync"),
-        "dspark_async": (random_drafter(target, seed, rank=8, confidence=True), "async"),
-        "eagle": (eagle_drafter(target, seed, block=4), "fixed"),
-    }[kind]
+    drafter, scheduler = graph_case(kind, target, seed)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 95, (int(n),), generator=gen).tolist() for n in (5, 17, 9, 30, 2, 11)]
     budgets = [12, 20, 7, 16, 1, 9]
@@ -356,12 +360,7 @@ def test_cuda_graph_replay_equals_eager(kind):
     captured once."""
     seed = fresh_seed()
     target = tiny_target(seed, head_dim=64, scale=0.2).to("cuda")
-    drafter, scheduler = {
-        "none": (None, "fixed"),
-        "dspark_sync": (random_drafter(target, seed, rank=8, confidence=True), "sync"),
-        "dspark_async": (random_drafter(target, seed, rank=8, confidence=True), "async"),
-        "eagle": (eagle_drafter(target, seed, block=4), "fixed"),
-    }[kind]
+    drafter, scheduler = graph_case(kind, target, seed)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 95, (int(n),), generator=gen).tolist() for n in (5, 17, 9, 30, 2)]
     budgets = [12, 20, 7, 16, 1]

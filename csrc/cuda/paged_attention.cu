@@ -249,16 +249,7 @@ void launch(const BlockAttentionProblem& P, const at::Tensor& like, cudaStream_t
   const size_t smem = smem_floats<D>(warps * kWarpRows) * sizeof(float);
   TORCH_CHECK(smem <= budget, "draft_block_attention: head_dim ", D,
               " needs more shared memory than this GPU offers");
-  auto kernel = block_attention_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-
-  const int splits = choose_splits(P);
-  at::Tensor workspace;
-  const SplitWorkspace ws = make_split_workspace(P, splits, like, &workspace);
-  const dim3 grid(splits, static_cast<unsigned>(P.kv.num_kv_heads), static_cast<unsigned>(P.kv.batch));
-  kernel<<<grid, warps * 32, smem, stream>>>(P, ws);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) combine_splits(P, ws, splits, stream);
+  launch_split_kv(block_attention_kernel<T, D>, P, like, warps * 32, smem, stream);
 }
 
 template <typename T>

@@ -6,6 +6,7 @@
 // partial-result workspace and the same combine kernel.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include "dspark/paged_kv.h"
@@ -62,6 +63,21 @@ SplitWorkspace make_split_workspace(const BlockAttentionProblem& P, int splits, 
                                     at::Tensor* holder);
 // out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, for splits > 1.
 void combine_splits(const BlockAttentionProblem& P, const SplitWorkspace& ws, int splits, cudaStream_t stream);
+
+// Runs `kernel`(P, workspace) over the grid (split, kv head, request) with `threads` threads and `smem`
+// bytes of dynamic shared memory, then combines the splits: the launch sequence of both paths.
+template <typename Kernel>
+void launch_split_kv(Kernel kernel, const BlockAttentionProblem& P, const at::Tensor& like, int threads,
+                     size_t smem, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const int splits = choose_splits(P);
+  at::Tensor workspace;
+  const SplitWorkspace ws = make_split_workspace(P, splits, like, &workspace);
+  const dim3 grid(splits, static_cast<unsigned>(P.kv.num_kv_heads), static_cast<unsigned>(P.kv.batch));
+  kernel<<<grid, threads, smem, stream>>>(P, ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) combine_splits(P, ws, splits, stream);
+}
 
 #if defined(DSPARK_WITH_CUTE)
 // Tensor-core path: P.dtype fp16/bf16, head_dim 64 or 128, a device of compute capability >= 8.0.

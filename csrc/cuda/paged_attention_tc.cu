@@ -390,16 +390,7 @@ void launch(const BlockAttentionProblem& P, const at::Tensor& like, cudaStream_t
   constexpr size_t smem = smem_bytes<D>();
   static_assert(kWarps * kRowTile * (D + 2) * sizeof(float) <= 2 * kStages * kTileN * smem_stride<D>() * 2,
                 "the merge area must fit in the K/V stages");
-  auto kernel = block_attention_tc_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-
-  const int splits = choose_splits(P);
-  at::Tensor workspace;
-  const SplitWorkspace ws = make_split_workspace(P, splits, like, &workspace);
-  const dim3 grid(splits, static_cast<unsigned>(P.kv.num_kv_heads), static_cast<unsigned>(P.kv.batch));
-  kernel<<<grid, kWarps * 32, smem, stream>>>(P, ws);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) combine_splits(P, ws, splits, stream);
+  launch_split_kv(block_attention_tc_kernel<T, D>, P, like, kWarps * 32, smem, stream);
 }
 
 template <typename T>
