@@ -16,6 +16,7 @@ import torch
 import dspark_ops
 from dspark_ops import reference
 
+from cuda_graphs import capture
 from paged_helpers import TOLERANCES, poisoned_empty, random_blocks, random_problem
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -434,11 +435,7 @@ def test_cuda_graph_capture_and_replay(impl, monkeypatch):
     rows, lens = random_blocks(gen, 8, 3000)
     p = _cuda(random_problem(gen, block_rows=rows, seq_lens=lens, num_kv_heads=2, group=4, head_dim=128,
                              page_size=16, dtype=torch.bfloat16, pad=40))
-    dspark_ops.draft_block_attention(*p.args())  # warm-up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = dspark_ops.draft_block_attention(*p.args())
+    graph, out = capture(lambda: dspark_ops.draft_block_attention(*p.args()))
     for _ in range(3):
         # new data in place: queries, lengths (shorter by a random amount), cache contents
         p.q.copy_(torch.randn(p.q.shape, generator=gen).to(p.q.dtype))

@@ -14,6 +14,7 @@ import torch
 
 import dspark_ops
 from dspark_ops import reference
+from cuda_graphs import capture
 
 WDTYPES = [torch.float32, torch.bfloat16]
 # (in, out): in/out off the vector widths, in = 1, out = 1, several k-chunks (128) with a remainder,
@@ -344,14 +345,7 @@ def test_cuda_repack_between_devices_and_graph_capture():
         torch.ops.dspark.linear(torch.randn(2, 64, device="cuda"), cpu.data.cuda(), 96)
     x = torch.randn(4, 64, device="cuda")
     eager = dspark_ops.linear(x, gpu)
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        dspark_ops.linear(x, gpu)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(graph):
-        out = dspark_ops.linear(x, gpu)
+    graph, out = capture(lambda: dspark_ops.linear(x, gpu))
     x.copy_(torch.randn(4, 64, device="cuda"))
     graph.replay()
     torch.cuda.synchronize()

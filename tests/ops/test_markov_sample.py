@@ -9,6 +9,7 @@ from scipy.stats import chisquare
 
 import dspark_ops
 from dspark_ops import reference as ref
+from cuda_graphs import capture
 
 CUDA = torch.cuda.is_available()
 
@@ -292,13 +293,7 @@ def test_cuda_graph_capture_and_row_errors():
     temperature = torch.ones(B, device="cuda")
     run = lambda: torch.ops.dspark.markov_sample(U, anchor, w1, w2, None, None, None, None, temperature, seed,
                                                  offset, True)
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture(run)
     for step in range(3):
         offset.fill_(step)
         graph.replay()

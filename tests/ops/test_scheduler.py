@@ -11,6 +11,7 @@ from scipy.stats import chisquare
 
 import dspark_ops
 from dspark_ops import reference as ref
+from cuda_graphs import capture
 
 CUDA = torch.cuda.is_available()
 APPENDIX_SPS = torch.tensor([0.0, 1.0, 0.5, 0.45], dtype=torch.float64)  # SPS(1) = 1.0, SPS(2) = 0.5, SPS(3) = 0.45
@@ -267,13 +268,7 @@ def test_cuda_matches_cpu_and_graph_capture():
     step = lambda: (torch.ops.dspark.schedule_verify_lengths(c, sps, None, None),
                     torch.ops.dspark.schedule_verify_lengths(c, sps, torch.ops.dspark.plan_capacity(stale, sps, None),
                                                              None))
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)
     for _ in range(3):
         c.copy_(torch.rand(256, 7, device="cuda"))
         stale.copy_(torch.rand(256, 7, device="cuda"))

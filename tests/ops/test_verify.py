@@ -2,8 +2,6 @@
 determinism, edge cases, bad input, torch.compile, CUDA parity and graph replay."""
 from __future__ import annotations
 
-import itertools
-import math
 import subprocess
 import sys
 import textwrap
@@ -14,6 +12,7 @@ from scipy import stats
 
 import dspark_ops
 from dspark_ops import reference
+from cuda_graphs import capture
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -542,11 +541,8 @@ def test_cuda_graph_replay_with_offsets_updated_in_place():
     seed = torch.arange(B, device="cuda")
     offset = torch.zeros(B, dtype=torch.long, device="cuda")
     temperature = torch.full((B,), 0.9, device="cuda")
-    dspark_ops.verify(logits, drafts, q, seed=seed, offset=offset, temperature=temperature)  # warm-up
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_tokens, g_n = dspark_ops.verify(logits, drafts, q, seed=seed, offset=offset, temperature=temperature)
+    graph, (g_tokens, g_n) = capture(
+        lambda: dspark_ops.verify(logits, drafts, q, seed=seed, offset=offset, temperature=temperature))
     for step in range(3):
         offset.fill_(step * 11)
         graph.replay()
