@@ -489,7 +489,6 @@ def test_eagle3_matches_reference_and_cache(seed):
 
 def test_drafter_mismatches(tmp_path):
     target = tiny_model()
-    wide = tiny_model()
     wide_cfg = LlamaConfig(**{**target.config.__dict__, "hidden_size": 48})
     with pytest.raises(ValueError, match="hidden_size 48 does not match the target's 32"):
         DSparkDrafter(DSparkConfig(backbone=wide_cfg, target_layer_ids=[0], num_target_layers=2), target)

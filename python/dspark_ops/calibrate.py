@@ -46,7 +46,6 @@ def expected_calibration_error(probs: torch.Tensor, outcomes: torch.Tensor, num_
         raise ValueError("expected_calibration_error needs at least one sample")
     bins = (p * num_bins).floor().clamp(0, num_bins - 1).long()
     shape = p.shape[:-1] + (num_bins,)
-    count = torch.zeros(shape, dtype=torch.float64).scatter_add_(-1, bins, torch.ones_like(p))
     sum_p = torch.zeros(shape, dtype=torch.float64).scatter_add_(-1, bins, p)
     sum_y = torch.zeros(shape, dtype=torch.float64).scatter_add_(-1, bins, y)
     return (sum_p - sum_y).abs().sum(-1) / n  # n_b/N * |sum_p/n_b - sum_y/n_b|

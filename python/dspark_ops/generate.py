@@ -1,7 +1,6 @@
 """``dspark generate``: text generation on a real model, with and without speculative decoding."""
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path

@@ -201,7 +201,7 @@ def test_rollback_bad_input_names_the_argument_and_changes_nothing(case):
 def test_cache_allocation_isolation_and_page_return():
     cache = PagedKVCache(2, num_pages=10, page_size=4, num_kv_heads=1, head_dim=16, dtype=torch.float32)
     s1 = cache.reserve(1, 9)      # 3 pages
-    s2 = cache.reserve(2, 4)      # 1 page
+    cache.reserve(2, 4)           # 1 page
     assert cache.num_free_pages == 6
     assert set(cache.pages(1)).isdisjoint(cache.pages(2))
     assert sorted(set((s1 // 4).tolist())) == sorted(cache.pages(1))

@@ -281,7 +281,6 @@ def prepare_dataset(out_dir, recipe: DataRecipe, target, tokenizer, *, batch_siz
     split = build_prompts(recipe.sources, seed=recipe.seed, heldout_fraction=recipe.heldout_fraction,
                           prompt_file=recipe.prompt_file)
     eos = [t for t in (tokenizer.eos_token_id, target.config.eos_token_id) if isinstance(t, int)]
-    engine = None
     result = {}
     # The engine routes the target's projections through packed (inference-only) weights: undo that afterwards.
     saved_linear = target.linear_impl.fn
