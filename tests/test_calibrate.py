@@ -1,19 +1,12 @@
 """Sequential Temperature Scaling of the confidence head (dspark_ops.calibrate)."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 import dspark_ops
 from dspark_ops import calibrate
-
-
-def _seed() -> int:
-    s = random.SystemRandom().randrange(2**31)
-    print(f"seed={s}")
-    return s
+from randomness import fresh_seed
 
 
 def _overconfident_head(gen, N=30000, G=5, scale=(2.5, 1.8, 3.0, 0.6, 2.0)):
@@ -35,21 +28,26 @@ def test_ece_by_hand():
 
 
 def test_sts_recovers_temperatures_and_lowers_ece():
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     logits, accepted, scale = _overconfident_head(gen)
     temps = calibrate.sequential_temperature_scaling(logits, accepted)
     assert temps.shape == (5,) and temps.dtype == torch.float32
-    # Early positions are well determined; late ones see few surviving prefixes, so their ECE curve is flatter.
-    torch.testing.assert_close(temps[:3], scale[:3], rtol=0.15, atol=0)
-    torch.testing.assert_close(temps[3:], scale[3:], rtol=0.35, atol=0)
     report = calibrate.calibration_report(logits, accepted, temps)
     assert report["mean_ece_before"] > 0.03
     assert report["mean_ece_after"] < 0.015
     assert all(a < b for a, b in zip(report["ece_after"], report["ece_before"]))
+    # Only the first temperature is pinned down by the data (within 6% over 450 seeds). Later ones are fitted
+    # on ever fewer surviving prefixes where the ECE curve is flat, so a range of temperatures is equally good
+    # (position 2 strayed 16% once in 150 seeds); what must hold there is that the fit is as calibrated as the
+    # truth (it never lost more than 0.0021 ECE to the true temperatures in 450 seeds).
+    assert abs(float(temps[0]) - float(scale[0])) < 0.15 * float(scale[0])
+    truth = calibrate.calibration_report(logits, accepted, scale)
+    for k in range(5):
+        assert report["ece_after"][k] <= truth["ece_after"][k] + 0.005, (k, report, truth)
 
 
 def test_temperature_scaling_preserves_order():
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     logits = torch.randn(200, 3, generator=gen)
     conf = calibrate.apply_temperatures(logits, torch.tensor([0.5, 2.0, 3.0]))
     for k in range(3):
@@ -58,7 +56,7 @@ def test_temperature_scaling_preserves_order():
 
 def test_markov_sample_applies_the_temperatures():
     """conf_temperature in markov_sample is the same map as calibrate.apply_temperatures."""
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     B, G, V, r = 3, 4, 30, 5
     U = torch.randn(B, G, V, generator=gen)
     w1, w2 = torch.randn(V, r, generator=gen), torch.randn(r, V, generator=gen)

@@ -9,10 +9,7 @@ from scipy import stats
 from dspark_ops.engine import SamplingParams, SpeculativeEngine
 from dspark_ops.models import (DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter, LlamaConfig, LlamaModel,
                                build_drafter_from_target)
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()).item())
+from randomness import CHI2_MIN_PVALUE, fresh_seed
 
 
 def tiny_target(seed: int, vocab: int = 96, layers: int = 3, scale: float = 0.35, head_dim: int = 16) -> LlamaModel:
@@ -171,7 +168,7 @@ def test_sampling_distribution_matches_target(kind, scheduler, graph_path):
     obs = torch.cat([counts[keep], counts[~keep].sum().reshape(1)])
     exp = torch.cat([joint[keep], joint[~keep].sum().reshape(1)]) * N
     p = stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
-    assert p > 1e-4, f"seed {seed}: p = {p}"
+    assert p > CHI2_MIN_PVALUE, f"seed {seed}: p = {p}"
 
 
 def test_bad_requests_raise_and_leave_others_running():
@@ -283,7 +280,6 @@ def _run_joining(engine: SpeculativeEngine, prompts, budgets, temperature: float
     while engine.has_work:
         engine.step()
     return [engine.finished[i].output for i in ids]
-
 
 
 class _ReplayEagerly:

@@ -12,6 +12,7 @@ from dspark_ops.models import (DenseKVCache, DSparkConfig, DSparkDrafter, Eagle3
                                LlamaModel, PagedAttention, build_drafter_from_target, load_drafter)
 from dspark_ops.models.llama import slots_state_dict
 from dspark_ops.models.weights import save_safetensors
+from randomness import fresh_seed
 
 VOCAB = 100
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -61,9 +62,7 @@ def hf_state(model) -> dict:
 
 @pytest.fixture
 def seed():
-    s = int(torch.randint(0, 2**31 - 1, ()).item())
-    print("seed", s)
-    return s
+    return fresh_seed()
 
 
 # --------------------------------------------------------------------------- target model

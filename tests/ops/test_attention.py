@@ -18,6 +18,7 @@ from dspark_ops import reference
 
 from cuda_graphs import capture
 from paged_helpers import TOLERANCES, poisoned_empty, random_blocks, random_problem
+from randomness import fresh_seed
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -25,10 +26,6 @@ TC_READY = (dspark_ops.build_info().get("attention_tc", False) and torch.cuda.is
             and torch.cuda.get_device_capability()[0] >= 8)
 needs_tc = pytest.mark.skipif(not TC_READY, reason="needs an sm_80+ GPU and a build with the CUTLASS/CuTe headers "
                                                    "(tensor-core path; see `dspark info`)")
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
 def check_against_reference(p, *, causal, scale=None, seed=None):

@@ -10,13 +10,10 @@ import dspark_ops
 from dspark_ops import OutOfPagesError, PagedKVCache, reference
 
 from paged_helpers import TOLERANCES, random_problem
+from randomness import fresh_seed
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

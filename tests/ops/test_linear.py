@@ -15,16 +15,13 @@ import torch
 import dspark_ops
 from dspark_ops import reference
 from cuda_graphs import capture
+from randomness import fresh_seed
 
 WDTYPES = [torch.float32, torch.bfloat16]
 # (in, out): in/out off the vector widths, in = 1, out = 1, several k-chunks (128) with a remainder,
 # several column groups (32) per thread, and a SmolLM2 shape.
 SHAPES = [(1, 1), (1, 37), (37, 1), (45, 77), (300, 33), (64, 1000), (576, 192)]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
 def assert_within_bound(got, want, bound, what):
@@ -165,7 +162,7 @@ def test_every_cpu_isa_build_within_bound(isa):
     """The generic and AVX2 builds (forced with DSPARK_CPU_ISA) pass the same checks as the best one."""
     code = textwrap.dedent(f"""
         import sys, torch, dspark_ops
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path[:0] = [{os.path.dirname(__file__)!r}, {os.path.dirname(os.path.dirname(__file__))!r}]
         from test_linear import check_linear, check_silu_mul
         print(dspark_ops.build_info()["cpu_isa"])
         gen = torch.Generator().manual_seed({fresh_seed()})

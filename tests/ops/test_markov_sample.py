@@ -1,7 +1,6 @@
 """markov_sample: kernel == reference, exact sampling law, greedy, r = 0, confidence head, lossless with verify."""
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -10,14 +9,9 @@ from scipy.stats import chisquare
 import dspark_ops
 from dspark_ops import reference as ref
 from cuda_graphs import capture
+from randomness import CHI2_MIN_PVALUE, fresh_seed
 
 CUDA = torch.cuda.is_available()
-
-
-def _seed() -> int:
-    s = random.SystemRandom().randrange(2**31)
-    print(f"seed={s}")
-    return s
 
 
 def _problem(gen, B, G, V, r, H=0, dtype=torch.float32, scale=2.0):
@@ -48,7 +42,7 @@ def _chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("V,r,H", [(37, 5, 9), (150, 3, 0), (70, 0, 4)])
 def test_matches_reference(dtype, V, r, H):
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     B, G = 6, 3  # 6 rows: one 4-row register block + two single rows; V: full 64-column tiles + tail
     U, anchor, w1, w2, hidden = _problem(gen, B, G, V, r, H, dtype)
     conf_w = torch.randn(H + r, generator=gen) * 0.3
@@ -66,7 +60,7 @@ def test_matches_reference(dtype, V, r, H):
 
 
 def test_return_flags_and_determinism():
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     U, anchor, w1, w2, _ = _problem(gen, 3, 4, 40, 4)
     seed = torch.randint(0, 2**62, (3,), generator=gen)
     t1, p1, c1 = dspark_ops.markov_sample(U, anchor, w1, w2, seed=seed)
@@ -80,7 +74,7 @@ def test_return_flags_and_determinism():
 def test_bf16_weights_of_bf16_values_give_identical_results():
     """fp32 logits with bf16 W1/W2 holding the same values as fp32 ones: bit-identical drafts, probs and
     confidences (the engine keeps a bf16 checkpoint's Markov head in bf16 for half the W2 traffic)."""
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     B, G, V, r, H = 3, 6, 300, 8, 16
     U, anchor, w1, w2, hidden = _problem(gen, B, G, V, r, H)
     w1, w2 = w1.to(torch.bfloat16), w2.to(torch.bfloat16)
@@ -96,7 +90,7 @@ def test_bf16_weights_of_bf16_values_give_identical_results():
 
 def test_joint_distribution_chi_square():
     """The empirical law of (x1, x2) and of (x2, x3) over seeded rows equals the Markov-conditioned softmaxes."""
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     N, G, V, r, T = 30000, 3, 6, 2, 0.8
     U1, a1, w1, w2, _ = _problem(gen, 1, G, V, r, scale=1.0)
     w1, w2 = w1 * 1.5, w2 * 1.5
@@ -112,14 +106,14 @@ def test_joint_distribution_chi_square():
     x = tokens.long()
     obs12 = torch.bincount(x[:, 0] * V + x[:, 1], minlength=V * V)
     obs23 = torch.bincount(x[:, 1] * V + x[:, 2], minlength=V * V)
-    assert _chi2_pvalue(obs12, joint12) > 1e-4
-    assert _chi2_pvalue(obs23, joint23) > 1e-4
+    assert _chi2_pvalue(obs12, joint12) > CHI2_MIN_PVALUE
+    assert _chi2_pvalue(obs23, joint23) > CHI2_MIN_PVALUE
     # draft_probs at step 2 is the conditional law given the sampled x1.
     torch.testing.assert_close(probs[:, 1].double(), p2[x[:, 0]], atol=1e-6, rtol=0)
 
 
 def test_greedy_is_deterministic_argmax():
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     B, G, V, r = 5, 4, 90, 6
     U, anchor, w1, w2, _ = _problem(gen, B, G, V, r)
     U[0, 0, 10] = U[0, 0, 20] = 1e4  # a tie in the first step of row 0: the lower id wins
@@ -139,7 +133,7 @@ def test_greedy_is_deterministic_argmax():
 
 def test_rank_zero_is_independent_per_position():
     """r = 0 (DFlash): each position samples softmax(U_k / T) alone; the anchor and earlier tokens do not matter."""
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     N, G, V, T = 20000, 2, 5, 1.2
     U1 = torch.randn(1, G, V, generator=gen)
     w1, w2 = torch.empty(V, 0), torch.empty(0, V)
@@ -154,11 +148,11 @@ def test_rank_zero_is_independent_per_position():
         torch.testing.assert_close(p_a[0, k].double(), marginal, atol=1e-6, rtol=0)
     x = t_a.long()
     joint = torch.softmax(U1[0, 0].double() / T, -1)[:, None] * torch.softmax(U1[0, 1].double() / T, -1)[None, :]
-    assert _chi2_pvalue(torch.bincount(x[:, 0] * V + x[:, 1], minlength=V * V), joint) > 1e-4
+    assert _chi2_pvalue(torch.bincount(x[:, 0] * V + x[:, 1], minlength=V * V), joint) > CHI2_MIN_PVALUE
 
 
 def test_confidence_formula():
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     B, G, V, r, H = 4, 3, 50, 8, 24
     U, anchor, w1, w2, hidden = _problem(gen, B, G, V, r, H)
     w = torch.randn(H + r, generator=gen) * 0.2
@@ -183,7 +177,7 @@ def _target_logits(Tm: torch.Tensor, anchor: torch.Tensor, drafts: torch.Tensor)
 
 def test_lossless_end_to_end_with_verify():
     """Draft with markov_sample, verify with verify: the first two emitted tokens follow the target's law."""
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     N, G, V = 24000, 3, 5
     Tm = torch.randn(V, V, generator=gen) * 1.2  # target: p_t(. | prev) = softmax(Tm[prev])
     # A drafter close to the target (w1 @ w2 ~ Tm, rank r = V) but not equal to it, plus a small base term.
@@ -205,13 +199,13 @@ def test_lossless_end_to_end_with_verify():
     y2 = torch.where(n1 >= 1, out1[:, 1].long(), out2[:, 0].long())
     pt = torch.softmax(Tm.double(), -1)
     joint = pt[2][:, None] * pt  # p(y1 | anchor) p(y2 | y1)
-    assert _chi2_pvalue(torch.bincount(y1 * V + y2, minlength=V * V), joint) > 1e-4
+    assert _chi2_pvalue(torch.bincount(y1 * V + y2, minlength=V * V), joint) > CHI2_MIN_PVALUE
     # The drafts are mostly accepted and sometimes rejected: both branches of verify are exercised.
     assert 0.5 < float(n1.float().mean()) < G
 
 
 def test_bad_inputs():
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     U, anchor, w1, w2, hidden = _problem(gen, 2, 3, 20, 4, H=5)
     with pytest.raises(ValueError, match="w2"):
         dspark_ops.markov_sample(U, anchor, w1, w2[:, :-1])
@@ -247,7 +241,7 @@ def test_bad_inputs():
 
 
 def test_torch_compile_fullgraph():
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     U, anchor, w1, w2, _ = _problem(gen, 3, 3, 30, 4)
     temperature = torch.tensor([1.0, 0.5, 0.0])
     seed = torch.tensor([1, 2, 3])
@@ -267,7 +261,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_cpu(dtype):
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     B, G, V, r, H = 5, 7, 3001, 16, 32
     U, anchor, w1, w2, hidden = _problem(gen, B, G, V, r, H, dtype)
     kw = dict(conf_weight=torch.randn(H + r, generator=gen) * 0.1, conf_bias=0.2,
@@ -284,7 +278,7 @@ def test_cuda_matches_cpu(dtype):
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_graph_capture_and_row_errors():
-    gen = torch.Generator().manual_seed(_seed())
+    gen = torch.Generator().manual_seed(fresh_seed())
     B, G, V, r = 4, 5, 2000, 8
     U, anchor, w1, w2, _ = _problem(gen, B, G, V, r)
     U, anchor, w1, w2 = U.cuda(), anchor.cuda().int(), w1.cuda(), w2.cuda()

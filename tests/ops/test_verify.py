@@ -13,13 +13,10 @@ from scipy import stats
 import dspark_ops
 from dspark_ops import reference
 from cuda_graphs import capture
+from randomness import CHI2_MIN_PVALUE, fresh_seed
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
 def random_problem(B, K, V, *, gen, dtype=torch.float32, probs=True, scale=2.0):
@@ -262,9 +259,9 @@ def test_kernel_first_two_tokens_follow_target(case):
     y2 = torch.where(n_acc >= 1, tokens[:, 1].long(), fallback)
     p0 = reference.filtered_masses(l0, **full).double()
     p0 = p0 / p0.sum()
-    assert _chi2_pvalue(torch.bincount(y1, minlength=V), p0) > 1e-4, f"seed {seed}"
+    assert _chi2_pvalue(torch.bincount(y1, minlength=V), p0) > CHI2_MIN_PVALUE, f"seed {seed}"
     joint = (p0[:, None] * p1_all).reshape(-1)
-    assert _chi2_pvalue(torch.bincount(y1 * V + y2, minlength=V * V), joint) > 1e-4, f"seed {seed}"
+    assert _chi2_pvalue(torch.bincount(y1 * V + y2, minlength=V * V), joint) > CHI2_MIN_PVALUE, f"seed {seed}"
 
 
 def test_one_hot_vs_probabilistic_drafts_acceptance():
