@@ -10,6 +10,9 @@ verified):
 - decode tokens/s of the engine with each drafter vs the engine's own plain
   decoding (``--speed``), batch 1, temperature 0, with the outputs checked
   token for token (greedy speculative decoding is lossless).
+- ``--draft-vocab K ...``: each drafter again with a draft vocabulary of the K
+  ids most frequent in the dataset's training responses (0: every id; tau and
+  speed in the engine), the trade of ``dspark_ops.draft_vocab``.
 
 For tau, DSpark and DFlash drafters run in :class:`~dspark_ops.engine.SpeculativeEngine`
 and the EAGLE-3-style drafter in the chain-drafting loop below over dense
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch
 
 import dspark_ops
+from dspark_ops.draft_vocab import DraftVocab, frequency_ranked
 from dspark_ops.engine import SpeculativeEngine
 from dspark_ops.models import DenseKVCache, Eagle3Drafter, LlamaModel, load_drafter, resolve_model
 from dspark_ops.train import load_samples
@@ -210,6 +214,21 @@ def report(results: dict, temperatures, domains, png) -> None:
     print(f"plot: {png}")
 
 
+def draft_vocab_variants(target, drafters: dict, args) -> dict:
+    """name -> loaded drafter; with --draft-vocab also "name/K" -> the drafter proposing only K ids
+    ("name/all": every id, in the engine)."""
+    out = {}
+    train = load_samples(Path(args.data_dir) / "train.jsonl") if args.draft_vocab else []
+    V = target.config.vocab_size
+    for name, path in drafters.items():
+        out[name] = load_drafter(path, target, dtype="float32")
+        for K in args.draft_vocab or ():
+            d = load_drafter(path, target, dtype="float32")
+            d.draft_vocab = DraftVocab(frequency_ranked((s.response for s in train), V, K), V) if K else None
+            out[f"{name}/{K or 'all'}"] = d
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2-135m")
@@ -226,6 +245,9 @@ def main():
     ap.add_argument("--json", default=None, help="write the raw numbers here")
     ap.add_argument("--combine", nargs="*", default=None,
                     help="only print the table and plot of earlier --json files (runs nothing)")
+    ap.add_argument("--draft-vocab", type=int, nargs="*", default=None, metavar="K",
+                    help="also evaluate each drafter with a draft vocabulary of the K most frequent training-response "
+                         "ids (0: every id), in the engine")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.combine:
@@ -249,14 +271,14 @@ def main():
     drafters = {k: v for k, v in (("DSpark", args.dspark), ("DFlash", args.dflash), ("EAGLE-3", args.eagle3)) if v}
     print(f"target {args.target}, threads {torch.get_num_threads()}, block 7, prompts/domain "
           f"{ {d: len(p) for d, p in prompts.items()} }, max_new_tokens {args.max_new_tokens}")
+    variants = draft_vocab_variants(target, drafters, args)
     results: dict = {}
-    for name, path in drafters.items():
-        drafter = load_drafter(path, target, dtype="float32")
+    for name, drafter in variants.items():
         for T in args.temperatures:
             pooled = Counts()
             for domain, ps in prompts.items():
                 t0 = time.perf_counter()
-                if isinstance(drafter, Eagle3Drafter):
+                if isinstance(drafter, Eagle3Drafter) and "/" not in name:
                     c = Counts()
                     for i, p in enumerate(ps):
                         eagle3_generate(target, drafter, p, args.max_new_tokens, T, i, eos, c)
@@ -278,12 +300,11 @@ def main():
             ap.error("--speed needs a drafter (--dspark, --dflash or --eagle3)")
         sp_prompts = [ps[i] for i in range(args.speed_prompts) for ps in prompts.values() if i < len(ps)]
         sp_prompts = sp_prompts[:args.speed_prompts]
-        loaded = {name: load_drafter(path, target, dtype="float32") for name, path in drafters.items()}
-        sp = speed(target, loaded, sp_prompts, args.max_new_tokens, eos)
+        sp = speed(target, variants, sp_prompts, args.max_new_tokens, eos)
         plain = sp["plain"]
         print(f"\nbatch 1, T=0, {len(sp_prompts)} prompts x {args.max_new_tokens} tokens: plain "
               f"{plain['decode_tok_s']:.1f} tok/s decode ({plain['e2e_tok_s']:.1f} end to end incl. prefill)")
-        for name in drafters:
+        for name in variants:
             r = sp[name]
             print(f"  {name:8s} {r['decode_tok_s']:.1f} tok/s -> {r['decode_tok_s'] / plain['decode_tok_s']:.2f}x "
                   f"decode ({r['e2e_tok_s']:.1f} end to end); identical greedy output: {r['identical']}")

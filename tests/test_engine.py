@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
+from dspark_ops.draft_vocab import DraftVocab
 from dspark_ops.engine import SamplingParams, SpeculativeEngine
 from dspark_ops.models import (DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter, LlamaConfig, LlamaModel,
                                build_drafter_from_target)
@@ -43,6 +44,14 @@ def eagle_drafter(target: LlamaModel, seed: int, *, block: int = 5, init_std: fl
     return Eagle3Drafter(cfg, target, seed=seed, init_std=init_std).eval()
 
 
+def with_draft_vocab(drafter, seed: int, size: int):
+    """The drafter with a random draft vocabulary of ``size`` ids (its proposals are restricted to them)."""
+    V = drafter.target.config.vocab_size
+    ids = torch.randperm(V, generator=torch.Generator().manual_seed(seed))[:size]
+    drafter.draft_vocab = DraftVocab(torch.sort(ids).values, V)
+    return drafter
+
+
 def plain_greedy(target: LlamaModel, prompt: list[int], n: int) -> list[int]:
     """The target's own greedy continuation: full forward over the sequence each step (no cache)."""
     seq = list(prompt)
@@ -61,6 +70,8 @@ def drafters(target, seed):
         "dspark_random": random_drafter(target, seed, rank=8, confidence=True),
         "dspark_bf16_valued": bf16_valued(random_drafter(target, seed + 1, rank=8, confidence=True)),
         "eagle_random": eagle_drafter(target, seed),
+        "dspark_draft_vocab": with_draft_vocab(random_drafter(target, seed, rank=8, confidence=True), seed, 40),
+        "eagle_draft_vocab": with_draft_vocab(eagle_drafter(target, seed), seed, 40),
     }
 
 
@@ -73,7 +84,7 @@ def bf16_valued(drafter: DSparkDrafter) -> DSparkDrafter:
 
 
 @pytest.mark.parametrize("kind", ["none", "self_copy", "dflash_random", "dspark_random", "dspark_bf16_valued",
-                                  "eagle_random"])
+                                  "eagle_random", "dspark_draft_vocab", "eagle_draft_vocab"])
 def test_greedy_equals_target_greedy_batch1(kind):
     seed = fresh_seed()
     target = tiny_target(seed)
@@ -135,19 +146,24 @@ def test_stop_tokens_and_streaming():
 
 @pytest.mark.parametrize("graph_path", [False, True])
 @pytest.mark.parametrize("kind,scheduler", [("dspark", "fixed"), ("dspark", "sync"), ("dspark", "async"),
-                                            ("one_hot_drafts", "fixed"), ("plain", "fixed"), ("eagle", "fixed")])
+                                            ("one_hot_drafts", "fixed"), ("plain", "fixed"), ("eagle", "fixed"),
+                                            ("dspark_draft_vocab", "sync"), ("eagle_draft_vocab", "fixed")])
 def test_sampling_distribution_matches_target(kind, scheduler, graph_path):
     """First three generated tokens at T = 1 follow the target's joint distribution (chi-square), eagerly
     and along the CUDA-graph code path (see graph_path_on_cpu); the confidence schedulers need DSpark's
-    confidence head."""
+    confidence head. With a draft vocabulary of half the ids, the other half is only ever emitted by
+    verify's residual resampling."""
     seed = fresh_seed()
     V = 6
     target = tiny_target(seed, vocab=V, layers=2, scale=0.6)
-    if kind == "eagle":
+    if kind.startswith("eagle"):
         drafter = eagle_drafter(target, seed, block=3, init_std=0.5)
     else:
-        drafter = None if kind == "plain" else random_drafter(target, seed, rank=4 if kind == "dspark" else 0,
-                                                              confidence=kind == "dspark", block=3)
+        dspark = kind.startswith("dspark")
+        drafter = None if kind == "plain" else random_drafter(target, seed, rank=4 if dspark else 0,
+                                                              confidence=dspark, block=3)
+    if kind.endswith("draft_vocab"):
+        with_draft_vocab(drafter, seed, V // 2)
     prompt = [1, 2]
     # exact joint of 3 tokens from the target
     with torch.no_grad():
@@ -315,10 +331,15 @@ def graph_case(kind: str, target: LlamaModel, seed: int):
         return None, "fixed"
     if kind == "eagle":
         return eagle_drafter(target, seed, block=4), "fixed"
+    if kind == "eagle_draft_vocab":
+        return with_draft_vocab(eagle_drafter(target, seed, block=4), seed, 40), "fixed"
+    if kind == "dspark_draft_vocab":
+        return with_draft_vocab(random_drafter(target, seed, rank=8, confidence=True), seed, 40), "fixed"
     return random_drafter(target, seed, rank=8, confidence=True), kind.removeprefix("dspark_")
 
 
-@pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle"])
+@pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle", "dspark_draft_vocab",
+                                  "eagle_draft_vocab"])
 def test_graph_code_path_on_cpu(kind):
     """The step as the CUDA-graph path runs it (fixed shapes, padding slots, one-step-late results, requests
     joining and leaving across buckets) gives the eager engine's tokens: greedy always, sampled too where the
@@ -348,7 +369,8 @@ def test_graph_code_path_on_cpu(kind):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle"])
+@pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle", "dspark_draft_vocab",
+                                  "eagle_draft_vocab"])
 def test_cuda_graph_replay_equals_eager(kind):
     """The captured decode step gives the same tokens as the same step run eagerly (greedy; sampled too with the
     fixed scheduler, see test_graph_code_path_on_cpu), greedy equals plain decoding, and each batch bucket is

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dspark_ops
+from dspark_ops.draft_vocab import DraftVocab
 from dspark_ops.models import DenseKVCache, LlamaConfig, LlamaModel, load_drafter
 from dspark_ops.train import (LossWeights, Sample, TrainConfig, Trainer, build_drafter, drafter_losses,
                               eagle3_ttt_logits, position_weights, soft_acceptance)
@@ -292,12 +293,17 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path):
     cmd = [sys.executable, "-m", "dspark_ops.cli", "train-draft", "--target", str(folder), "--out",
            str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), "--sources", "--prompt-file", str(prompts),
            "--num-train", "6", "--num-heldout", "2", "--max-prompt-tokens", "64", "--max-new-tokens", "12", "--gen-batch", "4", "--max-steps",
-           "2", "--batch-size", "2", "--anchors", "4", "--markov-rank", "8", "--no-progress"]
+           "2", "--batch-size", "2", "--anchors", "4", "--markov-rank", "8", "--draft-vocab", "300", "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     drafter_dir = tmp_path / "run" / "drafter"
     meta = json.loads((drafter_dir / "training.json").read_text())
     assert meta["steps"] == 2 and meta["num_train_samples"] == 6
+    # The draft vocabulary: 300 ids, every id the training responses use among them (they hold < 300 distinct).
+    vocab = DraftVocab.load(drafter_dir, 49152)
+    responses = {t for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()
+                 for t in json.loads(line)["response"]}
+    assert len(vocab) == 300 and responses <= set(vocab.ids.tolist()) and len(responses) < 300
     assert len((tmp_path / "data" / "train.jsonl").read_text().splitlines()) == 6
     assert json.loads((drafter_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
     # Same data dir, other recipe: refused.

@@ -47,9 +47,13 @@ MarkovProblem check_markov_args(const at::Tensor& base_logits, const at::Tensor&
   check_tensor(anchor, "anchor", device, at::kInt, {B});
   P.anchor = anchor.data_ptr<int32_t>();
 
-  TORCH_CHECK(w1.dim() == 2 && w1.size(0) == V, "markov_sample: w1 must be [V, r] with V = ", V, ", got ", w1.sizes());
+  // w1 may have more rows than V: a draft vocabulary lists its V drawable ids first, and the anchor may be
+  // any id of the full vocabulary.
+  TORCH_CHECK(w1.dim() == 2 && w1.size(0) >= V && w1.size(0) < (int64_t{1} << 31),
+              "markov_sample: w1 must be [V_prev, r] with V <= V_prev < 2^31 (V = ", V, "), got ", w1.sizes());
   const int64_t R = w1.size(1);
   P.rank = R;
+  P.prev_vocab = w1.size(0);
   TORCH_CHECK(w2.dim() == 2 && w2.size(0) == R && w2.size(1) == V, "markov_sample: w2 must be [r, V] = [", R, ", ", V,
               "] to match w1, got ", w2.sizes());
   TORCH_CHECK(w1.device() == device, "markov_sample: w1 is on ", w1.device(), " but base_logits is on ", device);
@@ -118,8 +122,8 @@ using MarkovResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // Per-row values the CPU path checks up front (the CUDA kernel checks them per row instead).
 void check_values_cpu(const MarkovProblem& P) {
   for (int64_t b = 0; b < P.batch; ++b) {
-    TORCH_CHECK(P.anchor[b] >= 0 && P.anchor[b] < P.vocab, "markov_sample: anchor[", b, "] = ", P.anchor[b],
-                " is outside [0, ", P.vocab, ")");
+    TORCH_CHECK(P.anchor[b] >= 0 && P.anchor[b] < P.prev_vocab, "markov_sample: anchor[", b, "] = ", P.anchor[b],
+                " is outside [0, ", P.prev_vocab, ") (the rows of w1)");
     const float t = P.temperature[b];
     TORCH_CHECK(std::isfinite(t) && t >= 0.0f, "markov_sample: temperature[", b, "] = ", t,
                 " must be finite and >= 0");

@@ -64,6 +64,7 @@ def _train_draft(args) -> int:
 
     import torch
 
+    from .draft_vocab import DraftVocab, frequency_ranked
     from .train import DataRecipe, TrainConfig, Trainer, build_drafter, init_distributed, prepare_dataset
 
     rank, world = init_distributed()
@@ -97,6 +98,9 @@ def _train_draft(args) -> int:
             print(f"resumed from {args.out}/checkpoint at step {trainer.state.step}", file=sys.stderr)
         trainer.train(stop_at=args.stop_at_step)
         if rank == 0:
+            V = target.config.vocab_size
+            drafter.draft_vocab = DraftVocab(frequency_ranked((s.response for s in data["train"]), V,
+                                                              min(args.draft_vocab, V)), V) if args.draft_vocab else None
             drafter.to(getattr(torch, args.save_dtype)).save_pretrained(Path(args.out) / "drafter")
             (Path(args.out) / "drafter" / "training.json").write_text(json.dumps(
                 {"command": "dspark " + " ".join(sys.argv[1:]), "train_config": asdict(cfg),
@@ -182,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--block-size", type=int, default=7)
     m.add_argument("--markov-rank", type=int, default=64, help="Markov head rank (dspark variant)")
     m.add_argument("--target-layers", type=int, nargs="*", default=None, help="target layer ids (default: 5 spread)")
+    m.add_argument("--draft-vocab", type=int, default=16384, metavar="K",
+                   help="store a draft vocabulary of the K ids most frequent in the training responses with the "
+                        "drafter (the engine then scores only those; 0: none, every id)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=4, help="sequences per step, all processes together")
     o.add_argument("--anchors", type=int, default=32, help="anchor blocks per sequence")

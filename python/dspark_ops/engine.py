@@ -156,8 +156,9 @@ def storage_dtype(w: torch.Tensor) -> torch.dtype:
     return w.dtype
 
 
-def pack_linear_layers(model: torch.nn.Module) -> None:
-    """Route ``model``'s projections through ``dspark_ops.linear`` on weights packed once (CPU).
+def pack_linear_layers(model: torch.nn.Module, extra: Sequence[torch.Tensor] = ()) -> None:
+    """Route ``model``'s projections (and the ``extra`` weights passed to its hook) through
+    ``dspark_ops.linear`` on weights packed once (CPU).
 
     The small-block kernel reads the weights once for a whole block of up to
     linear.MAX_ROWS rows, which is what makes verifying a block cost about one
@@ -172,8 +173,9 @@ def pack_linear_layers(model: torch.nn.Module) -> None:
                if name.endswith("gate_up_proj.weight")}
     packed = {id(p): pack(p) for name, p in model.named_parameters()
               if p.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name and id(p) not in gate_up}
-    if hasattr(model, "lm_head_weight"):
-        w = model.lm_head_weight
+    for w in (model.lm_head_weight,) if hasattr(model, "lm_head_weight") else ():
+        packed.setdefault(id(w), pack(w))
+    for w in extra:
         packed.setdefault(id(w), pack(w))
 
     def small_block(x):  # tall inputs (long prompts) are what MKL's matmul is good at, on the original weight
@@ -315,12 +317,14 @@ class SpeculativeEngine:
       packed_linear: route CPU fp32 projections through ``dspark_ops.linear`` (default: on CPU).
       cuda_graphs: capture the decode step as a CUDA graph per batch bucket (default: on CUDA;
         CUDA only).
+      draft_vocab: let the drafter propose only its draft vocabulary's ids when it has one
+        (``dspark_ops.draft_vocab``; lossless either way). False: every id.
     """
 
     def __init__(self, target: LlamaModel, drafter: DSparkDrafter | Eagle3Drafter | None = None, *,
                  block_size: int | None = None, scheduler: str = "fixed", max_batch: int = 8, max_tokens: int = 8192,
                  page_size: int = 16, sps_table: torch.Tensor | None = None, packed_linear: bool | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, draft_vocab: bool = True):
         if not isinstance(target, LlamaModel):
             raise TypeError(f"target must be a LlamaModel, got {type(target).__name__}")
         if drafter is not None and not isinstance(drafter, (DSparkDrafter, Eagle3Drafter)):
@@ -370,17 +374,23 @@ class SpeculativeEngine:
         self.hidden_layers = None if drafter is None else list(drafter.config.target_layer_ids)
         if packed_linear is None:
             packed_linear = self.device.type == "cpu" and target.dtype == torch.float32
+        # Drafter heads as the ops take them, made once (device tensors: nothing is built inside a captured step).
+        V = target.config.vocab_size
+        vocab = None if drafter is None or not draft_vocab else drafter.draft_vocab
+        self._vocab = None if vocab is None else vocab.to(self.device)
+        # The drafter scores its draft vocabulary's rows of the LM head (None: the target's whole head).
+        self._draft_head = None if vocab is None else vocab.lm_head(target.lm_head_weight.detach())
         if packed_linear:
             pack_linear_layers(target)
             if drafter is not None:
-                pack_linear_layers(drafter)
-        # Drafter heads as the ops take them, made once (device tensors: nothing is built inside a captured step).
-        V = target.config.vocab_size
+                pack_linear_layers(drafter, extra=() if vocab is None else (self._draft_head,))
         markov = drafter.markov_weights() if isinstance(drafter, DSparkDrafter) else None
+        if markov is None:
+            markov = (torch.zeros(V, 0, dtype=target.dtype), torch.zeros(0, V, dtype=target.dtype))
+        if vocab is not None:
+            markov = vocab.markov(*markov)
         # markov_sample reads W2 once per block position: kept as narrow as is exact (bf16 checkpoints: bf16)
-        self._markov = (tuple(w.detach().to(self.device, storage_dtype(w)) for w in markov) if markov else
-                        (torch.zeros(V, 0, dtype=target.dtype, device=self.device),
-                         torch.zeros(0, V, dtype=target.dtype, device=self.device)))
+        self._markov = tuple(w.detach().to(self.device, storage_dtype(w)) for w in markov)
         self._conf = None
         if conf is not None:
             sts = getattr(drafter.config, "confidence_temperatures", None)  # from `dspark calibrate`
@@ -669,13 +679,14 @@ class SpeculativeEngine:
         backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=slots,
                                  page_table=s.drafter_pages, seq_lens=(s.start + bs).to(torch.int32),
                                  cu_q_lens=torch.arange(B + 1, dtype=torch.int32, device=dev) * bs, causal=False)
-        block = self.drafter.draft_block(s.anchor, s.start, kv=backend)
+        block = self.drafter.draft_block(s.anchor, s.start, kv=backend, lm_head=self._draft_head)
         kwargs = {}
         if self._conf is not None:
             w, b, temps = self._conf
             kwargs = dict(hidden=block.hidden[:, :G], conf_weight=w, conf_bias=b, conf_temperature=temps)
-        return markov_sample(block.logits[:, :G], s.anchor, *self._markov, temperature=s.temperature, seed=s.seed,
-                             offset=s.offset, **kwargs)
+        tokens, q, confidence = markov_sample(block.logits[:, :G], self._draft_ids(s.anchor), *self._markov,
+                                              temperature=s.temperature, seed=s.seed, offset=s.offset, **kwargs)
+        return *self._target_ids(tokens, q), confidence
 
     def _draft_eagle(self, s: SlotState):
         """EAGLE-3: the output that predicts x_1 came with the last step; each further draft feeds the previous
@@ -693,13 +704,25 @@ class SpeculativeEngine:
                                          page_table=s.drafter_pages, seq_lens=(pos + 1).to(torch.int32), cu_q_lens=cu,
                                          causal=True)
                 h = self.drafter(prev, h, pos, kv=backend, from_target=False)
-            logits = self.drafter.compute_logits(h).unsqueeze(1)
-            tok, q, _ = markov_sample(logits, prev, *self._markov, temperature=s.temperature, seed=s.seed,
-                                      offset=s.offset * _EAGLE_DRAWS_PER_STEP + j)
+            logits = self.drafter.compute_logits(h, self._draft_head).unsqueeze(1)
+            tok, q, _ = markov_sample(logits, self._draft_ids(prev), *self._markov, temperature=s.temperature,
+                                      seed=s.seed, offset=s.offset * _EAGLE_DRAWS_PER_STEP + j)
+            tok, q = self._target_ids(tok, q)
             prev = tok[:, 0].to(torch.long)
             tokens.append(tok)
             probs.append(q)
         return torch.cat(tokens, 1), torch.cat(probs, 1), None
+
+    def _draft_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Target ids as ``markov_sample`` takes previous tokens (rows of its W1)."""
+        return ids if self._vocab is None else self._vocab.position[ids.long()]
+
+    def _target_ids(self, tokens: torch.Tensor, q: torch.Tensor):
+        """markov_sample's draws over the draft vocabulary as target ids and [.., V] distributions."""
+        if self._vocab is None:
+            return tokens, q
+        ids = self._vocab.ids[tokens.long().clamp(min=0)].to(torch.int32)
+        return torch.where(tokens >= 0, ids, tokens), self._vocab.expand_probs(q)  # -1 marks an invalid row
 
     def _extend_drafter(self, s, out, tokens, rows, flat_pos, cu, last_row, advanced) -> None:
         """The drafter's context gains the verified rows (all forwarded rows are written; those past the

@@ -1,6 +1,7 @@
 """``dspark generate``: text generation on a real model, with and without speculative decoding."""
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the models run (auto: cuda when a GPU is visible)")
     g.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graphs (the step runs eagerly)")
+    g.add_argument("--draft-vocab", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the drafter propose only its draft vocabulary's ids when it has one (lossless either way)")
     g.set_defaults(func=run)
 
 
@@ -58,7 +61,7 @@ def _engine_for(target, drafter, args):
         scheduler = args.scheduler or ("sync" if drafter.confidence_weights() is not None else "fixed")
     return SpeculativeEngine(target, drafter, block_size=args.block_size, scheduler=scheduler,
                              max_batch=max(1, len(args.prompt)), max_tokens=4096,
-                             cuda_graphs=False if args.eager else None)
+                             cuda_graphs=False if args.eager else None, draft_vocab=args.draft_vocab)
 
 
 def _run_engine(engine, prompts, args, tokenizer, stop, *, show: bool):

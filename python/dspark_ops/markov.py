@@ -46,8 +46,11 @@ def markov_sample(base_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Ten
 
     Args:
       base_logits: [B, G, V] float32/bfloat16/float16 (the parallel stage's U_k), read in place.
-      anchor: [B] integer ids (last verified token).
-      w1: [V, r], w2: [r, V] float tensors of one dtype (r = 0: no Markov head, i.e. DFlash).
+      anchor: [B] integer ids (last verified token), in [0, V_prev).
+      w1: [V_prev, r], w2: [r, V] float tensors of one dtype (r = 0: no Markov head, i.e. DFlash).
+        Row x of w1 is the bias after token x. Usually V_prev = V; with a draft vocabulary (the logits
+        cover K < V target ids) the drawable ids come first in w1's rows and the anchor may be any
+        of the V_prev ids (see dspark_ops.draft_vocab).
       hidden: optional [B, G, H] drafter hidden states for the confidence head.
       conf_weight: optional [H + r] confidence head weight; with it,
         confidence_k = sigmoid((conf_weight . [hidden_k ; w1[x_{k-1}]] + conf_bias) / conf_temperature_k).
@@ -74,8 +77,8 @@ def markov_sample(base_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Ten
     anchor = token_ids_int32(anchor, "anchor")
     check_floating(w1, "w1")
     check_floating(w2, "w2")
-    if w1.dim() != 2 or w1.shape[0] != V:
-        raise ValueError(f"w1 must be [V, r] with V = {V}, got {list(w1.shape)}")
+    if w1.dim() != 2 or w1.shape[0] < V:
+        raise ValueError(f"w1 must be [V_prev, r] with V_prev >= V = {V}, got {list(w1.shape)}")
     r = w1.shape[1]
     if w2.shape != (r, V):
         raise ValueError(f"w2 must be [r, V] = [{r}, {V}] to match w1, got {list(w2.shape)}")
@@ -115,6 +118,6 @@ def markov_sample(base_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Ten
                                                   temperature, seed, offset, bool(return_probs))
     if check and dev.type != "cpu" and B > 0 and bool((tokens[:, 0] < 0).any()):
         bad = int((tokens[:, 0] < 0).nonzero()[0, 0])
-        raise ValueError(f"markov_sample: row {bad} is invalid (anchor outside [0, {V}), bad temperature or "
+        raise ValueError(f"markov_sample: row {bad} is invalid (anchor outside [0, {w1.shape[0]}), bad temperature or "
                          "conf_temperature, or NaN/inf logits)")
     return tokens, (probs if return_probs else None), (confidence if conf_weight is not None else None)

@@ -59,6 +59,29 @@ def test_matches_reference(dtype, V, r, H):
     torch.testing.assert_close(probs.double().sum(-1), torch.ones(B, G, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_previous_tokens_from_a_larger_vocabulary(device):
+    """A draft vocabulary: the logits cover K drawable ids that come first in w1's V_prev > K rows, and the
+    anchor may be any of the V_prev ids. Same tokens, probs and confidences as the reference."""
+    if device == "cuda" and not CUDA:
+        pytest.skip("needs CUDA")
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, G, K, V_prev, r, H = 5, 4, 70, 113, 6, 8
+    U, _, _, w2, hidden = _problem(gen, B, G, K, r, H)
+    w1 = torch.randn(V_prev, r, generator=gen) * 0.6
+    anchor = torch.tensor([0, K - 1, K, V_prev - 1, 90])  # drawable ids and ids only the anchor can be
+    kw = dict(hidden=hidden, conf_weight=torch.randn(H + r, generator=gen), conf_bias=0.1,
+              temperature=torch.tensor([1.0, 0.0, 0.6, 1.2, 0.0]), seed=torch.randint(0, 2**62, (B,), generator=gen))
+    want = ref.markov_sample(U, anchor, w1, w2, **kw)
+    on = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    got = dspark_ops.markov_sample(on(U), on(anchor), on(w1), on(w2), **{k: on(v) for k, v in kw.items()})
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+    assert int(want[0].max()) < K
+    with pytest.raises(RuntimeError, match=r"anchor\[1\] = 113 is outside \[0, 113\)"):
+        dspark_ops.markov_sample(U, torch.tensor([0, V_prev, 1, 2, 3]), w1, w2)
+
+
 def test_return_flags_and_determinism():
     gen = torch.Generator().manual_seed(fresh_seed())
     U, anchor, w1, w2, _ = _problem(gen, 3, 4, 40, 4)

@@ -17,11 +17,12 @@ namespace dspark {
 
 struct MarkovProblem {
   index_t batch = 0, steps = 0, vocab = 0, rank = 0, hidden_dim = 0;  // B, G, V, r, H
+  index_t prev_vocab = 0;  // rows of w1 (>= V): ids a previous token may have (the anchor's range)
   const void* logits = nullptr;                                        // [B, G, V], last dim contiguous
   FloatCode logits_dtype = FloatCode::f32;
   index_t logits_stride_b = 0, logits_stride_k = 0;
   const int32_t* anchor = nullptr;                                     // [B]
-  const void* w1 = nullptr;                                            // [V, r] contiguous
+  const void* w1 = nullptr;                                            // [prev_vocab, r] contiguous
   const void* w2 = nullptr;                                            // [r, V] contiguous
   FloatCode w_dtype = FloatCode::f32;
   const void* hidden = nullptr;                                        // [B, G, H] or null (H = 0)
@@ -48,7 +49,7 @@ struct MarkovProblem {
 DSPARK_HD bool markov_row_valid(const MarkovProblem& P, index_t b) {
   const float t = P.temperature[b];
   if (!(t >= 0.0f && t < 3.0e38f)) return false;
-  if (P.anchor[b] < 0 || P.anchor[b] >= P.vocab) return false;
+  if (P.anchor[b] < 0 || P.anchor[b] >= P.prev_vocab) return false;
   if (P.conf_weight != nullptr)
     for (index_t k = 0; k < P.steps; ++k)
       if (!(P.conf_temperature[k] > 0.0f && P.conf_temperature[k] < 3.0e38f)) return false;

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..draft_vocab import FILE as DRAFT_VOCAB_FILE
+from ..draft_vocab import DraftVocab
 from .attention import DenseKVCache, MaskedAttention
 from .layers import DecoderLayer, Linear, LinearImpl, RMSNorm, RotaryEmbedding, init_normal_
 from .llama import (LlamaConfig, LlamaModel, check_positions, check_token_ids, layer_slots, resolve_attention,
@@ -182,7 +184,15 @@ class _Drafter(nn.Module):
         self.norm = RMSNorm(d, config.backbone.rms_norm_eps, device=device, dtype=dtype)
         b = config.backbone
         self.rotary = RotaryEmbedding(b.head_dim, b.rope_theta, b.rope_scaling, device=device)
+        self.draft_vocab: DraftVocab | None = None  # set by from_pretrained / train-draft; used by the engine
         return device, dtype
+
+    def _score(self, h: torch.Tensor, lm_head: torch.Tensor | None) -> torch.Tensor:
+        """Logits of final-normed ``h``: over every id (the target's LM head), or over the rows ``lm_head``
+        of it (a draft vocabulary's, through the drafter's own linear hook so the engine can pack them)."""
+        if lm_head is None:
+            return self.target.compute_logits(h.to(self.target.dtype))
+        return self.linear_impl(h.to(lm_head.dtype), lm_head, None)
 
     def set_linear_impl(self, fn) -> None:
         """Route the drafter's own projections through ``fn(x, weight, bias)`` (the LM head is the target's)."""
@@ -213,6 +223,9 @@ class _Drafter(nn.Module):
         cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
         save_safetensors(slots_state_dict(self.slots()), folder / "model.safetensors")
+        (folder / DRAFT_VOCAB_FILE).unlink(missing_ok=True)
+        if self.draft_vocab is not None:
+            self.draft_vocab.save(folder)
 
     @classmethod
     def from_pretrained(cls, path, target: LlamaModel, *, dtype=None, device=None):
@@ -234,6 +247,7 @@ class _Drafter(nn.Module):
 
         load_slots(model.slots(), files, ignore=lambda n: n in _SHARED_TENSORS or n.endswith("rotary_emb.inv_freq"),
                    check=check_shared)
+        model.draft_vocab = DraftVocab.load(path, target.config.vocab_size)
         return model.eval()
 
 
@@ -295,7 +309,7 @@ class DSparkDrafter(_Drafter):
         return ids
 
     def draft_block(self, anchor_ids: torch.Tensor, anchor_positions: torch.Tensor | None = None, *, kv,
-                    return_logits: bool = True) -> DraftBlock:
+                    return_logits: bool = True, lm_head: torch.Tensor | None = None) -> DraftBlock:
         """One parallel drafting pass: base logits U [B, G, V] and hidden h [B, G, d].
 
         anchor_ids [B]: the last verified token of each request, at position
@@ -305,7 +319,8 @@ class DSparkDrafter(_Drafter):
         scratch (lengths do not advance). With a paged backend
         (causal=False), the engine appends the block at positions
         anchor..anchor+G-1 (seq_lens = anchor + G) and rolls its length back
-        to the anchor afterwards.
+        to the anchor afterwards. lm_head [K, d]: score only these rows of the
+        target's LM head (a draft vocabulary's, ``DraftVocab.lm_head``).
         """
         if kv is None:
             raise ValueError("draft_block needs a cache holding the target context")
@@ -320,16 +335,15 @@ class DSparkDrafter(_Drafter):
                                  f"lengths {kv.lengths.tolist()} (the context must end right before the anchor)")
         positions = None if anchor_positions is None else anchor_positions.to(ids.device).unsqueeze(-1) + offsets
         backend, positions, _ = resolve_attention(kv, ids.shape, positions, causal=False, device=ids.device)
-        return self._block_forward(ids, check_positions(positions, ids.shape), backend, return_logits)
+        return self._block_forward(ids, check_positions(positions, ids.shape), backend, return_logits, lm_head)
 
-    def _block_forward(self, ids, positions, backend, return_logits) -> DraftBlock:
+    def _block_forward(self, ids, positions, backend, return_logits, lm_head=None) -> DraftBlock:
         x = self.target.embed(ids).to(self.dtype)
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, backend, i)
         h = self.norm(x)
-        logits = self.target.compute_logits(h.to(self.target.dtype)) if return_logits else None
-        return DraftBlock(logits, h)
+        return DraftBlock(self._score(h, lm_head) if return_logits else None, h)
 
     # ---- Markov and confidence heads
 
@@ -473,8 +487,9 @@ class Eagle3Drafter(_Drafter):
             kv.advance(advance)
         return h
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.target.compute_logits(self.norm(hidden).to(self.target.dtype))
+    def compute_logits(self, hidden: torch.Tensor, lm_head: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of drafter outputs over every id, or over the rows ``lm_head`` of the target's LM head."""
+        return self._score(self.norm(hidden), lm_head)
 
     def confidence_weights(self) -> None:
         """No confidence head: the engine's confidence schedulers need a DSpark drafter."""
