@@ -7,7 +7,8 @@ tokens, temperature 0, fp32:
   - our engine, plain decoding (drafter=None);
   - our engine with each drafter available: the shipped trained DSpark drafter
     (if present), a drafter copied from the target's first layers, and an
-    EAGLE-3-style drafter when a checkpoint is given (--eagle).
+    EAGLE-3-style drafter when a checkpoint is given (--eagle); a drafter that
+    has a draft vocabulary runs a second time proposing every id ("every id").
 Reports tokens/s, tau (tokens per target step) and whether the greedy output
 equals plain decoding, and writes a bar chart (PNG) next to RESULTS.md.
 
@@ -168,13 +169,20 @@ def load_target(args, dtype):
 
 
 def load_drafters(args, target):
-    drafters = {"self-copy (4 layers)": build_drafter_from_target(target, num_layers=4, block_size=7)}
+    """name -> (drafter, engine options); a drafter with a draft vocabulary also runs without it."""
+    drafters = {}
     shipped = shipped_drafter("smollm2-135m")
     if shipped is not None and not args.random_weights:
-        drafters = {"DSpark (shipped)": load_drafter(shipped, target, dtype=target.dtype), **drafters}
+        drafters["DSpark (shipped)"] = load_drafter(shipped, target, dtype=target.dtype)
+    drafters["self-copy (4 layers)"] = build_drafter_from_target(target, num_layers=4, block_size=7)
     if args.eagle:
         drafters["EAGLE-3"] = load_drafter(args.eagle, target, dtype=target.dtype)
-    return drafters
+    out = {}
+    for name, d in drafters.items():
+        out[name] = (d, {})
+        if d.draft_vocab is not None:
+            out[f"{name}, every id"] = (d, {"draft_vocab": False})
+    return out
 
 
 def gpu_main(args, target, prompts, stop, n, batches):
@@ -186,9 +194,9 @@ def gpu_main(args, target, prompts, stop, n, batches):
     print("|---|---|---|---|---|---|---|---|")
     for batch in batches:
         plain = base = None
-        for name, drafter in [("plain", None), *drafters.items()]:
+        for name, (drafter, kw) in [("plain", (None, {})), *drafters.items()]:
             for graphs in (False, True):
-                outs, tps, tau, engine = run_engine(target, drafter, prompts, n, batch, stop, cuda_graphs=graphs)
+                outs, tps, tau, engine = run_engine(target, drafter, prompts, n, batch, stop, cuda_graphs=graphs, **kw)
                 plain, base = (outs, tps) if plain is None else (plain, base)
                 idle = device_idle(engine, prompts, n, stop)
                 idle = "n/a" if idle is None else f"{100 * idle:.1f}%"
@@ -238,8 +246,8 @@ def main():
                 print("| transformers | - | not installed | | | |")
         print(f"| dspark engine, plain | {batch} | {plain_tps:.1f} | 1.00x | 1.00 | True |", flush=True)
         rows.append((f"engine plain\nb={batch}", plain_tps))
-        for name, drafter in drafters.items():
-            outs, tps, tau, _ = run_engine(target, drafter, prompts, n, batch, stop)
+        for name, (drafter, kw) in drafters.items():
+            outs, tps, tau, _ = run_engine(target, drafter, prompts, n, batch, stop, **kw)
             print(f"| dspark engine, {name} | {batch} | {tps:.1f} | {tps / plain_tps:.2f}x | {tau:.2f} | "
                   f"{outs == plain} |", flush=True)
             rows.append((f"{name}\nb={batch}", tps))
