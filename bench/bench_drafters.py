@@ -10,9 +10,11 @@ verified):
 - decode tokens/s of the engine with each drafter vs the engine's own plain
   decoding (``--speed``), batch 1, temperature 0, with the outputs checked
   token for token (greedy speculative decoding is lossless).
-- ``--draft-vocab K ...``: each drafter again with a draft vocabulary of the K
-  ids most frequent in the dataset's training responses (0: every id; tau and
-  speed in the engine), the trade of ``dspark_ops.draft_vocab``.
+- ``--draft-vocab K ...``: each drafter again ("name/K") with a draft vocabulary
+  of the K ids most frequent in the dataset's training responses (tau and speed
+  in the engine), the trade of ``dspark_ops.draft_vocab``. Without "/K" a
+  drafter proposes every id (a draft vocabulary stored with it is not used), so
+  tau compares the drafters themselves.
 
 For tau, DSpark and DFlash drafters run in :class:`~dspark_ops.engine.SpeculativeEngine`
 and the EAGLE-3-style drafter in the chain-drafting loop below over dense
@@ -215,17 +217,18 @@ def report(results: dict, temperatures, domains, png) -> None:
 
 
 def draft_vocab_variants(target, drafters: dict, args) -> dict:
-    """name -> loaded drafter; with --draft-vocab also "name/K" -> the drafter proposing only K ids
-    ("name/all": every id, in the engine)."""
+    """name -> the loaded drafter proposing every id; with --draft-vocab also "name/K" -> the drafter
+    proposing only the K most frequent training-response ids."""
     out = {}
     train = load_samples(Path(args.data_dir) / "train.jsonl") if args.draft_vocab else []
     V = target.config.vocab_size
     for name, path in drafters.items():
         out[name] = load_drafter(path, target, dtype="float32")
+        out[name].draft_vocab = None
         for K in args.draft_vocab or ():
             d = load_drafter(path, target, dtype="float32")
-            d.draft_vocab = DraftVocab(frequency_ranked((s.response for s in train), V, K), V) if K else None
-            out[f"{name}/{K or 'all'}"] = d
+            d.draft_vocab = DraftVocab(frequency_ranked((s.response for s in train), V, K), V)
+            out[f"{name}/{K}"] = d
     return out
 
 

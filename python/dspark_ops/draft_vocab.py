@@ -31,10 +31,10 @@ def frequency_ranked(token_lists: Iterable[Sequence[int]], vocab_size: int, size
     if not 1 <= size <= vocab_size:
         raise ValueError(f"draft vocabulary size must be in [1, {vocab_size}], got {size}")
     counts = torch.zeros(vocab_size, dtype=torch.int64)
-    for ids, n in collections.Counter(t for tokens in token_lists for t in tokens).items():
-        if not 0 <= ids < vocab_size:
-            raise ValueError(f"token id {ids} is outside the vocabulary [0, {vocab_size})")
-        counts[ids] = n
+    for token, n in collections.Counter(t for tokens in token_lists for t in tokens).items():
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {vocab_size})")
+        counts[token] = n
     # Stable sort of -count keeps ascending ids within equal counts.
     order = torch.sort(-counts, stable=True).indices
     return torch.sort(order[:size]).values
