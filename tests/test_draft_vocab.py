@@ -74,3 +74,13 @@ def test_saved_with_the_drafter(tmp_path):
 def load_drafter_roundtrip(drafter, target, folder):
     drafter.save_pretrained(folder)
     return load_drafter(folder, target)
+
+
+def test_bad_file_names_the_file(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"ids": torch.tensor([3, 120])}, str(tmp_path / "draft_vocab.safetensors"))
+    with pytest.raises(ValueError, match=r"draft_vocab.safetensors: not a draft vocabulary for a 96-id target"):
+        DraftVocab.load(tmp_path, 96)
+    save_file({"other": torch.tensor([3])}, str(tmp_path / "draft_vocab.safetensors"))
+    with pytest.raises(ValueError, match="not a draft vocabulary"):
+        DraftVocab.load(tmp_path, 96)

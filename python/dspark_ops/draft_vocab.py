@@ -11,7 +11,9 @@ a rare token is *drafted* is lost.
 
 The ids are stored with the drafter (``draft_vocab.safetensors``, written by
 ``dspark train-draft`` from its training data's token counts); the engine maps
-between draft and target ids around ``markov_sample``.
+between draft and target ids around ``markov_sample``. Training is unchanged:
+the drafter learns every id, and the restriction renormalises its distribution
+over the K ids at inference.
 """
 from __future__ import annotations
 
@@ -101,4 +103,7 @@ class DraftVocab:
         if not path.exists():
             return None
         from safetensors.torch import load_file
-        return cls(load_file(str(path))["ids"], vocab_size)
+        try:
+            return cls(load_file(str(path))["ids"], vocab_size)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: not a draft vocabulary for a {vocab_size}-id target ({e})") from None
