@@ -250,7 +250,7 @@ def main():
                     help="only print the table and plot of earlier --json files (runs nothing)")
     ap.add_argument("--draft-vocab", type=int, nargs="*", default=None, metavar="K",
                     help="also evaluate each drafter with a draft vocabulary of the K most frequent training-response "
-                         "ids (0: every id), in the engine")
+                         "ids, in the engine")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.combine:

@@ -18,3 +18,16 @@ def fresh_seed() -> int:
 # used here (shifting one token's probability by 0.02 over 40k draws gives p ~ 1e-17); a correct one fails a
 # run's ~25 such tests with probability ~2.5e-5, instead of ~0.25% at 1e-4 (seen in CI).
 CHI2_MIN_PVALUE = 1e-6
+
+
+def chi2_pvalue(counts, probs) -> float:
+    """Pearson chi-square p-value of sample counts against a law; cells of probability 0 must stay empty."""
+    from scipy.stats import chisquare
+
+    obs, p = counts.double().reshape(-1), probs.double().reshape(-1)
+    keep = p > 0
+    assert obs[~keep].sum() == 0, "a zero-probability outcome was sampled"
+    if int(keep.sum()) == 1:  # a single possible outcome: nothing to test beyond the line above
+        return 1.0
+    expected = p[keep] / p[keep].sum() * obs.sum()
+    return float(chisquare(obs[keep].numpy(), expected.numpy()).pvalue)

@@ -173,9 +173,8 @@ def pack_linear_layers(model: torch.nn.Module, extra: Sequence[torch.Tensor] = (
                if name.endswith("gate_up_proj.weight")}
     packed = {id(p): pack(p) for name, p in model.named_parameters()
               if p.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name and id(p) not in gate_up}
-    for w in (model.lm_head_weight,) if hasattr(model, "lm_head_weight") else ():
-        packed.setdefault(id(w), pack(w))
-    for w in extra:
+    heads = (model.lm_head_weight,) if hasattr(model, "lm_head_weight") else ()
+    for w in (*heads, *extra):
         packed.setdefault(id(w), pack(w))
 
     def small_block(x):  # tall inputs (long prompts) are what MKL's matmul is good at, on the original weight
@@ -686,7 +685,7 @@ class SpeculativeEngine:
             kwargs = dict(hidden=block.hidden[:, :G], conf_weight=w, conf_bias=b, conf_temperature=temps)
         tokens, q, confidence = markov_sample(block.logits[:, :G], self._draft_ids(s.anchor), *self._markov,
                                               temperature=s.temperature, seed=s.seed, offset=s.offset, **kwargs)
-        return *self._target_ids(tokens, q), confidence
+        return self._target_tokens(tokens), self._full_probs(q), confidence
 
     def _draft_eagle(self, s: SlotState):
         """EAGLE-3: the output that predicts x_1 came with the last step; each further draft feeds the previous
@@ -707,22 +706,26 @@ class SpeculativeEngine:
             logits = self.drafter.compute_logits(h, self._draft_head).unsqueeze(1)
             tok, q, _ = markov_sample(logits, self._draft_ids(prev), *self._markov, temperature=s.temperature,
                                       seed=s.seed, offset=s.offset * _EAGLE_DRAWS_PER_STEP + j)
-            tok, q = self._target_ids(tok, q)
+            tok = self._target_tokens(tok)
             prev = tok[:, 0].to(torch.long)
             tokens.append(tok)
             probs.append(q)
-        return torch.cat(tokens, 1), torch.cat(probs, 1), None
+        return torch.cat(tokens, 1), self._full_probs(torch.cat(probs, 1)), None
 
     def _draft_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Target ids as ``markov_sample`` takes previous tokens (rows of its W1)."""
         return ids if self._vocab is None else self._vocab.position[ids.long()]
 
-    def _target_ids(self, tokens: torch.Tensor, q: torch.Tensor):
-        """markov_sample's draws over the draft vocabulary as target ids and [.., V] distributions."""
+    def _target_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """markov_sample's draws (draft-vocabulary indices) as target ids; -1 (an invalid row) stays."""
         if self._vocab is None:
-            return tokens, q
+            return tokens
         ids = self._vocab.ids[tokens.long().clamp(min=0)].to(torch.int32)
-        return torch.where(tokens >= 0, ids, tokens), self._vocab.expand_probs(q)  # -1 marks an invalid row
+        return torch.where(tokens >= 0, ids, tokens)
+
+    def _full_probs(self, q: torch.Tensor) -> torch.Tensor:
+        """Draft distributions over the draft vocabulary as [..., V] ones for ``verify``."""
+        return q if self._vocab is None else self._vocab.expand_probs(q)
 
     def _extend_drafter(self, s, out, tokens, rows, flat_pos, cu, last_row, advanced) -> None:
         """The drafter's context gains the verified rows (all forwarded rows are written; those past the

@@ -1,15 +1,13 @@
 """markov_sample: kernel == reference, exact sampling law, greedy, r = 0, confidence head, lossless with verify."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import dspark_ops
 from dspark_ops import reference as ref
 from cuda_graphs import capture
-from randomness import CHI2_MIN_PVALUE, fresh_seed
+from randomness import CHI2_MIN_PVALUE, chi2_pvalue, fresh_seed
 
 CUDA = torch.cuda.is_available()
 
@@ -27,16 +25,6 @@ def _exact_step(U_k: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, prev: int
     """softmax((U_k + w1[prev] @ w2) / T) in float64: the law the kernel must sample from."""
     z = U_k.double() + w1[prev].double() @ w2.double()
     return torch.softmax(z / T, dim=-1)
-
-
-def _chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Pearson chi-square p-value of counts against a law (cells of probability 0 must stay empty)."""
-    obs = observed.double().reshape(-1)
-    p = expected_probs.double().reshape(-1)
-    keep = p > 0
-    assert obs[~keep].sum() == 0, "a zero-probability outcome was sampled"
-    expected = p[keep] / p[keep].sum() * obs.sum()
-    return float(chisquare(obs[keep].numpy(), expected.numpy()).pvalue)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -59,12 +47,11 @@ def test_matches_reference(dtype, V, r, H):
     torch.testing.assert_close(probs.double().sum(-1), torch.ones(B, G, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])])
 def test_previous_tokens_from_a_larger_vocabulary(device):
     """A draft vocabulary: the logits cover K drawable ids that come first in w1's V_prev > K rows, and the
     anchor may be any of the V_prev ids. Same tokens, probs and confidences as the reference."""
-    if device == "cuda" and not CUDA:
-        pytest.skip("needs CUDA")
     gen = torch.Generator().manual_seed(fresh_seed())
     B, G, K, V_prev, r, H = 5, 4, 70, 113, 6, 8
     U, _, _, w2, hidden = _problem(gen, B, G, K, r, H)
@@ -129,8 +116,8 @@ def test_joint_distribution_chi_square():
     x = tokens.long()
     obs12 = torch.bincount(x[:, 0] * V + x[:, 1], minlength=V * V)
     obs23 = torch.bincount(x[:, 1] * V + x[:, 2], minlength=V * V)
-    assert _chi2_pvalue(obs12, joint12) > CHI2_MIN_PVALUE
-    assert _chi2_pvalue(obs23, joint23) > CHI2_MIN_PVALUE
+    assert chi2_pvalue(obs12, joint12) > CHI2_MIN_PVALUE
+    assert chi2_pvalue(obs23, joint23) > CHI2_MIN_PVALUE
     # draft_probs at step 2 is the conditional law given the sampled x1.
     torch.testing.assert_close(probs[:, 1].double(), p2[x[:, 0]], atol=1e-6, rtol=0)
 
@@ -171,7 +158,7 @@ def test_rank_zero_is_independent_per_position():
         torch.testing.assert_close(p_a[0, k].double(), marginal, atol=1e-6, rtol=0)
     x = t_a.long()
     joint = torch.softmax(U1[0, 0].double() / T, -1)[:, None] * torch.softmax(U1[0, 1].double() / T, -1)[None, :]
-    assert _chi2_pvalue(torch.bincount(x[:, 0] * V + x[:, 1], minlength=V * V), joint) > CHI2_MIN_PVALUE
+    assert chi2_pvalue(torch.bincount(x[:, 0] * V + x[:, 1], minlength=V * V), joint) > CHI2_MIN_PVALUE
 
 
 def test_confidence_formula():
@@ -222,7 +209,7 @@ def test_lossless_end_to_end_with_verify():
     y2 = torch.where(n1 >= 1, out1[:, 1].long(), out2[:, 0].long())
     pt = torch.softmax(Tm.double(), -1)
     joint = pt[2][:, None] * pt  # p(y1 | anchor) p(y2 | y1)
-    assert _chi2_pvalue(torch.bincount(y1 * V + y2, minlength=V * V), joint) > CHI2_MIN_PVALUE
+    assert chi2_pvalue(torch.bincount(y1 * V + y2, minlength=V * V), joint) > CHI2_MIN_PVALUE
     # The drafts are mostly accepted and sometimes rejected: both branches of verify are exercised.
     assert 0.5 < float(n1.float().mean()) < G
 

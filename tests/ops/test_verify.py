@@ -8,12 +8,11 @@ import textwrap
 
 import pytest
 import torch
-from scipy import stats
 
 import dspark_ops
 from dspark_ops import reference
 from cuda_graphs import capture
-from randomness import CHI2_MIN_PVALUE, fresh_seed
+from randomness import CHI2_MIN_PVALUE, chi2_pvalue, fresh_seed
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -216,15 +215,6 @@ def test_lossless_exact_enumeration(K, filters, one_hot):
 # Losslessness of the kernel itself, by sampling (chi-square on many seeded rows in one call).
 
 
-def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    keep = probs > 0
-    assert counts[~keep].sum() == 0, "a zero-probability token was emitted"
-    if int(keep.sum()) == 1:  # a single possible outcome: nothing to test beyond the line above
-        return 1.0
-    expected = probs[keep] * counts.sum()
-    return float(stats.chisquare(counts[keep].double().numpy(), expected.numpy()).pvalue)
-
-
 @pytest.mark.parametrize("case", ["probs", "one_hot", "ragged", "top_k", "top_p", "min_p", "all_filters"])
 def test_kernel_first_two_tokens_follow_target(case):
     V, K, N = 5, 3, 40000
@@ -259,9 +249,9 @@ def test_kernel_first_two_tokens_follow_target(case):
     y2 = torch.where(n_acc >= 1, tokens[:, 1].long(), fallback)
     p0 = reference.filtered_masses(l0, **full).double()
     p0 = p0 / p0.sum()
-    assert _chi2_pvalue(torch.bincount(y1, minlength=V), p0) > CHI2_MIN_PVALUE, f"seed {seed}"
+    assert chi2_pvalue(torch.bincount(y1, minlength=V), p0) > CHI2_MIN_PVALUE, f"seed {seed}"
     joint = (p0[:, None] * p1_all).reshape(-1)
-    assert _chi2_pvalue(torch.bincount(y1 * V + y2, minlength=V * V), joint) > CHI2_MIN_PVALUE, f"seed {seed}"
+    assert chi2_pvalue(torch.bincount(y1 * V + y2, minlength=V * V), joint) > CHI2_MIN_PVALUE, f"seed {seed}"
 
 
 def test_one_hot_vs_probabilistic_drafts_acceptance():

@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..draft_vocab import FILE as DRAFT_VOCAB_FILE
-from ..draft_vocab import DraftVocab
+from ..draft_vocab import FILE as DRAFT_VOCAB_FILE, DraftVocab
 from .attention import DenseKVCache, MaskedAttention
 from .layers import DecoderLayer, Linear, LinearImpl, RMSNorm, RotaryEmbedding, init_normal_
 from .llama import (LlamaConfig, LlamaModel, check_positions, check_token_ids, layer_slots, resolve_attention,
