@@ -1,4 +1,4 @@
-"""Sequential Temperature Scaling of the confidence head (dspark_ops.calibrate)."""
+"""Sequential calibration of the confidence head: STS and offsets (dspark_ops.calibrate)."""
 from __future__ import annotations
 
 import pytest
@@ -46,16 +46,37 @@ def test_sts_recovers_temperatures_and_lowers_ece():
         assert report["ece_after"][k] <= truth["ece_after"][k] + 0.005, (k, report, truth)
 
 
+def test_offsets_fix_a_biased_head():
+    """A head that is too confident by a shift of its logits (it learnt a training set it fits better than new
+    prompts): temperatures alone cannot move the mean, offsets can, and the fit recovers the shift."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    shift = torch.tensor([1.2, 0.8, 1.0], dtype=torch.float64)
+    logits, accepted, _ = _overconfident_head(gen, G=3, scale=(1.0,) * 3)
+    logits = logits + shift
+    truth = calibrate.calibration_report(logits, accepted, torch.ones(3), -shift)
+    temps = calibrate.sequential_temperature_scaling(logits, accepted)
+    sts = calibrate.calibration_report(logits, accepted, temps)
+    temps, offsets = calibrate.sequential_calibration(logits, accepted)
+    assert temps.shape == offsets.shape == (3,) and offsets.dtype == torch.float32
+    report = calibrate.calibration_report(logits, accepted, temps, offsets)
+    assert sts["ece_after"][0] > 0.05 and report["ece_after"][0] < 0.015
+    # sigmoid(l / t + o) ~ sigmoid(l - 1.2): the fit lands within two grid steps of the shift (12 seeds: 0.18)
+    assert abs(float(offsets[0]) / float(temps[0]) + float(shift[0])) < 0.35
+    for k in range(3):
+        assert report["ece_after"][k] <= min(truth["ece_after"][k], sts["ece_after"][k]) + 0.005, (k, report, truth)
+
+
 def test_temperature_scaling_preserves_order():
     gen = torch.Generator().manual_seed(fresh_seed())
     logits = torch.randn(200, 3, generator=gen)
-    conf = calibrate.apply_temperatures(logits, torch.tensor([0.5, 2.0, 3.0]))
+    conf = calibrate.apply_temperatures(logits, torch.tensor([0.5, 2.0, 3.0]), torch.tensor([-1.0, 0.0, 2.0]))
     for k in range(3):
         assert torch.equal(torch.argsort(conf[:, k], stable=True), torch.argsort(logits[:, k], stable=True))
 
 
 def test_markov_sample_applies_the_temperatures():
-    """conf_temperature in markov_sample is the same map as calibrate.apply_temperatures."""
+    """conf_temperature in markov_sample is the same map as calibrate.apply_temperatures, and so are offsets
+    folded into a per-step conf_bias."""
     gen = torch.Generator().manual_seed(fresh_seed())
     B, G, V, r = 3, 4, 30, 5
     U = torch.randn(B, G, V, generator=gen)
@@ -68,6 +89,12 @@ def test_markov_sample_applies_the_temperatures():
                                          seed=5)
     logit = torch.log(raw.double()) - torch.log1p(-raw.double())
     torch.testing.assert_close(cal.double(), calibrate.apply_temperatures(logit, temps.double()), atol=1e-5, rtol=1e-4)
+    offsets = torch.tensor([-1.5, 0.0, 0.4, 2.0])
+    bias = calibrate.fold_offsets(torch.tensor(0.3), temps, offsets)
+    _, _, cal = dspark_ops.markov_sample(U, anchor, w1, w2, conf_weight=w, conf_bias=bias, conf_temperature=temps,
+                                         seed=5)
+    torch.testing.assert_close(cal.double(), calibrate.apply_temperatures(logit, temps.double(), offsets.double()),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_bad_inputs():
@@ -81,3 +108,5 @@ def test_bad_inputs():
         calibrate.sequential_temperature_scaling(torch.full((10, 3), float("nan")), ok)
     with pytest.raises(ValueError, match="grid"):
         calibrate.sequential_temperature_scaling(logits, ok, grid=[0.0, 1.0])
+    with pytest.raises(ValueError, match="offset_grid"):
+        calibrate.sequential_calibration(logits, ok, offset_grid=[float("nan")])

@@ -148,9 +148,11 @@ def test_save_load_gives_identical_outputs(tmp_path):
     drafter = build_drafter(cfg, target)
     Trainer(cfg, target, drafter, random_samples(seed), tmp_path / "run", progress=False).train()
     drafter.config.confidence_temperatures = [0.5, 1.0, 1.5, 2.0]
+    drafter.config.confidence_offsets = [-1.0, 0.0, 0.25, 3.0]
     drafter.save_pretrained(tmp_path / "d")
     loaded = load_drafter(tmp_path / "d", target)
     assert loaded.config.confidence_temperatures == [0.5, 1.0, 1.5, 2.0]
+    assert loaded.config.confidence_offsets == [-1.0, 0.0, 0.25, 3.0]
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 96, (2, 20), generator=g)
     feats = target(ids, hidden_layers=[0, 2]).layer_hidden
@@ -188,7 +190,7 @@ def test_resume_takes_the_same_next_steps(tmp_path, variant):
 
 # ---- calibration
 
-def test_calibrate_drafter_through_the_engine_writes_temperatures(tmp_path):
+def test_calibrate_drafter_through_the_engine_writes_the_calibration(tmp_path):
     seed = fresh_seed()
     target = tiny_target(seed)
     cfg = tiny_cfg(max_steps=2, seed=seed % 1000)
@@ -202,9 +204,42 @@ def test_calibrate_drafter_through_the_engine_writes_temperatures(tmp_path):
     assert not bool((accepted[:, 1:] & ~accepted[:, :-1]).any())
     report = calibrate_drafter(tmp_path / "d", drafter, prompts, max_new_tokens=24, seed=seed)
     assert report["mean_ece_after"] <= report["mean_ece_before"] + 1e-12
-    stored = json.loads((tmp_path / "d" / "config.json").read_text())["confidence_temperatures"]
-    assert stored == pytest.approx(report["temperatures"]) and len(stored) == 4
-    assert load_drafter(tmp_path / "d", target).config.confidence_temperatures == pytest.approx(stored)
+    assert len(report["ece_out_of_sample"]) == 4 and report["num_blocks"] >= 6
+    stored = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert stored["confidence_temperatures"] == pytest.approx(report["temperatures"]) and len(report["temperatures"]) == 4
+    assert stored["confidence_offsets"] == pytest.approx(report["offsets"]) and len(report["offsets"]) == 4
+    loaded = load_drafter(tmp_path / "d", target).config
+    assert loaded.confidence_temperatures == pytest.approx(stored["confidence_temperatures"])
+    assert loaded.confidence_offsets == pytest.approx(stored["confidence_offsets"])
+    # Temperatures only (the paper's STS): no offsets stored.
+    report = calibrate_drafter(tmp_path / "d", drafter, prompts, offsets=False, max_new_tokens=24, seed=seed)
+    assert report["offsets"] is None and "confidence_offsets" not in json.loads((tmp_path / "d" / "config.json").read_text())
+
+
+def test_engine_applies_the_calibration(tmp_path):
+    """The confidences the engine's scheduler sees are sigmoid(raw logit / t_k + o_k) of the stored calibration."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    drafter = build_drafter(tiny_cfg(seed=seed % 1000), target)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, 96, (5,), generator=g).tolist() for _ in range(3)]
+
+    class Recording(dspark_ops.engine.SpeculativeEngine):
+        def _draft(self, *args):
+            drafts, probs, confidence = super()._draft(*args)
+            seen.append(confidence.detach().double().clone())
+            return drafts, probs, confidence
+
+    runs = []
+    for temps, offsets in ((None, None), ([0.5, 1.0, 2.0, 1.3], [-1.0, 0.5, 0.0, 2.0])):
+        drafter.config.confidence_temperatures, drafter.config.confidence_offsets = temps, offsets
+        seen = []
+        Recording(target, drafter, max_batch=3, max_tokens=3 * 64).generate(prompts, 12, temperature=1.0, seed=seed)
+        runs.append(torch.cat(seen))
+    raw, calibrated = runs
+    want = dspark_ops.calibrate.apply_temperatures(torch.logit(raw), torch.tensor([0.5, 1.0, 2.0, 1.3]).double(),
+                                                   torch.tensor([-1.0, 0.5, 0.0, 2.0]).double())
+    torch.testing.assert_close(calibrated, want, atol=1e-5, rtol=1e-4)
 
 
 # ---- distributed
@@ -314,8 +349,9 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path):
                           str(drafter_dir), "--data-dir", str(tmp_path / "data"), "--max-new-tokens", "16"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "ECE of prefix survival after STS" in res.stdout
-    assert len(json.loads((drafter_dir / "config.json").read_text())["confidence_temperatures"]) == 7
+    assert "ECE of prefix survival, calibrated, out of sample:" in res.stdout
+    calibrated = json.loads((drafter_dir / "config.json").read_text())
+    assert len(calibrated["confidence_temperatures"]) == len(calibrated["confidence_offsets"]) == 7
     # An empty prompt set is refused with a clear message.
     (tmp_path / "empty.jsonl").write_text("")
     res = subprocess.run(cmd[:4] + ["--out", str(tmp_path / "r2"), "--data-dir", str(tmp_path / "d2"), "--sources",

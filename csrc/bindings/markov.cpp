@@ -90,11 +90,13 @@ MarkovProblem check_markov_args(const at::Tensor& base_logits, const at::Tensor&
   if (with_confidence) {
     check_tensor(*conf_weight, "conf_weight", device, at::kFloat, {H + R});
     TORCH_CHECK(conf_bias.has_value(), "markov_sample: conf_bias is required with conf_weight");
-    check_tensor(*conf_bias, "conf_bias", device, at::kFloat, {1});
+    const int64_t num_bias = conf_bias->dim() == 1 && conf_bias->size(0) == G ? G : 1;  // per step or shared
+    check_tensor(*conf_bias, "conf_bias", device, at::kFloat, {num_bias});
     TORCH_CHECK(conf_temperature.has_value(), "markov_sample: conf_temperature is required with conf_weight");
     check_tensor(*conf_temperature, "conf_temperature", device, at::kFloat, {G});
     P.conf_weight = conf_weight->data_ptr<float>();
     P.conf_bias = conf_bias->data_ptr<float>();
+    P.conf_bias_stride = num_bias == 1 ? 0 : 1;
     P.conf_temperature = conf_temperature->data_ptr<float>();
   } else {
     TORCH_CHECK(!hidden.has_value(), "markov_sample: hidden is only used by the confidence head: pass conf_weight too");

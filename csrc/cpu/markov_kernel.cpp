@@ -116,7 +116,7 @@ float confidence_of(const MarkovProblem& P, index_t b, index_t k) {
   float lanes[kDotLanes];
   for (int l = 0; l < kDotLanes; ++l)
     lanes[l] = confidence_lane(h, P.hidden_dim, w1_row, P.rank, P.conf_weight, l);
-  return confidence_from_lanes(lanes, P.conf_bias[0], P.conf_temperature[k]);
+  return confidence_from_lanes(lanes, markov_conf_bias(P, k), P.conf_temperature[k]);
 }
 
 template <typename W>

@@ -34,7 +34,7 @@ __device__ void confidence_step(const MarkovProblem& P, index_t b, index_t k, co
   }
   __syncthreads();
   if (threadIdx.x == 0)
-    P.confidence[b * P.steps + k] = confidence_from_lanes(sh.lanes, P.conf_bias[0], P.conf_temperature[k]);
+    P.confidence[b * P.steps + k] = confidence_from_lanes(sh.lanes, markov_conf_bias(P, k), P.conf_temperature[k]);
   __syncthreads();
 }
 

@@ -1,24 +1,34 @@
-"""Sequential Temperature Scaling (STS) of the confidence head (DSpark section 3).
+"""Sequential calibration of the confidence head (DSpark section 3's STS, optionally with offsets).
 
 The head predicts c_k = P(draft k survives | drafts < k survived); the
 scheduler needs the prefix survival a_k = prod_{i<=k} c_i to be calibrated.
-STS fits one temperature per position, left to right: t_k minimises the
-Expected Calibration Error of a_k = a_{k-1} * sigmoid(logit_k / t_k) against
-the observed prefix-acceptance outcomes, with t_1..t_{k-1} already fixed.
-Temperature scaling keeps the order of the confidences. Pass the temperatures
-to markov_sample(conf_temperature=...) or apply them with apply_temperatures.
+Sequential Temperature Scaling fits one temperature per position, left to
+right: t_k minimises the Expected Calibration Error of
+a_k = a_{k-1} * sigmoid(logit_k / t_k) against the observed prefix-acceptance
+outcomes, with positions < k already fixed. A temperature cannot move a biased
+mean (a head that learnt the training set's acceptance is too confident on new
+prompts), so `sequential_calibration` can also fit an offset per position:
+c_k = sigmoid(logit_k / t_k + o_k) (Platt scaling, still order-preserving
+within a position). The engine folds the offsets into per-step biases of
+markov_sample (fold_offsets).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["apply_temperatures", "calibration_report", "default_grid", "expected_calibration_error",
-           "prefix_survival", "sequential_temperature_scaling"]
+__all__ = ["apply_temperatures", "calibration_report", "default_grid", "default_offset_grid",
+           "expected_calibration_error", "fold_offsets", "prefix_survival", "sequential_calibration",
+           "sequential_temperature_scaling"]
 
 
-def default_grid() -> torch.Tensor:
-    """Temperatures 0.1 .. 10, log-spaced (201 points, 1.0 among them)."""
-    return torch.logspace(-1.0, 1.0, 201, dtype=torch.float64)
+def default_grid(points: int = 201) -> torch.Tensor:
+    """Temperatures 0.1 .. 10, log-spaced (odd ``points``: 1.0 among them)."""
+    return torch.logspace(-1.0, 1.0, points, dtype=torch.float64)
+
+
+def default_offset_grid() -> torch.Tensor:
+    """Offsets -4 .. 4 in steps of 0.1 (81 points, 0 among them)."""
+    return torch.linspace(-4.0, 4.0, 81, dtype=torch.float64)
 
 
 def _check(conf_logits, accepted):
@@ -51,9 +61,18 @@ def expected_calibration_error(probs: torch.Tensor, outcomes: torch.Tensor, num_
     return (sum_p - sum_y).abs().sum(-1) / n  # n_b/N * |sum_p/n_b - sum_y/n_b|
 
 
-def apply_temperatures(conf_logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    """Calibrated per-position confidences sigmoid(logit_k / t_k), [N, G]."""
-    return torch.sigmoid(conf_logits / temperatures.to(conf_logits.device, conf_logits.dtype))
+def apply_temperatures(conf_logits: torch.Tensor, temperatures: torch.Tensor, offsets=None) -> torch.Tensor:
+    """Calibrated per-position confidences sigmoid(logit_k / t_k + o_k), [N, G] (offsets default 0)."""
+    z = conf_logits / temperatures.to(conf_logits.device, conf_logits.dtype)
+    if offsets is not None:
+        z = z + torch.as_tensor(offsets).to(conf_logits.device, conf_logits.dtype)
+    return torch.sigmoid(z)
+
+
+def fold_offsets(bias: torch.Tensor, temperatures: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per-step biases b_k = bias + o_k * t_k, so that sigmoid((s + b_k) / t_k) = sigmoid((s + bias) / t_k + o_k):
+    the [G] conf_bias that makes markov_sample apply calibrated offsets."""
+    return bias.reshape(1).float() + offsets.float() * temperatures.float()
 
 
 def prefix_survival(confidence: torch.Tensor) -> torch.Tensor:
@@ -61,38 +80,57 @@ def prefix_survival(confidence: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(confidence, dim=-1)
 
 
-def sequential_temperature_scaling(conf_logits: torch.Tensor, accepted: torch.Tensor, grid=None,
-                                   num_bins: int = 15) -> torch.Tensor:
-    """One temperature per position, fitted left to right (see module doc).
+def sequential_calibration(conf_logits: torch.Tensor, accepted: torch.Tensor, grid=None, offset_grid=None,
+                           num_bins: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (temperature, offset) per position, fitted left to right (see module doc).
 
     Args:
       conf_logits: [N, G] confidence-head logits on held-out drafts.
       accepted: [N, G] bool, accepted[n, k] = drafts 0..k of block n were all accepted.
-      grid: candidate temperatures (default default_grid()); ties go to the first.
-    Returns: temperatures [G] float32.
+      grid: candidate temperatures (default default_grid(), or default_grid(81) when offsets are fitted:
+        the search is over every pair).
+      offset_grid: candidate offsets (default default_offset_grid(); [0] is STS).
+      Ties go to the first temperature, then the first offset.
+    Returns: (temperatures [G], offsets [G]) float32.
     """
     logits, acc = _check(conf_logits, accepted)
-    grid = default_grid() if grid is None else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
+    offset_grid = default_offset_grid() if offset_grid is None else \
+        torch.as_tensor(offset_grid, dtype=torch.float64).reshape(-1)
+    if offset_grid.numel() == 0 or not bool(torch.isfinite(offset_grid).all()):
+        raise ValueError("offset_grid must be a non-empty set of finite offsets")
+    if grid is None:
+        grid = default_grid(201 if offset_grid.numel() == 1 else 81)
+    grid = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
     if grid.numel() == 0 or not bool((grid > 0).all()) or not bool(torch.isfinite(grid).all()):
         raise ValueError("grid must be a non-empty set of finite temperatures > 0")
     G = logits.shape[1]
-    temps = torch.empty(G, dtype=torch.float64)
+    temps, offsets = torch.empty(G, dtype=torch.float64), torch.empty(G, dtype=torch.float64)
     prev = torch.ones(logits.shape[0], dtype=torch.float64)
     for k in range(G):
-        cand = prev * torch.sigmoid(logits[:, k] / grid[:, None])  # [len(grid), N]
-        ece = expected_calibration_error(cand, acc[:, k], num_bins)
-        best = int(torch.argmin(ece))  # first minimum
-        temps[k] = grid[best]
-        prev = cand[best]
-    return temps.float()
+        best = None
+        for t in grid:      # one temperature at a time keeps memory at [offsets, N]
+            cand = prev * torch.sigmoid(logits[:, k] / t + offset_grid[:, None])
+            ece = expected_calibration_error(cand, acc[:, k], num_bins)
+            j = int(torch.argmin(ece))  # first minimum
+            if best is None or ece[j] < best[0]:
+                best = (ece[j], t, offset_grid[j], cand[j])
+        _, temps[k], offsets[k], prev = best
+    return temps.float(), offsets.float()
+
+
+def sequential_temperature_scaling(conf_logits: torch.Tensor, accepted: torch.Tensor, grid=None,
+                                   num_bins: int = 15) -> torch.Tensor:
+    """The paper's STS: sequential_calibration without offsets; returns temperatures [G] float32."""
+    return sequential_calibration(conf_logits, accepted, grid, offset_grid=[0.0], num_bins=num_bins)[0]
 
 
 def calibration_report(conf_logits: torch.Tensor, accepted: torch.Tensor, temperatures: torch.Tensor,
-                       num_bins: int = 15) -> dict:
-    """ECE of the prefix survival a_k per position, before (t = 1) and after STS."""
+                       offsets=None, num_bins: int = 15) -> dict:
+    """ECE of the prefix survival a_k per position, before (raw head) and after calibration."""
     logits, acc = _check(conf_logits, accepted)
     before = prefix_survival(torch.sigmoid(logits))
-    after = prefix_survival(apply_temperatures(logits, temperatures.double().cpu()))
+    after = prefix_survival(apply_temperatures(logits, temperatures.double().cpu(),
+                                               None if offsets is None else torch.as_tensor(offsets).double()))
     ece_before = [float(expected_calibration_error(before[:, k], acc[:, k], num_bins)) for k in range(logits.shape[1])]
     ece_after = [float(expected_calibration_error(after[:, k], acc[:, k], num_bins)) for k in range(logits.shape[1])]
     return {"ece_before": ece_before, "ece_after": ece_after,

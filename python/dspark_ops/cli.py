@@ -119,31 +119,30 @@ def _train_draft(args) -> int:
 
 def _calibrate(args) -> int:
     from .models import load_drafter
-    from .train import calibrate_drafter, load_samples
-    from pathlib import Path
+    from .train import calibrate_drafter, heldout_prompts
 
     try:
         target, tokenizer = _load_target(args.target)
         drafter = load_drafter(args.drafter, target, dtype="float32")
-        samples = load_samples(Path(args.data_dir) / "heldout.jsonl")
-        if not samples:
-            raise ValueError(f"{args.data_dir}/heldout.jsonl has no held-out samples (run dspark train-draft first)")
-        prompts = [s.prompt for s in samples[:args.num_prompts]]
+        prompts = heldout_prompts(args.data_dir, tokenizer, args.num_prompts)
         eos = [t for t in (tokenizer.eos_token_id, target.config.eos_token_id) if isinstance(t, int)]
-        report = calibrate_drafter(args.drafter, drafter, prompts, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, seed=args.seed, max_batch=args.max_batch,
-                                   stop_token_ids=eos, write=not args.dry_run)
+        report = calibrate_drafter(args.drafter, drafter, prompts, offsets=args.offsets,
+                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                                   max_batch=args.max_batch, stop_token_ids=eos, write=not args.dry_run)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"dspark calibrate: {e}", file=sys.stderr)
         return 2
-    print(f"held-out blocks: {report['num_blocks']}")
+    print(f"held-out prompts: {len(prompts)}, blocks: {report['num_blocks']}")
     print("acceptance by position: " + " ".join(f"{a:.3f}" for a in report["acceptance_by_position"]))
-    print("ECE of prefix survival before STS: " + " ".join(f"{e:.4f}" for e in report["ece_before"])
-          + f"  (mean {report['mean_ece_before']:.4f})")
-    print("ECE of prefix survival after STS:  " + " ".join(f"{e:.4f}" for e in report["ece_after"])
-          + f"  (mean {report['mean_ece_after']:.4f})")
-    print("temperatures: " + " ".join(f"{t:.3f}" for t in report["temperatures"])
-          + ("" if args.dry_run else f"  (written to {args.drafter}/config.json)"))
+    for name, key in (("raw head", "ece_before"), ("calibrated, in sample", "ece_after"),
+                      ("calibrated, out of sample", "ece_out_of_sample")):
+        print(f"ECE of prefix survival, {name + ':':27s}" + " ".join(f"{e:.4f}" for e in report[key])
+              + f"  (mean {report['mean_' + key]:.4f})")
+    print("temperatures: " + " ".join(f"{t:.3f}" for t in report["temperatures"]))
+    if report["offsets"] is not None:
+        print("offsets:      " + " ".join(f"{o:+.3f}" for o in report["offsets"]))
+    if not args.dry_run:
+        print(f"written to {args.drafter}/config.json")
     return 0
 
 
@@ -211,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--target", default="smollm2-135m")
     c.add_argument("--drafter", required=True, help="drafter folder (its config.json receives the temperatures)")
     c.add_argument("--data-dir", required=True, help="dataset folder of dspark train-draft (uses heldout.jsonl)")
-    c.add_argument("--num-prompts", type=int, default=90)
+    c.add_argument("--num-prompts", type=int, default=240,
+                   help="held-out prompts of the dataset's recipe (prompts only: the engine generates)")
+    c.add_argument("--offsets", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit an offset per position besides the temperature (--no-offsets: the paper's STS)")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--temperature", type=float, default=1.0)
     c.add_argument("--max-batch", type=int, default=8)

@@ -55,6 +55,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from . import kv_rollback, markov_sample, plan_capacity, profile_sps, schedule_verify_lengths, verify
+from .calibrate import fold_offsets
 from .kv_cache import OutOfPagesError, PagedKVCache
 from .models.attention import PagedAttention
 from .models.drafter import DSparkDrafter, Eagle3Drafter
@@ -391,10 +392,14 @@ class SpeculativeEngine:
         # markov_sample reads W2 once per block position: kept as narrow as is exact (bf16 checkpoints: bf16)
         self._markov = tuple(w.detach().to(self.device, storage_dtype(w)) for w in markov)
         self._conf = None
-        if conf is not None:
-            sts = getattr(drafter.config, "confidence_temperatures", None)  # from `dspark calibrate`
-            temps = None if sts is None else torch.tensor(sts[:self.block_size], device=self.device)
-            self._conf = (conf[0].detach(), conf[1].detach(), temps)
+        if conf is not None:     # calibrated by `dspark calibrate`: temperatures, offsets folded into the bias
+            cfg, G = drafter.config, self.block_size
+            temps = None if cfg.confidence_temperatures is None else torch.tensor(cfg.confidence_temperatures[:G])
+            bias = conf[1].detach()
+            if cfg.confidence_offsets is not None:
+                temps = torch.ones(G) if temps is None else temps
+                bias = fold_offsets(bias.cpu(), temps, torch.tensor(cfg.confidence_offsets[:G])).to(bias.device)
+            self._conf = (conf[0].detach(), bias, None if temps is None else temps.to(self.device))
         self.waiting: list[Request] = []
         self.running: list[Request] = []            # in slot order
         self.finished: dict[int, Request] = {}

@@ -53,9 +53,10 @@ def markov_sample(base_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Ten
         of the V_prev ids (see dspark_ops.draft_vocab).
       hidden: optional [B, G, H] drafter hidden states for the confidence head.
       conf_weight: optional [H + r] confidence head weight; with it,
-        confidence_k = sigmoid((conf_weight . [hidden_k ; w1[x_{k-1}]] + conf_bias) / conf_temperature_k).
-      conf_bias: number or 1-element tensor (default 0).
-      conf_temperature: [G] or number, STS temperatures (dspark_ops.calibrate; default 1).
+        confidence_k = sigmoid((conf_weight . [hidden_k ; w1[x_{k-1}]] + conf_bias_k) / conf_temperature_k).
+      conf_bias: number, 1-element tensor, or [G] tensor (one bias per step: calibrated offsets folded in,
+        see dspark_ops.calibrate.fold_calibration); default 0.
+      conf_temperature: [G] or number, calibrated temperatures (dspark_ops.calibrate; default 1).
       temperature, seed, offset: per request ([B] or number); defaults 1, 0, 0.
       return_probs: also return the [B, G, V] draft distributions.
       check: on CUDA, invalid rows (anchor out of range, bad temperature, NaN/inf logits)
@@ -103,7 +104,8 @@ def markov_sample(base_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Ten
             if hidden.stride(-1) != 1:
                 hidden = hidden.contiguous()
         conf_weight = _small_float(conf_weight, "conf_weight", (H + r,), dev)
-        bias = _small_float(conf_bias, "conf_bias", (1,), dev, default=0.0)
+        per_step = isinstance(conf_bias, torch.Tensor) and conf_bias.dim() == 1 and conf_bias.shape[0] == G
+        bias = _small_float(conf_bias, "conf_bias", (G,) if per_step else (1,), dev, default=0.0)
         temps = _small_float(conf_temperature, "conf_temperature", (G,), dev, default=1.0)
         if not isinstance(conf_temperature, torch.Tensor) and conf_temperature is not None and \
                 not (math.isfinite(conf_temperature) and conf_temperature > 0):

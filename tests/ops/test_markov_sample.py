@@ -69,6 +69,32 @@ def test_previous_tokens_from_a_larger_vocabulary(device):
         dspark_ops.markov_sample(U, torch.tensor([0, V_prev, 1, 2, 3]), w1, w2)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])])
+def test_per_step_confidence_bias(device):
+    """conf_bias [G] (calibrated offsets folded in): step k uses bias k, as in the reference; the tokens do not
+    depend on the confidence head."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, G, V, r, H = 5, 4, 53, 6, 7
+    U, anchor, w1, w2, hidden = _problem(gen, B, G, V, r, H)
+    bias = torch.randn(G, generator=gen)
+    kw = dict(hidden=hidden, conf_weight=torch.randn(H + r, generator=gen) * 0.4, conf_bias=bias,
+              conf_temperature=torch.linspace(0.7, 1.9, G), temperature=torch.tensor([1.0, 0.0, 0.6, 1.2, 1.0]),
+              seed=torch.randint(0, 2**62, (B,), generator=gen))
+    want = ref.markov_sample(U, anchor, w1, w2, **kw)
+    on = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    got = dspark_ops.markov_sample(on(U), on(anchor), on(w1), on(w2), **{k: on(v) for k, v in kw.items()})
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+    # Step k alone: the same as a shared bias equal to bias[k].
+    for k in range(G):
+        shared = dspark_ops.markov_sample(on(U), on(anchor), on(w1), on(w2),
+                                          **{**{n: on(v) for n, v in kw.items()}, "conf_bias": float(bias[k])})
+        assert torch.equal(shared[0], got[0]) and torch.equal(shared[2][:, k], got[2][:, k])
+    with pytest.raises(ValueError, match="conf_bias"):
+        dspark_ops.markov_sample(U, anchor, w1, w2, **{**kw, "conf_bias": torch.zeros(G - 1)})
+
+
 def test_return_flags_and_determinism():
     gen = torch.Generator().manual_seed(fresh_seed())
     U, anchor, w1, w2, _ = _problem(gen, 3, 4, 40, 4)

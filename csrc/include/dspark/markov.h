@@ -8,7 +8,8 @@
 //   T > 0: e_v = exp((z_v - max) / T), mass_v = mass_of(e_v), token = draw from
 //          the masses with Philox bits of (seed, offset, k, kMarkovSample);
 //          q_v = mass_v / sum(mass) (the distribution the token was drawn from)
-//   confidence_k = sigmoid((w . [hidden_k ; w1[x_prev]] + bias) / conf_temperature_k)
+//   confidence_k = sigmoid((w . [hidden_k ; w1[x_prev]] + bias_k) / conf_temperature_k)
+//   (bias_k: one bias for every step, or one per step when calibrated offsets are folded in)
 #pragma once
 #include "dspark/math.h"
 #include "dspark/sampling.h"
@@ -29,7 +30,8 @@ struct MarkovProblem {
   FloatCode hidden_dtype = FloatCode::f32;
   index_t hidden_stride_b = 0, hidden_stride_k = 0;
   const float* conf_weight = nullptr;                                  // [H + r], null: no confidence head
-  const float* conf_bias = nullptr;                                    // [1]
+  const float* conf_bias = nullptr;                                    // [1] or [G]
+  index_t conf_bias_stride = 0;                                        // 0: [1], 1: [G]
   const float* conf_temperature = nullptr;                             // [G]
   const float* temperature = nullptr;                                  // [B]
   const int64_t* seed = nullptr;                                       // [B]
@@ -55,6 +57,8 @@ DSPARK_HD bool markov_row_valid(const MarkovProblem& P, index_t b) {
       if (!(P.conf_temperature[k] > 0.0f && P.conf_temperature[k] < 3.0e38f)) return false;
   return true;
 }
+
+DSPARK_HD float markov_conf_bias(const MarkovProblem& P, index_t k) { return P.conf_bias[k * P.conf_bias_stride]; }
 
 // Philox bits choosing the token of step k.
 DSPARK_HD uint64_t markov_bits(uint64_t seed, uint64_t offset, index_t k) {

@@ -80,7 +80,8 @@ class DSparkConfig:
     markov_rank: int = 256         # 0 = DFlash (no Markov head)
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
-    confidence_temperatures: list[float] | None = None   # per block position, from STS (`dspark calibrate`)
+    confidence_temperatures: list[float] | None = None   # per block position, from `dspark calibrate`
+    confidence_offsets: list[float] | None = None        # per block position, added after the temperature
 
     def __post_init__(self):
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
@@ -91,6 +92,11 @@ class DSparkConfig:
             if len(temps) != self.block_size or not all(0 < t < float("inf") for t in temps):
                 raise ValueError(f"confidence_temperatures must be {self.block_size} finite values > 0, got {temps}")
             self.confidence_temperatures = temps
+        if self.confidence_offsets is not None:
+            offsets = [float(o) for o in self.confidence_offsets]
+            if len(offsets) != self.block_size or not all(abs(o) < float("inf") for o in offsets):
+                raise ValueError(f"confidence_offsets must be {self.block_size} finite values, got {offsets}")
+            self.confidence_offsets = offsets
         if self.markov_rank < 0:
             raise ValueError(f"markov_rank must be >= 0, got {self.markov_rank}")
         if self.enable_confidence_head and self.confidence_head_with_markov and self.markov_rank == 0:
@@ -110,6 +116,8 @@ class DSparkConfig:
                  confidence_head_with_markov=self.confidence_head_with_markov)
         if self.confidence_temperatures is not None:
             d["confidence_temperatures"] = self.confidence_temperatures
+        if self.confidence_offsets is not None:
+            d["confidence_offsets"] = self.confidence_offsets
         return d
 
     @classmethod
@@ -125,7 +133,8 @@ class DSparkConfig:
                    num_target_layers=int(d["num_target_layers"]), block_size=int(d["block_size"]),
                    mask_token_id=int(d["mask_token_id"]), markov_rank=rank, enable_confidence_head=conf,
                    confidence_head_with_markov=bool(d.get("confidence_head_with_markov", False)) and conf,
-                   confidence_temperatures=d.get("confidence_temperatures"))
+                   confidence_temperatures=d.get("confidence_temperatures"),
+                   confidence_offsets=d.get("confidence_offsets"))
 
 
 @dataclass

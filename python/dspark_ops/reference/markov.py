@@ -36,7 +36,7 @@ def markov_sample(base_logits, anchor, w1, w2, *, hidden=None, conf_weight=None,
     B, G, V = base_logits.shape
     temp, sd, off = _as_list(temperature, B, 1.0), _as_list(seed, B, 0), _as_list(offset, B, 0)
     conf_t = _as_list(conf_temperature, G, 1.0)
-    bias = float(conf_bias) if conf_bias is not None else 0.0
+    bias = _as_list(conf_bias, G, 0.0)
     tokens = torch.empty(B, G, dtype=torch.int32)
     probs = torch.zeros(B, G, V, dtype=torch.float32) if return_probs else None
     confidence = torch.empty(B, G, dtype=torch.float32) if conf_weight is not None else None
@@ -47,7 +47,7 @@ def markov_sample(base_logits, anchor, w1, w2, *, hidden=None, conf_weight=None,
             z = markov_logits(base_logits[b, k].cpu(), w1c[x], w2c)
             if confidence is not None:
                 h = hidden[b, k].cpu() if hidden is not None else torch.zeros(0)
-                confidence[b, k] = _confidence(h, w1c[x], conf_weight.cpu(), bias, float(conf_t[k]))
+                confidence[b, k] = _confidence(h, w1c[x], conf_weight.cpu(), float(bias[k]), float(conf_t[k]))
             if temp[b] == 0.0:  # greedy: first index of the maximum, one-hot q
                 token = int(torch.argmax(z))
                 q = torch.zeros(V, dtype=torch.float32)

@@ -1,12 +1,12 @@
 """Drafter training (DeepSpec recipe): data from the target itself, DSpark / DFlash / EAGLE-3-style variants,
-STS calibration. Command line: ``dspark train-draft`` and ``dspark calibrate``."""
+calibration of the confidence head (STS + offsets). Command line: ``dspark train-draft`` and ``dspark calibrate``."""
 from .calibration import calibrate_drafter, collect_confidence
-from .data import DataRecipe, Sample, build_prompts, load_samples, prepare_dataset
+from .data import DataRecipe, Sample, build_prompts, heldout_prompts, load_samples, prepare_dataset
 from .losses import LossWeights, drafter_losses, position_weights, soft_acceptance
 from .trainer import (VARIANTS, TrainConfig, Trainer, build_drafter, default_target_layers, eagle3_ttt_logits,
                       init_distributed, plot_losses, sample_anchors)
 
-__all__ = ["calibrate_drafter", "collect_confidence", "DataRecipe", "Sample", "build_prompts", "load_samples",
-           "prepare_dataset", "LossWeights", "drafter_losses", "position_weights", "soft_acceptance", "VARIANTS",
-           "TrainConfig", "Trainer", "build_drafter", "default_target_layers", "eagle3_ttt_logits",
+__all__ = ["calibrate_drafter", "collect_confidence", "DataRecipe", "Sample", "build_prompts", "heldout_prompts",
+           "load_samples", "prepare_dataset", "LossWeights", "drafter_losses", "position_weights", "soft_acceptance",
+           "VARIANTS", "TrainConfig", "Trainer", "build_drafter", "default_target_layers", "eagle3_ttt_logits",
            "init_distributed", "plot_losses", "sample_anchors"]

@@ -1,12 +1,17 @@
-"""``dspark calibrate``: Sequential Temperature Scaling of a trained drafter's confidence head.
+"""``dspark calibrate``: sequential calibration of a trained drafter's confidence head.
 
 The held-out outcomes come from the engine itself: the drafter drafts full
 blocks on held-out prompts, the target verifies every draft ("fixed"
 scheduler), and each decode step records the confidences the scheduler would
-have seen (raw, temperatures off) together with how many drafts were
-accepted. STS (:func:`dspark_ops.calibrate.sequential_temperature_scaling`)
-then fits one temperature per block position, stored in the drafter's
-config.json as ``confidence_temperatures`` (read by the engine).
+have seen (raw, calibration off) together with how many drafts were
+accepted. :func:`dspark_ops.calibrate.sequential_calibration` then fits one
+temperature (STS) and, by default, one offset per block position, stored in
+the drafter's config.json as ``confidence_temperatures`` /
+``confidence_offsets`` (read by the engine).
+
+The ECE after calibration is also measured out of sample: fitted on one half
+of the prompts and measured on the other (both ways, averaged), because a fit
+scored on its own data looks better than it is.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ..calibrate import calibration_report, sequential_temperature_scaling
+from ..calibrate import calibration_report, sequential_calibration
 from ..engine import SpeculativeEngine
 from ..models.drafter import DSparkDrafter
 
@@ -57,8 +62,9 @@ def collect_confidence(drafter: DSparkDrafter, prompts: Sequence[Sequence[int]],
         raise ValueError("this drafter has no confidence head to calibrate")
     if not prompts:
         raise ValueError("no held-out prompts to calibrate on")
-    saved = drafter.config.confidence_temperatures
-    drafter.config.confidence_temperatures = None          # raw confidences
+    cfg = drafter.config
+    saved = cfg.confidence_temperatures, cfg.confidence_offsets
+    cfg.confidence_temperatures = cfg.confidence_offsets = None          # raw confidences
     # The engine packs both models' projections for inference; restore them afterwards (training needs autograd).
     saved_linear = drafter.target.linear_impl.fn, drafter.linear_impl.fn
     try:
@@ -66,7 +72,7 @@ def collect_confidence(drafter: DSparkDrafter, prompts: Sequence[Sequence[int]],
         engine = _RecordingEngine(drafter.target, drafter, max_batch=max_batch, max_tokens=max_batch * need)
         engine.generate(prompts, max_new_tokens, temperature=temperature, seed=seed, stop_token_ids=stop_token_ids)
     finally:
-        drafter.config.confidence_temperatures = saved
+        cfg.confidence_temperatures, cfg.confidence_offsets = saved
         drafter.target.set_linear_impl(saved_linear[0])
         drafter.set_linear_impl(saved_linear[1])
     if not engine.records:
@@ -77,24 +83,46 @@ def collect_confidence(drafter: DSparkDrafter, prompts: Sequence[Sequence[int]],
     return logits, accepted
 
 
-def calibrate_drafter(drafter_dir, drafter: DSparkDrafter, prompts: Sequence[Sequence[int]], *,
+def calibrate_drafter(drafter_dir, drafter: DSparkDrafter, prompts: Sequence[Sequence[int]], *, offsets: bool = True,
                       num_bins: int = 15, write: bool = True, **collect_kwargs) -> dict:
-    """Fit STS on the engine's held-out outcomes and store the temperatures in ``drafter_dir``/config.json.
+    """Fit the calibration on the engine's held-out outcomes and store it in ``drafter_dir``/config.json.
 
-    Returns the calibration report (ECE of the prefix survival per position
-    before and after) with ``"temperatures"`` and ``"num_blocks"``.
+    ``offsets=False`` fits temperatures only (the paper's STS). Returns the
+    calibration report (ECE of the prefix survival per position: raw, after
+    the fit on all prompts, and out of sample) with ``"temperatures"``,
+    ``"offsets"`` and ``"num_blocks"``.
     """
-    logits, accepted = collect_confidence(drafter, prompts, **collect_kwargs)
-    temps = sequential_temperature_scaling(logits, accepted, num_bins=num_bins)
-    report = calibration_report(logits, accepted, temps, num_bins=num_bins)
-    report.update(temperatures=[round(float(t), 6) for t in temps], num_blocks=int(logits.shape[0]),
-                  acceptance_by_position=[float(a) for a in accepted.float().mean(0)])
+    if len(prompts) < 2:
+        raise ValueError("calibration needs at least 2 held-out prompts (the out-of-sample ECE splits them)")
+    halves = [collect_confidence(drafter, prompts[h::2], **collect_kwargs) for h in (0, 1)]
+    offset_grid = None if offsets else [0.0]
+
+    def fit(logits, accepted):
+        return sequential_calibration(logits, accepted, offset_grid=offset_grid, num_bins=num_bins)
+
+    out_of_sample = []
+    for fit_half, test_half in ((0, 1), (1, 0)):
+        temps, offs = fit(*halves[fit_half])
+        out_of_sample.append(calibration_report(*halves[test_half], temps, offs, num_bins=num_bins)["ece_after"])
+    logits = torch.cat([h[0] for h in halves])
+    accepted = torch.cat([h[1] for h in halves])
+    temps, offs = fit(logits, accepted)
+    report = calibration_report(logits, accepted, temps, offs, num_bins=num_bins)
+    ece_oos = [(a + b) / 2 for a, b in zip(*out_of_sample)]
+    report.update(ece_out_of_sample=ece_oos, mean_ece_out_of_sample=sum(ece_oos) / len(ece_oos),
+                  temperatures=[round(float(t), 6) for t in temps],
+                  offsets=[round(float(o), 6) for o in offs] if offsets else None,
+                  num_blocks=int(logits.shape[0]), acceptance_by_position=[float(a) for a in accepted.float().mean(0)])
     if write:
         file = Path(drafter_dir) / "config.json"
         cfg = json.loads(file.read_text())
         G = cfg["block_size"]
-        # Positions past the calibrated block length (a shorter engine block) keep temperature 1.
-        cfg["confidence_temperatures"] = report["temperatures"] + [1.0] * (G - len(report["temperatures"]))
+        # Positions past the calibrated block length (a shorter engine block) keep temperature 1, offset 0.
+        cfg["confidence_temperatures"] = report["temperatures"] + [1.0] * (G - len(temps))
+        cfg.pop("confidence_offsets", None)
+        if offsets:
+            cfg["confidence_offsets"] = report["offsets"] + [0.0] * (G - len(offs))
         file.write_text(json.dumps(cfg, indent=2))
         drafter.config.confidence_temperatures = cfg["confidence_temperatures"]
+        drafter.config.confidence_offsets = cfg.get("confidence_offsets")
     return report

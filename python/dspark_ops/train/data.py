@@ -337,6 +337,32 @@ def _generate_splits(out_dir, recipe, target, tokenizer, split, eos, batch_size,
         log(f"{name}: {len(result[name])} samples, {sum(len(s.response) for s in result[name])} response tokens")
 
 
+def heldout_prompts(data_dir, tokenizer, count: int) -> list[list[int]]:
+    """Chat-template token ids of the first ``count`` held-out prompts of ``data_dir``'s recipe (domains in turn).
+
+    Calibration generates its own continuations, so it is not limited to the
+    held-out responses stored in the dataset: any prompt of the recipe's
+    held-out split will do, and the split by text hash keeps all of them out
+    of training.
+    """
+    file = Path(data_dir) / "recipe.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found (run dspark train-draft first)")
+    recipe = DataRecipe(**json.loads(file.read_text()))
+    split = build_prompts(recipe.sources, seed=recipe.seed, heldout_fraction=recipe.heldout_fraction,
+                          prompt_file=recipe.prompt_file)
+    out = []
+    for p in interleave_domains(split["heldout"], len(split["heldout"])):
+        if len(out) == count:
+            break
+        ids = tokenizer.encode_chat(p.messages)
+        if len(ids) <= recipe.max_prompt_tokens:
+            out.append(ids)
+    if not out:
+        raise ValueError(f"the recipe of {data_dir} has no held-out prompts")
+    return out
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
