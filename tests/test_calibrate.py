@@ -66,6 +66,23 @@ def test_offsets_fix_a_biased_head():
         assert report["ece_after"][k] <= min(truth["ece_after"][k], sts["ece_after"][k]) + 0.005, (k, report, truth)
 
 
+def test_ece_floor_is_what_a_perfect_head_scores():
+    """Outcomes drawn from the confidences themselves: the measured ECE sits around the floor, and the floor
+    shrinks like 1/sqrt(N)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    small, large = [torch.sigmoid(torch.randn(n, generator=gen, dtype=torch.float64) * 1.2 - 0.9)
+                    for n in (600, 9600)]
+    floor_small, floor_large = float(calibrate.ece_floor(small)), float(calibrate.ece_floor(large))
+    assert 2.5 < floor_small / floor_large < 6.0           # sqrt(16) = 4
+    measured = [float(calibrate.expected_calibration_error(small, torch.rand(600, generator=gen) < small))
+                for _ in range(40)]
+    assert 0.7 * floor_small < sum(measured) / 40 < 1.3 * floor_small
+    outcomes = torch.rand(9600, 1, generator=gen) < large[:, None]
+    report = calibrate.calibration_report(torch.logit(large[:, None]), outcomes, torch.ones(1))
+    assert report["ece_floor"] == [pytest.approx(floor_large)]
+    assert report["mean_ece_floor"] == pytest.approx(floor_large)
+
+
 def test_temperature_scaling_preserves_order():
     gen = torch.Generator().manual_seed(fresh_seed())
     logits = torch.randn(200, 3, generator=gen)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["apply_temperatures", "calibration_report", "default_grid", "default_offset_grid",
-           "expected_calibration_error", "fold_offsets", "prefix_survival", "sequential_calibration",
+           "ece_floor", "expected_calibration_error", "fold_offsets", "prefix_survival", "sequential_calibration",
            "sequential_temperature_scaling"]
 
 
@@ -59,6 +59,19 @@ def expected_calibration_error(probs: torch.Tensor, outcomes: torch.Tensor, num_
     sum_p = torch.zeros(shape, dtype=torch.float64).scatter_add_(-1, bins, p)
     sum_y = torch.zeros(shape, dtype=torch.float64).scatter_add_(-1, bins, y)
     return (sum_p - sum_y).abs().sum(-1) / n  # n_b/N * |sum_p/n_b - sum_y/n_b|
+
+
+def ece_floor(probs: torch.Tensor, num_bins: int = 15, draws: int = 64, seed: int = 0) -> torch.Tensor:
+    """Mean ECE a perfectly calibrated predictor scores with these confidences and this sample size.
+
+    Outcomes are drawn from the confidences themselves, so this is what sampling noise alone adds to
+    the binned estimate: a measured ECE near it cannot be told from perfect calibration.
+    probs: [..., N]; returns [...] (float64; fixed ``seed``, so reports are reproducible).
+    """
+    p = probs.double()
+    gen = torch.Generator().manual_seed(seed)
+    outcomes = torch.rand((draws,) + tuple(p.shape), generator=gen, dtype=torch.float64) < p
+    return expected_calibration_error(p.expand_as(outcomes), outcomes, num_bins).mean(0)
 
 
 def apply_temperatures(conf_logits: torch.Tensor, temperatures: torch.Tensor, offsets=None) -> torch.Tensor:
@@ -126,12 +139,15 @@ def sequential_temperature_scaling(conf_logits: torch.Tensor, accepted: torch.Te
 
 def calibration_report(conf_logits: torch.Tensor, accepted: torch.Tensor, temperatures: torch.Tensor,
                        offsets=None, num_bins: int = 15) -> dict:
-    """ECE of the prefix survival a_k per position, before (raw head) and after calibration."""
+    """ECE of the prefix survival a_k per position, before (raw head) and after calibration, and the
+    sampling floor of the latter (ece_floor: what a perfectly calibrated head would score here)."""
     logits, acc = _check(conf_logits, accepted)
     before = prefix_survival(torch.sigmoid(logits))
     after = prefix_survival(apply_temperatures(logits, temperatures.double().cpu(),
                                                None if offsets is None else torch.as_tensor(offsets).double()))
     ece_before = [float(expected_calibration_error(before[:, k], acc[:, k], num_bins)) for k in range(logits.shape[1])]
     ece_after = [float(expected_calibration_error(after[:, k], acc[:, k], num_bins)) for k in range(logits.shape[1])]
-    return {"ece_before": ece_before, "ece_after": ece_after,
-            "mean_ece_before": sum(ece_before) / len(ece_before), "mean_ece_after": sum(ece_after) / len(ece_after)}
+    floor = [float(e) for e in ece_floor(after.T, num_bins)]
+    return {"ece_before": ece_before, "ece_after": ece_after, "ece_floor": floor,
+            "mean_ece_before": sum(ece_before) / len(ece_before), "mean_ece_after": sum(ece_after) / len(ece_after),
+            "mean_ece_floor": sum(floor) / len(floor)}

@@ -135,9 +135,12 @@ def _calibrate(args) -> int:
     print(f"held-out prompts: {len(prompts)}, blocks: {report['num_blocks']}")
     print("acceptance by position: " + " ".join(f"{a:.3f}" for a in report["acceptance_by_position"]))
     for name, key in (("raw head", "ece_before"), ("calibrated, in sample", "ece_after"),
-                      ("calibrated, out of sample", "ece_out_of_sample")):
-        print(f"ECE of prefix survival, {name + ':':27s}" + " ".join(f"{e:.4f}" for e in report[key])
+                      ("perfect head, in sample", "ece_floor"),
+                      ("calibrated, out of sample", "ece_out_of_sample"),
+                      ("perfect head, out of sample", "ece_floor_out_of_sample")):
+        print(f"ECE of prefix survival, {name + ':':29s}" + " ".join(f"{e:.4f}" for e in report[key])
               + f"  (mean {report['mean_' + key]:.4f})")
+    print("(perfect head: what sampling noise alone scores with these confidences and this many blocks)")
     print("temperatures: " + " ".join(f"{t:.3f}" for t in report["temperatures"]))
     if report["offsets"] is not None:
         print("offsets:      " + " ".join(f"{o:+.3f}" for o in report["offsets"]))
