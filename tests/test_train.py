@@ -306,6 +306,10 @@ def test_bad_input_raises_clear_errors(tmp_path):
         cfg_dict["confidence_temperatures"] = [1.0, -1.0, 1.0, 1.0]
         (tmp_path / "d" / "config.json").write_text(json.dumps(cfg_dict))
         load_drafter(tmp_path / "d", target)
+    with pytest.raises(ValueError, match="confidence_offsets"):
+        cfg_dict.update(confidence_temperatures=None, confidence_offsets=[0.0, float("nan"), 0.0, 0.0])
+        (tmp_path / "d" / "config.json").write_text(json.dumps(cfg_dict))
+        load_drafter(tmp_path / "d", target)
     # A checkpoint made with other settings is not silently resumed.
     Trainer(tiny_cfg(max_steps=1), target, build_drafter(cfg, target), random_samples(0), tmp_path / "r",
             progress=False).train()

@@ -55,7 +55,7 @@ def markov_sample(base_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Ten
       conf_weight: optional [H + r] confidence head weight; with it,
         confidence_k = sigmoid((conf_weight . [hidden_k ; w1[x_{k-1}]] + conf_bias_k) / conf_temperature_k).
       conf_bias: number, 1-element tensor, or [G] tensor (one bias per step: calibrated offsets folded in,
-        see dspark_ops.calibrate.fold_calibration); default 0.
+        see dspark_ops.calibrate.fold_offsets); default 0.
       conf_temperature: [G] or number, calibrated temperatures (dspark_ops.calibrate; default 1).
       temperature, seed, offset: per request ([B] or number); defaults 1, 0, 0.
       return_probs: also return the [B, G, V] draft distributions.
