@@ -59,6 +59,7 @@ class Counts:
         self.rounds = self.emitted = 0
         self.attempts: list[int] = []
         self.accepts: list[int] = []
+        self.per_prompt: list[tuple[int, int]] = []   # (rounds, emitted) of each prompt, in prompt order
 
     def add(self, verified: int, accepted: int) -> None:
         self.rounds += 1
@@ -73,6 +74,7 @@ class Counts:
     def merge(self, other: "Counts") -> None:
         self.rounds += other.rounds
         self.emitted += other.emitted
+        self.per_prompt += other.per_prompt
         for j in range(len(other.attempts)):
             if j >= len(self.attempts):
                 self.attempts.append(0)
@@ -102,7 +104,24 @@ def engine_counts(target, drafter, prompts, max_new_tokens, temperature, seed, e
         other = Counts()
         other.attempts, other.accepts = list(st.attempts), list(st.accepts)
         c.merge(other)
+        c.per_prompt.append((st.rounds, st.emitted))
     return c
+
+
+def bootstrap_gain(a: dict, b: dict, domains, resamples: int = 2000) -> tuple[float, float] | None:
+    """95% interval of macro tau(a) / macro tau(b) - 1, resampling the held-out prompts of each domain with
+    replacement (paired: both drafters ran on the same prompts); None without per-prompt counts."""
+    if not all("per_prompt" in a[d] and "per_prompt" in b[d] for d in domains):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    macro = [torch.zeros(resamples, dtype=torch.float64) for _ in range(2)]
+    for d in domains:
+        pa, pb = (torch.tensor(x[d]["per_prompt"], dtype=torch.float64) for x in (a, b))
+        idx = torch.randint(0, len(pa), (resamples, len(pa)), generator=gen)
+        for m, p in zip(macro, (pa, pb)):
+            m += p[idx, 1].sum(1) / p[idx, 0].sum(1) / len(domains)   # tau = emitted / rounds, pooled per domain
+    gains = macro[0] / macro[1] - 1
+    return float(gains.quantile(0.025)), float(gains.quantile(0.975))
 
 
 @torch.no_grad()
@@ -189,10 +208,13 @@ def report(results: dict, temperatures, domains, png) -> None:
     if "DSpark" in results:
         for other in ("DFlash", "EAGLE-3"):
             if other in results:
-                gains = [results["DSpark"][str(T)]["macro_tau"] / results[other][str(T)]["macro_tau"] - 1
-                         for T in temperatures]
-                print(f"DSpark macro tau vs {other}: " + ", ".join(f"T={T:g} {g:+.1%}"
-                                                                   for T, g in zip(temperatures, gains)))
+                parts = []
+                for T in temperatures:
+                    ours, theirs = results["DSpark"][str(T)], results[other][str(T)]
+                    ci = bootstrap_gain(ours, theirs, domains)
+                    parts.append(f"T={T:g} {ours['macro_tau'] / theirs['macro_tau'] - 1:+.1%}"
+                                 + ("" if ci is None else f" (95% CI {ci[0]:+.1%} .. {ci[1]:+.1%})"))
+                print(f"DSpark macro tau vs {other}: " + ", ".join(parts))
     print("\nconditional acceptance by position (pooled over domains):")
     for name in results:
         for T in temperatures:
@@ -284,12 +306,14 @@ def main():
                 if isinstance(drafter, Eagle3Drafter) and "/" not in name:
                     c = Counts()
                     for i, p in enumerate(ps):
+                        before = c.rounds, c.emitted
                         eagle3_generate(target, drafter, p, args.max_new_tokens, T, i, eos, c)
+                        c.per_prompt.append((c.rounds - before[0], c.emitted - before[1]))
                 else:
                     c = engine_counts(target, drafter, ps, args.max_new_tokens, T, 0, eos)
                 pooled.merge(c)
                 results.setdefault(name, {}).setdefault(str(T), {})[domain] = {
-                    "tau": c.tau, "conditional": c.conditional()}
+                    "tau": c.tau, "conditional": c.conditional(), "per_prompt": c.per_prompt}
                 print(f"{name:8s} T={T:g} {domain:6s} tau {c.tau:.3f}  ({c.rounds} rounds, "
                       f"{time.perf_counter() - t0:.0f}s)", flush=True)
             results[name][str(T)]["pooled"] = {"tau": pooled.tau, "conditional": pooled.conditional()}
