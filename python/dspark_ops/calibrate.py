@@ -145,9 +145,9 @@ def calibration_report(conf_logits: torch.Tensor, accepted: torch.Tensor, temper
     before = prefix_survival(torch.sigmoid(logits))
     after = prefix_survival(apply_temperatures(logits, temperatures.double().cpu(),
                                                None if offsets is None else torch.as_tensor(offsets).double()))
-    ece_before = [float(expected_calibration_error(before[:, k], acc[:, k], num_bins)) for k in range(logits.shape[1])]
-    ece_after = [float(expected_calibration_error(after[:, k], acc[:, k], num_bins)) for k in range(logits.shape[1])]
-    floor = [float(e) for e in ece_floor(after.T, num_bins)]
+    ece_before = expected_calibration_error(before.T, acc.T, num_bins).tolist()  # one row per position
+    ece_after = expected_calibration_error(after.T, acc.T, num_bins).tolist()
+    floor = ece_floor(after.T, num_bins).tolist()
     return {"ece_before": ece_before, "ece_after": ece_after, "ece_floor": floor,
             "mean_ece_before": sum(ece_before) / len(ece_before), "mean_ece_after": sum(ece_after) / len(ece_after),
             "mean_ece_floor": sum(floor) / len(floor)}

@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(func=_train_draft)
     c = sub.add_parser("calibrate", help="STS-calibrate a drafter's confidence head on held-out data")
     c.add_argument("--target", default="smollm2-135m")
-    c.add_argument("--drafter", required=True, help="drafter folder (its config.json receives the temperatures)")
-    c.add_argument("--data-dir", required=True, help="dataset folder of dspark train-draft (uses heldout.jsonl)")
+    c.add_argument("--drafter", required=True, help="drafter folder (its config.json receives the calibration)")
+    c.add_argument("--data-dir", required=True,
+                   help="dataset folder of dspark train-draft (its recipe.json names the held-out prompts)")
     c.add_argument("--num-prompts", type=int, default=240,
                    help="held-out prompts of the dataset's recipe (prompts only: the engine generates)")
     c.add_argument("--offsets", action=argparse.BooleanOptionalAction, default=True,

@@ -393,13 +393,14 @@ class SpeculativeEngine:
         self._markov = tuple(w.detach().to(self.device, storage_dtype(w)) for w in markov)
         self._conf = None
         if conf is not None:     # calibrated by `dspark calibrate`: temperatures, offsets folded into the bias
-            cfg, G = drafter.config, self.block_size
-            temps = None if cfg.confidence_temperatures is None else torch.tensor(cfg.confidence_temperatures[:G])
+            cfg, G, dev = drafter.config, self.block_size, self.device
+            temps = None if cfg.confidence_temperatures is None else \
+                torch.tensor(cfg.confidence_temperatures[:G], device=dev)
             bias = conf[1].detach()
             if cfg.confidence_offsets is not None:
-                temps = torch.ones(G) if temps is None else temps
-                bias = fold_offsets(bias.cpu(), temps, torch.tensor(cfg.confidence_offsets[:G])).to(bias.device)
-            self._conf = (conf[0].detach(), bias, None if temps is None else temps.to(self.device))
+                temps = torch.ones(G, device=dev) if temps is None else temps
+                bias = fold_offsets(bias, temps, torch.tensor(cfg.confidence_offsets[:G], device=dev))
+            self._conf = (conf[0].detach(), bias, temps)
         self.waiting: list[Request] = []
         self.running: list[Request] = []            # in slot order
         self.finished: dict[int, Request] = {}

@@ -299,13 +299,8 @@ def _generate_splits(out_dir, recipe, target, tokenizer, split, eos, batch_size,
         file = out_dir / f"{name}.jsonl"
         done = load_samples(file)
         chosen = interleave_domains(split[name], count if count > 0 else len(split[name]))
-        encoded, too_long = [], 0
-        for i, p in enumerate(chosen):
-            ids = tokenizer.encode_chat(p.messages)
-            if len(ids) > recipe.max_prompt_tokens:
-                too_long += 1
-                continue
-            encoded.append((i, p.domain, ids))
+        encoded = _encode_prompts(chosen, tokenizer, recipe.max_prompt_tokens)
+        too_long = len(chosen) - len(encoded)
         if too_long:
             log(f"{name}: skipped {too_long} prompts longer than {recipe.max_prompt_tokens} tokens")
         have = {s.id for s in done}
@@ -337,6 +332,12 @@ def _generate_splits(out_dir, recipe, target, tokenizer, split, eos, batch_size,
         log(f"{name}: {len(result[name])} samples, {sum(len(s.response) for s in result[name])} response tokens")
 
 
+def _encode_prompts(prompts: list[Prompt], tokenizer, max_tokens: int) -> list[tuple[int, str, list[int]]]:
+    """(index, domain, chat-template ids) of the prompts of at most ``max_tokens`` tokens (the others are skipped)."""
+    encoded = ((i, p.domain, tokenizer.encode_chat(p.messages)) for i, p in enumerate(prompts))
+    return [e for e in encoded if len(e[2]) <= max_tokens]
+
+
 def heldout_prompts(data_dir, tokenizer, count: int) -> list[list[int]]:
     """Chat-template token ids of the first ``count`` held-out prompts of ``data_dir``'s recipe (domains in turn).
 
@@ -351,13 +352,9 @@ def heldout_prompts(data_dir, tokenizer, count: int) -> list[list[int]]:
     recipe = DataRecipe(**json.loads(file.read_text()))
     split = build_prompts(recipe.sources, seed=recipe.seed, heldout_fraction=recipe.heldout_fraction,
                           prompt_file=recipe.prompt_file)
-    out = []
-    for p in interleave_domains(split["heldout"], len(split["heldout"])):
-        if len(out) == count:
-            break
-        ids = tokenizer.encode_chat(p.messages)
-        if len(ids) <= recipe.max_prompt_tokens:
-            out.append(ids)
+    encoded = _encode_prompts(interleave_domains(split["heldout"], len(split["heldout"])), tokenizer,
+                              recipe.max_prompt_tokens)
+    out = [ids for _, _, ids in encoded[:count]]
     if not out:
         raise ValueError(f"the recipe of {data_dir} has no held-out prompts")
     return out
