@@ -651,12 +651,7 @@ class SpeculativeEngine:
             # [B, G1] -> forwarded row (rows past a request's block repeat its last row; verify never reads them)
             row_of = cu[:-1].to(torch.long).unsqueeze(1) + torch.minimum(
                 torch.arange(G1, device=dev), (counts - 1).to(torch.long).unsqueeze(1))
-            # A block forwarded whole needs no gather (on CPU, where the check costs no sync, the copy of
-            # [B, G1, V] logits was 2-3% of a batch-1 step).
-            if row_mask is None or bool(row_mask.all()):
-                logits = out.logits.view(B, G1, -1)
-            else:
-                logits = out.logits.index_select(0, row_of.view(-1)).view(B, G1, -1)
+            logits = out.logits.view(B, G1, -1) if row_mask is None else out.logits[row_of]
             tokens, num_accepted = verify(logits, drafts, draft_probs, num_draft=lengths, temperature=s.temperature,
                                           top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=s.seed, offset=s.offset)
 
