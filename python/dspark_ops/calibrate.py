@@ -143,8 +143,7 @@ def calibration_report(conf_logits: torch.Tensor, accepted: torch.Tensor, temper
     sampling floor of the latter (ece_floor: what a perfectly calibrated head would score here)."""
     logits, acc = _check(conf_logits, accepted)
     before = prefix_survival(torch.sigmoid(logits))
-    after = prefix_survival(apply_temperatures(logits, temperatures.double().cpu(),
-                                               None if offsets is None else torch.as_tensor(offsets).double()))
+    after = prefix_survival(apply_temperatures(logits, temperatures, offsets))
     ece_before = expected_calibration_error(before.T, acc.T, num_bins).tolist()  # one row per position
     ece_after = expected_calibration_error(after.T, acc.T, num_bins).tolist()
     floor = ece_floor(after.T, num_bins).tolist()
