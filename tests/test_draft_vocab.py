@@ -71,6 +71,32 @@ def test_saved_with_the_drafter(tmp_path):
     assert torch.equal(loaded.draft_vocab.ids, drafter.draft_vocab.ids)
 
 
+def test_markov_w2_stored_for_the_draft_vocabulary_only(tmp_path):
+    """W2 kept for the draft ids only: a smaller file, the same Markov head over the draft vocabulary, zero bias
+    outside it; without a draft vocabulary the option is refused by name."""
+    from safetensors import safe_open
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    drafter = random_drafter(target, seed, rank=4, confidence=True)
+    drafter.config.markov_w2_draft_vocab_only = True
+    with pytest.raises(ValueError, match="markov_w2_draft_vocab_only"):
+        drafter.save_pretrained(tmp_path / "none")
+    drafter.draft_vocab = DraftVocab(frequency_ranked([[3, 3, 9, 50, 7, 7, 7, 81]], 96, 20), 96)
+    loaded = load_drafter_roundtrip(drafter, target, tmp_path / "d")
+    with safe_open(str(tmp_path / "d" / "model.safetensors"), "pt") as f:
+        assert list(f.get_slice("markov_head.markov_w2.weight").get_shape()) == [20, 4]
+    assert loaded.config.markov_w2_draft_vocab_only
+    (w1, w2), (v1, v2) = drafter.markov_weights(), loaded.markov_weights()
+    assert torch.equal(v1, w1)
+    assert torch.equal(drafter.draft_vocab.markov(w1, w2)[1], loaded.draft_vocab.markov(v1, v2)[1])
+    outside = torch.ones(96, dtype=torch.bool)
+    outside[drafter.draft_vocab.ids] = False
+    assert v2[:, outside].abs().sum() == 0 and w2[:, outside].abs().sum() > 0
+    (tmp_path / "d" / "draft_vocab.safetensors").unlink()
+    with pytest.raises(ValueError, match="no draft vocabulary"):
+        load_drafter(tmp_path / "d", target)
+
+
 def load_drafter_roundtrip(drafter, target, folder):
     drafter.save_pretrained(folder)
     return load_drafter(folder, target)

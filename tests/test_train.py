@@ -17,7 +17,8 @@ import dspark_ops
 from dspark_ops.draft_vocab import DraftVocab
 from dspark_ops.models import DenseKVCache, LlamaConfig, LlamaModel, load_drafter
 from dspark_ops.train import (LossWeights, Sample, TrainConfig, Trainer, build_drafter, drafter_losses,
-                              eagle3_ttt_logits, position_weights, soft_acceptance)
+                              eagle3_ttt_logits, init_from_drafter, position_weights,
+                              soft_acceptance)
 from dspark_ops.train.calibration import calibrate_drafter, collect_confidence
 from randomness import fresh_seed
 
@@ -162,6 +163,39 @@ def test_save_load_gives_identical_outputs(tmp_path):
         prev = torch.randint(0, 96, (2, 3, 4), generator=g)
         assert torch.equal(drafter.markov_logits(a.logits, prev), loaded.markov_logits(b.logits, prev))
         assert torch.equal(drafter.confidence_logits(a.hidden, prev), loaded.confidence_logits(b.hidden, prev))
+
+
+@pytest.mark.parametrize("variant", ["dspark", "dflash"])
+def test_warm_start_adds_identity_layers_then_trains_them(tmp_path, variant):
+    """A deeper drafter started from a trained shallower one computes exactly what it does; training moves the new
+    layer; a drafter of another kind or with more layers is refused by name."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    shallow_cfg = tiny_cfg(variant, max_steps=3, seed=seed % 1000)
+    shallow = build_drafter(shallow_cfg, target)
+    Trainer(shallow_cfg, target, shallow, random_samples(seed), tmp_path / "run1", progress=False).train()
+    shallow.save_pretrained(tmp_path / "d1")
+    deep_cfg = tiny_cfg(variant, num_layers=2, max_steps=3, seed=seed % 1000 + 1)
+    deep = build_drafter(deep_cfg, target)
+    assert init_from_drafter(deep, tmp_path / "d1") == [1]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (2, 20), generator=g)
+    feats = target(ids, hidden_layers=[0, 2]).layer_hidden
+    anchors = torch.randint(0, 19, (2, 3), generator=g)
+    with torch.no_grad():
+        a, b = shallow.eval().forward_train(ids, feats, anchors), deep.eval().forward_train(ids, feats, anchors)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
+    torch.testing.assert_close(b.hidden, a.hidden, rtol=0, atol=0)
+    new_layer = [p.detach().clone() for p in deep.layers[1].parameters()]
+    assert deep.layers[1].self_attn.o_proj.weight.abs().sum() == 0 and new_layer[0].abs().sum() > 0
+    Trainer(deep_cfg, target, deep.train(), random_samples(seed), tmp_path / "run2", progress=False).train()
+    assert all(not torch.equal(x, y) for x, y in zip(new_layer, deep.layers[1].parameters()))
+    other = "dflash" if variant == "dspark" else "dspark"
+    with pytest.raises(ValueError, match="architecture|unexpected tensors|lacks"):
+        init_from_drafter(build_drafter(tiny_cfg(other, num_layers=2), target), tmp_path / "d1")
+    deep.save_pretrained(tmp_path / "d2")
+    with pytest.raises(ValueError, match="unexpected tensors"):
+        init_from_drafter(build_drafter(shallow_cfg, target), tmp_path / "d2")
 
 
 @pytest.mark.parametrize("variant", ["dspark", "eagle3"])
@@ -358,6 +392,20 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path):
     assert "ECE of prefix survival, calibrated, out of sample:" in res.stdout
     calibrated = json.loads((drafter_dir / "config.json").read_text())
     assert len(calibrated["confidence_temperatures"]) == len(calibrated["confidence_offsets"]) == 7
+    # A second layer warm-started from that drafter, stored with W2 for the draft vocabulary only.
+    deeper = cmd[:cmd.index("--out") + 1] + [str(tmp_path / "run2")] + cmd[cmd.index("--out") + 2:]
+    res = subprocess.run(deeper + ["--num-layers", "2", "--init-from", str(drafter_dir), "--markov-w2-draft-vocab-only"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and "new identity layers [1]" in res.stderr, res.stderr[-3000:]
+    deep_dir = tmp_path / "run2" / "drafter"
+    assert json.loads((deep_dir / "training.json").read_text())["init_from"] == str(drafter_dir)
+    assert json.loads((deep_dir / "config.json").read_text())["num_hidden_layers"] == 2
+    from safetensors import safe_open
+    with safe_open(str(deep_dir / "model.safetensors"), "pt") as f:
+        assert list(f.get_slice("markov_head.markov_w2.weight").get_shape()) == [300, 8]
+    res = subprocess.run(deeper + ["--markov-w2-draft-vocab-only", "--draft-vocab", "0"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert res.returncode == 2 and "--markov-w2-draft-vocab-only needs" in res.stderr
     # An empty prompt set is refused with a clear message.
     (tmp_path / "empty.jsonl").write_text("")
     res = subprocess.run(cmd[:4] + ["--out", str(tmp_path / "r2"), "--data-dir", str(tmp_path / "d2"), "--sources",

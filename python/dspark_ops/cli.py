@@ -65,7 +65,8 @@ def _train_draft(args) -> int:
     import torch
 
     from .draft_vocab import DraftVocab, frequency_ranked
-    from .train import DataRecipe, TrainConfig, Trainer, build_drafter, init_distributed, prepare_dataset
+    from .train import (DataRecipe, TrainConfig, Trainer, build_drafter, init_distributed, init_from_drafter,
+                        prepare_dataset)
 
     rank, world = init_distributed()
     try:
@@ -90,20 +91,28 @@ def _train_draft(args) -> int:
             torch.distributed.barrier()
         if rank != 0:
             data = prepare_dataset(args.data_dir, recipe, target, tokenizer, progress=False, log=lambda *a: None)
+        if args.markov_w2_draft_vocab_only and (args.variant != "dspark" or not args.draft_vocab):
+            raise ValueError("--markov-w2-draft-vocab-only needs the dspark variant and a --draft-vocab")
         if args.prepare_only:
             return 0
         drafter = build_drafter(cfg, target)
         trainer = Trainer(cfg, target, drafter, data["train"], args.out, progress=not args.no_progress)
         if trainer.load_checkpoint():
             print(f"resumed from {args.out}/checkpoint at step {trainer.state.step}", file=sys.stderr)
+        elif args.init_from:
+            added = init_from_drafter(drafter, args.init_from)
+            print(f"initialised from {args.init_from}" + (f" (new identity layers {added})" if added else ""),
+                  file=sys.stderr)
         trainer.train(stop_at=args.stop_at_step)
         if rank == 0:
             V = target.config.vocab_size
             drafter.draft_vocab = DraftVocab(frequency_ranked((s.response for s in data["train"]), V,
                                                               min(args.draft_vocab, V)), V) if args.draft_vocab else None
+            if args.markov_w2_draft_vocab_only:
+                drafter.config.markov_w2_draft_vocab_only = True
             drafter.to(getattr(torch, args.save_dtype)).save_pretrained(Path(args.out) / "drafter")
             (Path(args.out) / "drafter" / "training.json").write_text(json.dumps(
-                {"command": "dspark " + " ".join(sys.argv[1:]), "train_config": asdict(cfg),
+                {"command": "dspark " + " ".join(sys.argv[1:]), "init_from": args.init_from, "train_config": asdict(cfg),
                  "data_recipe": asdict(recipe), "num_train_samples": len(data["train"]),
                  "steps": trainer.state.step, "stop_at_step": args.stop_at_step, "tokens": trainer.state.tokens,
                  "train_time_s": round(trainer.state.elapsed_s, 1)}, indent=2))
@@ -188,9 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--block-size", type=int, default=7)
     m.add_argument("--markov-rank", type=int, default=64, help="Markov head rank (dspark variant)")
     m.add_argument("--target-layers", type=int, nargs="*", default=None, help="target layer ids (default: 5 spread)")
+    m.add_argument("--init-from", default=None, metavar="DRAFTER",
+                   help="warm start from a trained drafter folder of the same variant with as many or fewer layers "
+                        "(new layers start as the identity); ignored when --out holds a checkpoint to resume")
     m.add_argument("--draft-vocab", type=int, default=16384, metavar="K",
                    help="store a draft vocabulary of the K ids most frequent in the training responses with the "
                         "drafter (the engine then scores only those; 0: none, every id)")
+    m.add_argument("--markov-w2-draft-vocab-only", action="store_true",
+                   help="store the Markov head's W2 only for the draft vocabulary's ids (a smaller file; exact when "
+                        "drafting from the draft vocabulary, no Markov bias outside it when proposing every id)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=4, help="sequences per step, all processes together")
     o.add_argument("--anchors", type=int, default=32, help="anchor blocks per sequence")

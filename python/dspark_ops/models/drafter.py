@@ -82,6 +82,9 @@ class DSparkConfig:
     confidence_head_with_markov: bool = True
     confidence_temperatures: list[float] | None = None   # per block position, from `dspark calibrate`
     confidence_offsets: list[float] | None = None        # per block position, added after the temperature
+    # model.safetensors holds W2 only for the draft vocabulary's ids (the rest load as zero): with it the
+    # drafter proposes exactly as before from its draft vocabulary, and every id without a Markov bias outside it.
+    markov_w2_draft_vocab_only: bool = False
 
     def __post_init__(self):
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
@@ -101,6 +104,8 @@ class DSparkConfig:
             raise ValueError(f"markov_rank must be >= 0, got {self.markov_rank}")
         if self.enable_confidence_head and self.confidence_head_with_markov and self.markov_rank == 0:
             raise ValueError("confidence_head_with_markov needs a Markov head (markov_rank > 0)")
+        if self.markov_w2_draft_vocab_only and self.markov_rank == 0:
+            raise ValueError("markov_w2_draft_vocab_only needs a Markov head (markov_rank > 0)")
 
     def validate_against(self, target: LlamaConfig) -> None:
         _validate_common(self.backbone, self.target_layer_ids, self.num_target_layers, target, "drafter")
@@ -118,6 +123,8 @@ class DSparkConfig:
             d["confidence_temperatures"] = self.confidence_temperatures
         if self.confidence_offsets is not None:
             d["confidence_offsets"] = self.confidence_offsets
+        if self.markov_w2_draft_vocab_only:
+            d["markov_w2_draft_vocab_only"] = True
         return d
 
     @classmethod
@@ -134,7 +141,8 @@ class DSparkConfig:
                    mask_token_id=int(d["mask_token_id"]), markov_rank=rank, enable_confidence_head=conf,
                    confidence_head_with_markov=bool(d.get("confidence_head_with_markov", False)) and conf,
                    confidence_temperatures=d.get("confidence_temperatures"),
-                   confidence_offsets=d.get("confidence_offsets"))
+                   confidence_offsets=d.get("confidence_offsets"),
+                   markov_w2_draft_vocab_only=bool(d.get("markov_w2_draft_vocab_only", False)))
 
 
 @dataclass
@@ -253,9 +261,12 @@ class _Drafter(nn.Module):
             if name in _SHARED_TENSORS and shape != shared_shape:
                 raise ValueError(f"{name} in the drafter checkpoint has shape {shape}, the target's is {shared_shape}")
 
+        model.draft_vocab = DraftVocab.load(path, target.config.vocab_size)   # before the slots: they may index by it
+        if getattr(config, "markov_w2_draft_vocab_only", False) and model.draft_vocab is None:
+            raise ValueError(f"{path}: config.json has markov_w2_draft_vocab_only but the folder has no draft "
+                             f"vocabulary ({DRAFT_VOCAB_FILE})")
         load_slots(model.slots(), files, ignore=lambda n: n in _SHARED_TENSORS or n.endswith("rotary_emb.inv_freq"),
                    check=check_shared)
-        model.draft_vocab = DraftVocab.load(path, target.config.vocab_size)
         return model.eval()
 
 
@@ -429,7 +440,12 @@ class DSparkDrafter(_Drafter):
         if self.markov_w1 is not None:
             s["markov_head.markov_w1.weight"] = Slot(self.markov_w1)
             # DeepSpec stores W2 as a Linear(r -> V) weight, [V, r].
-            s["markov_head.markov_w2.weight"] = Slot(self.markov_w2, transpose=True)
+            ids = None
+            if self.config.markov_w2_draft_vocab_only:
+                if self.draft_vocab is None:
+                    raise ValueError("markov_w2_draft_vocab_only: the drafter has no draft vocabulary")
+                ids = self.draft_vocab.ids
+            s["markov_head.markov_w2.weight"] = Slot(self.markov_w2, transpose=True, index=ids)
         if self.confidence_head is not None:
             s["confidence_head.proj.weight"] = Slot(self.confidence_head.weight)
             s["confidence_head.proj.bias"] = Slot(self.confidence_head.bias)

@@ -60,16 +60,22 @@ def weight_files(path) -> list[Path]:
 
 @dataclass
 class Slot:
-    """Where a stored tensor goes: rows ``rows`` of ``param`` (None = all), transposed if ``transpose``."""
+    """Where a stored tensor goes: rows ``rows`` of ``param`` (None = all), transposed if ``transpose``.
+
+    ``index`` instead stores only those rows of the stored layout (``param.t()`` when transposed); loading
+    zeroes the rest (a head kept only for a draft vocabulary's ids).
+    """
 
     param: torch.Tensor
     rows: slice | None = None
     transpose: bool = False
+    index: torch.Tensor | None = None
 
     def stored(self) -> torch.Tensor:
         """The tensor as it is written to a file (the inverse of loading)."""
         t = self.param.detach() if self.rows is None else self.param.detach()[self.rows]
-        return t.t() if self.transpose else t
+        t = t.t() if self.transpose else t
+        return t if self.index is None else t.index_select(0, self.index.to(t.device))
 
 
 def load_slots(slots: dict[str, Slot], files: list[Path], *, ignore: Callable[[str], bool] = lambda n: False,
@@ -95,14 +101,19 @@ def load_slots(slots: dict[str, Slot], files: list[Path], *, ignore: Callable[[s
                         unexpected.append(name)
                     continue
                 t = f.get_tensor(name)
-                if slot.transpose:
-                    t = t.t()
                 dst = slot.param if slot.rows is None else slot.param[slot.rows]
-                if tuple(t.shape) != tuple(dst.shape):
+                if slot.transpose:
+                    dst = dst.t()      # a view in the stored layout: writes go through to the parameter
+                want = list(dst.shape) if slot.index is None else [slot.index.numel(), *dst.shape[1:]]
+                if list(t.shape) != want:
                     raise ValueError(f"tensor {name!r} in {file.name} has shape {list(t.shape)}, "
-                                     f"the model expects {list(dst.shape)}")
+                                     f"the model expects {want}")
                 with torch.no_grad():
-                    dst.copy_(t)
+                    if slot.index is None:
+                        dst.copy_(t)
+                    else:
+                        dst.zero_()
+                        dst.index_copy_(0, slot.index.to(dst.device), t.to(dst.dtype))
                 filled.add(name)
     missing = sorted(set(slots) - filled)
     if missing:

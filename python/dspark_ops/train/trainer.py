@@ -31,6 +31,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,6 +103,34 @@ def build_drafter(cfg: TrainConfig, target: LlamaModel) -> DSparkDrafter | Eagle
     config = DSparkConfig(backbone, layers, tc.num_hidden_layers, block_size=cfg.block_size, mask_token_id=mask_id,
                           markov_rank=rank, enable_confidence_head=conf, confidence_head_with_markov=conf)
     return DSparkDrafter(config, target, **kwargs)
+
+
+def init_from_drafter(drafter: DSparkDrafter | Eagle3Drafter, folder) -> list[int]:
+    """Start ``drafter`` from a trained drafter of the same kind with as many or fewer layers (warm start).
+
+    Every stored tensor is copied; layers the stored drafter lacks keep their fresh initialisation except
+    their output projections (attention o_proj, MLP down_proj), which are zeroed, so each new layer is
+    the identity on the residual stream and the warm-started drafter computes exactly what the stored
+    one does until training moves it. Returns the indices of the new layers.
+    """
+    kind = type(drafter)
+    init = kind.from_pretrained(folder, drafter.target, dtype=drafter.dtype, device=drafter.fc.weight.device)
+    old, new = init.state_dict(), drafter.state_dict()
+    unexpected = sorted(set(old) - set(new))
+    wrong = [n for n in old if n in new and old[n].shape != new[n].shape]
+    if unexpected or wrong:
+        raise ValueError(f"--init-from {folder}: not a smaller {kind.__name__} of this configuration "
+                         f"(unexpected tensors {unexpected[:3]}, shapes differ for {wrong[:3]})")
+    added = sorted({int(m.group(1)) for n in set(new) - set(old) if (m := re.match(r"layers\.(\d+)\.", n))})
+    missing = [n for n in set(new) - set(old) if not re.match(r"layers\.\d+\.", n)]
+    if missing:
+        raise ValueError(f"--init-from {folder}: the stored drafter lacks {sorted(missing)[:3]}")
+    with torch.no_grad():
+        drafter.load_state_dict(old, strict=False)
+        for i in added:
+            drafter.layers[i].self_attn.o_proj.weight.zero_()
+            drafter.layers[i].mlp.down_proj.weight.zero_()
+    return added
 
 
 def sample_anchors(lengths: torch.Tensor, prompt_lens: torch.Tensor, count: int,
