@@ -65,6 +65,20 @@ def test_speculative_greedy_equals_plain(smollm2, plain_outputs, drafter_kind):
     assert batched.generate(prompts, NEW) == plain
 
 
+def test_shipped_drafter_fits_the_budget_and_proposes_from_its_draft_vocabulary(smollm2):
+    """The committed drafter stays within 25 MB (bf16) and its W2 matches its draft vocabulary."""
+    folder = shipped_drafter("smollm2-135m")
+    if folder is None:
+        pytest.skip("no trained drafter in this checkout")
+    assert (folder / "model.safetensors").stat().st_size <= 25_000_000
+    drafter = load_drafter(folder, smollm2[1])
+    assert drafter.draft_vocab is not None
+    if drafter.config.markov_w2_draft_vocab_only:
+        w2 = drafter.markov_weights()[1]
+        assert w2.index_select(1, drafter.draft_vocab.ids).abs().sum() > 0
+        assert w2.abs().sum(0).count_nonzero() <= len(drafter.draft_vocab)
+
+
 @pytest.mark.parametrize("scheduler", ["fixed", "sync", "async"])
 def test_generate_cli_compare_with_each_scheduler(smollm2, scheduler, capsys):
     """`dspark generate --compare --scheduler S`: the speculative run and its plain baseline agree (greedy)."""
