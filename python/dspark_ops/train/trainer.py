@@ -115,6 +115,10 @@ def init_from_drafter(drafter: DSparkDrafter | Eagle3Drafter, folder) -> list[in
     """
     kind = type(drafter)
     init = kind.from_pretrained(folder, drafter.target, dtype=drafter.dtype, device=drafter.fc.weight.device)
+    for key in ("target_layer_ids", "mask_token_id", "markov_rank"):   # equal shapes would not catch these
+        if getattr(init.config, key, None) != getattr(drafter.config, key, None):
+            raise ValueError(f"--init-from {folder}: its {key} is {getattr(init.config, key, None)}, "
+                             f"this run's is {getattr(drafter.config, key, None)}")
     old, new = init.state_dict(), drafter.state_dict()
     unexpected = sorted(set(old) - set(new))
     wrong = [n for n in old if n in new and old[n].shape != new[n].shape]
