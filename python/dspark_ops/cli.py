@@ -112,7 +112,8 @@ def _train_draft(args) -> int:
                 drafter.config.markov_w2_draft_vocab_only = True
             drafter.to(getattr(torch, args.save_dtype)).save_pretrained(Path(args.out) / "drafter")
             (Path(args.out) / "drafter" / "training.json").write_text(json.dumps(
-                {"command": "dspark " + " ".join(sys.argv[1:]), "init_from": args.init_from, "train_config": asdict(cfg),
+                {"command": "dspark " + " ".join(sys.argv[1:]), "init_from": args.init_from,
+                 "train_config": asdict(cfg),
                  "data_recipe": asdict(recipe), "num_train_samples": len(data["train"]),
                  "steps": trainer.state.step, "stop_at_step": args.stop_at_step, "tokens": trainer.state.tokens,
                  "train_time_s": round(trainer.state.elapsed_s, 1)}, indent=2))

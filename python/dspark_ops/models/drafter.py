@@ -262,9 +262,6 @@ class _Drafter(nn.Module):
                 raise ValueError(f"{name} in the drafter checkpoint has shape {shape}, the target's is {shared_shape}")
 
         model.draft_vocab = DraftVocab.load(path, target.config.vocab_size)   # before the slots: they may index by it
-        if getattr(config, "markov_w2_draft_vocab_only", False) and model.draft_vocab is None:
-            raise ValueError(f"{path}: config.json has markov_w2_draft_vocab_only but the folder has no draft "
-                             f"vocabulary ({DRAFT_VOCAB_FILE})")
         load_slots(model.slots(), files, ignore=lambda n: n in _SHARED_TENSORS or n.endswith("rotary_emb.inv_freq"),
                    check=check_shared)
         return model.eval()
@@ -443,7 +440,8 @@ class DSparkDrafter(_Drafter):
             ids = None
             if self.config.markov_w2_draft_vocab_only:
                 if self.draft_vocab is None:
-                    raise ValueError("markov_w2_draft_vocab_only: the drafter has no draft vocabulary")
+                    raise ValueError(f"markov_w2_draft_vocab_only is set but the drafter has no draft vocabulary "
+                                     f"({DRAFT_VOCAB_FILE})")
                 ids = self.draft_vocab.ids
             s["markov_head.markov_w2.weight"] = Slot(self.markov_w2, transpose=True, index=ids)
         if self.confidence_head is not None:
