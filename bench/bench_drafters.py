@@ -38,10 +38,9 @@ from pathlib import Path
 import torch
 
 import dspark_ops
-from dspark_ops.draft_vocab import DraftVocab, frequency_ranked
 from dspark_ops.engine import SpeculativeEngine
 from dspark_ops.models import DenseKVCache, Eagle3Drafter, LlamaModel, load_drafter, resolve_model
-from dspark_ops.train import load_samples
+from dspark_ops.train import load_samples, response_draft_vocab
 
 DOMAINS = ("code", "prose", "math")
 
@@ -249,7 +248,7 @@ def draft_vocab_variants(target, drafters: dict, args) -> dict:
         out[name].draft_vocab = None
         for K in args.draft_vocab or ():
             d = load_drafter(path, target, dtype="float32")
-            d.draft_vocab = DraftVocab(frequency_ranked((s.response for s in train), V, K), V)
+            d.draft_vocab = response_draft_vocab(train, V, K)
             out[f"{name}/{K}"] = d
     return out
 

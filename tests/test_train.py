@@ -16,9 +16,9 @@ import torch
 import dspark_ops
 from dspark_ops.draft_vocab import DraftVocab
 from dspark_ops.models import DenseKVCache, LlamaConfig, LlamaModel, load_drafter
-from dspark_ops.train import (LossWeights, Sample, TrainConfig, Trainer, build_drafter, drafter_losses,
-                              eagle3_ttt_logits, init_from_drafter, position_weights,
-                              soft_acceptance)
+from dspark_ops.train import (LossWeights, Sample, TargetFeatures, TrainConfig, Trainer, build_drafter,
+                              drafter_losses, eagle3_ttt_logits, init_from_drafter, position_weights,
+                              response_draft_vocab, soft_acceptance)
 from dspark_ops.train.calibration import calibrate_drafter, collect_confidence
 from randomness import fresh_seed
 
@@ -82,6 +82,47 @@ def test_loss_terms_equal_hand_computed_values():
     assert position_weights(7).tolist() == pytest.approx([math.exp(-k / 7) for k in range(7)])
 
 
+def test_losses_over_a_draft_vocabulary_are_those_of_the_drafter_restricted_to_it():
+    """Subset logits + the target's full log-sum-exp give exactly the full-vocabulary TV, confidence label and
+    acceptance of a drafter whose distribution is zero outside the draft ids; labels outside drop out of CE."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    N, G, V = 5, 3, 40
+    ids = torch.randperm(V, generator=g)[:12].sort().values
+    draft = torch.randn(N, G, len(ids), generator=g) * 2
+    target = torch.randn(N, G, V, generator=g) * 2
+    to_draft = torch.full((V,), -1, dtype=torch.long)
+    to_draft[ids] = torch.arange(len(ids))
+    labels = ids[torch.randint(len(ids), (N, G), generator=g)]
+    valid = torch.rand(N, G, generator=g) > 0.2
+    valid[0, 0] = True
+    conf = torch.randn(N, G, generator=g)
+    weights = LossWeights(0.1, 0.9, 1.0, 0.0)
+    full_draft = torch.full((N, G, V), -1e4)      # probability exactly 0 in float32
+    full_draft[..., ids] = draft
+    want = drafter_losses(full_draft, target, labels, valid, weights, conf)
+    got = drafter_losses(draft, target[..., ids], to_draft[labels], valid, weights, conf, torch.logsumexp(target, -1))
+    for key in ("ce", "tv", "conf", "loss", "accept"):
+        assert torch.allclose(got[key], want[key], rtol=1e-5, atol=1e-6), (seed, key)
+    # The acceptance is the exact one of speculative sampling from the draft ids: sum_v min(p_d, p_t).
+    p_d = torch.zeros(N, G, V)
+    p_d[..., ids] = torch.softmax(draft, -1)
+    exact = torch.minimum(p_d, torch.softmax(target, -1)).sum(-1)
+    vf = valid.float()
+    assert torch.allclose(got["accept"], (exact * vf).sum(0) / vf.sum(0).clamp_min(1), rtol=1e-5), seed
+    # A label no draft can propose: out of the CE, still in the TV (its target mass is counted as missed).
+    outside = labels.clone()
+    outside[0, 0] = int(torch.tensor([v for v in range(V) if v not in set(ids.tolist())])[0])
+    drop = valid.clone()
+    drop[0, 0] = False
+    got_out = drafter_losses(draft, target[..., ids], to_draft[outside], valid, weights, conf,
+                             torch.logsumexp(target, -1))
+    assert got_out["ce"].item() == pytest.approx(
+        drafter_losses(draft, target[..., ids], to_draft[labels], drop, weights, conf,
+                       torch.logsumexp(target, -1))["ce"].item(), rel=1e-5)
+    assert got_out["tv"].item() == pytest.approx(got["tv"].item(), rel=1e-6)
+
+
 def test_soft_label_is_the_acceptance_probability_of_speculative_sampling():
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
@@ -118,6 +159,64 @@ def test_a_few_steps_lower_the_loss(tmp_path, variant):
     assert all(not torch.equal(a, b) for a, b in zip(before, trainer.drafter.parameters()))
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert (tmp_path / "checkpoint" / "trainer.pt").is_file()
+
+
+@pytest.mark.parametrize("variant", ["dspark", "eagle3"])
+def test_training_over_a_draft_vocabulary(tmp_path, variant):
+    """The drafter learns its K drawable ids only: the loss falls, W2 outside them only decays, and the
+    saved drafter carries the vocabulary (with W2 stored for it alone)."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    samples = random_samples(seed)
+    cfg = tiny_cfg(variant, seed=seed % 1000, draft_vocab=40)
+    trainer = Trainer(cfg, target, build_drafter(cfg, target), samples, tmp_path, progress=False)
+    vocab = response_draft_vocab(samples, 96, 40)
+    assert torch.equal(trainer.drafter.draft_vocab.ids, vocab.ids)
+    d = trainer.drafter
+    w2_before = None if variant == "eagle3" else d.markov_w2.detach().clone()
+    trainer.train()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in recs[:5]) / 5, sum(r["loss"] for r in recs[-5:]) / 5
+    assert last < 0.9 * first, (seed, first, last)
+    if variant == "dspark":
+        outside = torch.ones(96, dtype=torch.bool)
+        outside[vocab.ids] = False
+        shrink = d.markov_w2.detach()[:, outside] / w2_before[:, outside]     # AdamW's weight decay alone
+        assert torch.allclose(shrink, shrink[0, 0], rtol=1e-4) and shrink[0, 0] < 1
+        assert not torch.equal(d.markov_w2[:, vocab.ids], w2_before[:, vocab.ids])
+        assert d.config.markov_w2_draft_vocab_only
+    d.save_pretrained(tmp_path / "drafter")
+    loaded = load_drafter(tmp_path / "drafter", target, dtype="float32")
+    assert torch.equal(loaded.draft_vocab.ids, vocab.ids)
+    # Resuming with another draft vocabulary size is refused.
+    other = tiny_cfg(variant, seed=seed % 1000, draft_vocab=30)
+    with pytest.raises(ValueError, match="draft_vocab"):
+        Trainer(other, target, build_drafter(other, target), samples, tmp_path, progress=False).load_checkpoint()
+
+
+def test_feature_folder_gives_the_same_training_and_refuses_other_layers(tmp_path):
+    """Features read back from the folder (filled up front or while training) train exactly like recomputed ones."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    samples = random_samples(seed, n=8)
+    cfg = tiny_cfg("dspark", seed=seed % 1000, max_steps=4, draft_vocab=40)
+    params = []
+    for run, folder in (("recomputed", None), ("stored", tmp_path / "f"), ("read", tmp_path / "f")):
+        trainer = Trainer(cfg, target, build_drafter(cfg, target), samples, tmp_path / run, progress=False,
+                          feature_cache_gb=0, feature_dir=folder)
+        trainer.train()
+        params.append([p.detach().clone() for p in trainer.drafter.parameters()])
+    assert len(list((tmp_path / "f").glob("*.safetensors"))) == len(samples)
+    for a, b, c in zip(*params):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    filled = TargetFeatures(target, [0, 2], folder=tmp_path / "g")
+    assert filled.fill(samples, progress=False) == len(samples) and filled.fill(samples, progress=False) == 0
+    for s in samples[:3]:
+        assert all(torch.equal(x, y) for x, y in zip(filled.get(s), TargetFeatures(target, [0, 2]).get(s)))
+    with pytest.raises(ValueError, match="another target or layers"):
+        TargetFeatures(target, [1, 2], folder=tmp_path / "g")
+    with pytest.raises(ValueError, match="another dataset"):
+        TargetFeatures(target, [0, 2], folder=tmp_path / "g").get(Sample(samples[0].id, "x", [5], [6, 7]))
 
 
 def test_eagle3_training_time_test_matches_inference_drafting():
@@ -409,6 +508,21 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path):
     res = subprocess.run(deeper + ["--markov-w2-draft-vocab-only", "--draft-vocab", "0"], capture_output=True,
                          text=True, timeout=300, env=env)
     assert res.returncode == 2 and "--markov-w2-draft-vocab-only needs" in res.stderr
+    # Trained over the draft vocabulary, on target features stored up front.
+    feats = str(tmp_path / "features")
+    res = subprocess.run(cmd + ["--prepare-only", "--feature-cache", feats], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 0 and "6 samples computed" in res.stderr, res.stderr[-3000:]
+    on_vocab = cmd[:cmd.index("--out") + 1] + [str(tmp_path / "run3")] + cmd[cmd.index("--out") + 2:]
+    res = subprocess.run(on_vocab + ["--train-on-draft-vocab", "--feature-cache", feats], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "run3" / "drafter" / "training.json").read_text())["train_config"]["draft_vocab"] == 300
+    with safe_open(str(tmp_path / "run3" / "drafter" / "model.safetensors"), "pt") as f:
+        assert list(f.get_slice("markov_head.markov_w2.weight").get_shape()) == [300, 8]
+    res = subprocess.run(on_vocab + ["--train-on-draft-vocab", "--draft-vocab", "0"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert res.returncode == 2 and "--train-on-draft-vocab needs" in res.stderr
     # An empty prompt set is refused with a clear message.
     (tmp_path / "empty.jsonl").write_text("")
     res = subprocess.run(cmd[:4] + ["--out", str(tmp_path / "r2"), "--data-dir", str(tmp_path / "d2"), "--sources",

@@ -64,15 +64,15 @@ def _train_draft(args) -> int:
 
     import torch
 
-    from .draft_vocab import DraftVocab, frequency_ranked
-    from .train import (DataRecipe, TrainConfig, Trainer, build_drafter, init_distributed, init_from_drafter,
-                        prepare_dataset)
+    from .train import (DataRecipe, TrainConfig, Trainer, build_drafter, default_target_layers, init_distributed,
+                        init_from_drafter, prepare_dataset, response_draft_vocab, target_features)
 
     rank, world = init_distributed()
     try:
         cfg = TrainConfig(variant=args.variant, num_layers=args.num_layers, block_size=args.block_size,
                           markov_rank=args.markov_rank if args.variant == "dspark" else 0,
-                          target_layer_ids=args.target_layers, batch_size=args.batch_size,
+                          target_layer_ids=args.target_layers,
+                          draft_vocab=args.draft_vocab if args.train_on_draft_vocab else 0, batch_size=args.batch_size,
                           anchors_per_seq=args.anchors, max_steps=args.max_steps, lr=args.lr,
                           warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           bf16=args.bf16 if args.bf16 is not None else torch.cuda.is_available(), seed=args.seed,
@@ -93,10 +93,18 @@ def _train_draft(args) -> int:
             data = prepare_dataset(args.data_dir, recipe, target, tokenizer, progress=False, log=lambda *a: None)
         if args.markov_w2_draft_vocab_only and (args.variant != "dspark" or not args.draft_vocab):
             raise ValueError("--markov-w2-draft-vocab-only needs the dspark variant and a --draft-vocab")
+        if args.train_on_draft_vocab and not args.draft_vocab:
+            raise ValueError("--train-on-draft-vocab needs a --draft-vocab K > 0")
         if args.prepare_only:
+            if args.feature_cache:   # each process stores its share
+                layers = cfg.target_layer_ids or default_target_layers(target.config.num_hidden_layers)
+                done = target_features(cfg, target, layers, memory_gb=0, folder=args.feature_cache).fill(
+                    data["train"][rank::world], progress=not args.no_progress and rank == 0)
+                print(f"feature cache {args.feature_cache}: {done} samples computed", file=sys.stderr)
             return 0
         drafter = build_drafter(cfg, target)
-        trainer = Trainer(cfg, target, drafter, data["train"], args.out, progress=not args.no_progress)
+        trainer = Trainer(cfg, target, drafter, data["train"], args.out, progress=not args.no_progress,
+                          feature_cache_gb=args.feature_cache_gb, feature_dir=args.feature_cache)
         if trainer.load_checkpoint():
             print(f"resumed from {args.out}/checkpoint at step {trainer.state.step}", file=sys.stderr)
         elif args.init_from:
@@ -105,9 +113,8 @@ def _train_draft(args) -> int:
                   file=sys.stderr)
         trainer.train(stop_at=args.stop_at_step)
         if rank == 0:
-            V = target.config.vocab_size
-            drafter.draft_vocab = DraftVocab(frequency_ranked((s.response for s in data["train"]), V,
-                                                              min(args.draft_vocab, V)), V) if args.draft_vocab else None
+            if drafter.draft_vocab is None and args.draft_vocab:   # trained over every id: chosen for inference
+                drafter.draft_vocab = response_draft_vocab(data["train"], target.config.vocab_size, args.draft_vocab)
             if args.markov_w2_draft_vocab_only:
                 drafter.config.markov_w2_draft_vocab_only = True
             drafter.to(getattr(torch, args.save_dtype)).save_pretrained(Path(args.out) / "drafter")
@@ -192,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--gen-top-p", type=float, default=0.95)
     g.add_argument("--gen-batch", type=int, default=48)
     g.add_argument("--data-seed", type=int, default=0)
-    g.add_argument("--prepare-only", action="store_true", help="generate the dataset and stop")
+    g.add_argument("--prepare-only", action="store_true",
+                   help="generate the dataset (and fill --feature-cache) and stop")
+    g.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="store the target's features of every training sample in DIR (about 2 MB per sample for "
+                        "SmolLM2) and read them from there: variants and reruns sharing DIR skip the target; "
+                        "default: recompute them online")
     m = t.add_argument_group("drafter")
     m.add_argument("--num-layers", type=int, default=1)
     m.add_argument("--block-size", type=int, default=7)
@@ -204,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--draft-vocab", type=int, default=16384, metavar="K",
                    help="store a draft vocabulary of the K ids most frequent in the training responses with the "
                         "drafter (the engine then scores only those; 0: none, every id)")
+    m.add_argument("--train-on-draft-vocab", action="store_true",
+                   help="train over the --draft-vocab ids only, as the drafter proposes at inference: exact "
+                        "inference-time losses and V/K times less vocabulary-sized work per step (implies "
+                        "--markov-w2-draft-vocab-only for dspark)")
     m.add_argument("--markov-w2-draft-vocab-only", action="store_true",
                    help="store the Markov head's W2 only for the draft vocabulary's ids (a smaller file; exact when "
                         "drafting from the draft vocabulary, no Markov bias outside it when proposing every id)")
@@ -223,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--log-every", type=int, default=10)
     o.add_argument("--save-every", type=int, default=100)
     o.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    o.add_argument("--feature-cache-gb", type=float, default=2.0,
+                   help="memory for the target features kept across epochs (beyond it they are recomputed or read "
+                        "from --feature-cache)")
     o.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_train_draft)
     c = sub.add_parser("calibrate", help="STS-calibrate a drafter's confidence head on held-out data")

@@ -367,11 +367,15 @@ class DSparkDrafter(_Drafter):
         """(W1 [V, r], W2 [r, V]) as ``markov_sample`` takes them; None for rank 0 (DFlash)."""
         return None if self.markov_w1 is None else (self.markov_w1, self.markov_w2)
 
-    def markov_logits(self, base_logits: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
-        """z_k = U_k + W1[x_{k-1}] @ W2 for given previous tokens [..., G] (x_0 = anchor); rank 0: U."""
+    def markov_logits(self, base_logits: torch.Tensor, prev_tokens: torch.Tensor,
+                      vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """z_k = U_k + W1[x_{k-1}] @ W2 for given previous tokens [..., G] (x_0 = anchor); rank 0: U.
+
+        With ``vocab_ids`` [K] the base logits cover those ids only, and so does the bias."""
         if self.markov_w1 is None:
             return base_logits
-        bias = self.markov_w1[prev_tokens] @ self.markov_w2
+        w2 = self.markov_w2 if vocab_ids is None else self.markov_w2[:, vocab_ids]
+        bias = self.markov_w1[prev_tokens] @ w2
         return base_logits + bias.to(base_logits.dtype)
 
     def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
@@ -395,14 +399,15 @@ class DSparkDrafter(_Drafter):
     # ---- training
 
     def forward_train(self, input_ids: torch.Tensor, features: torch.Tensor, anchor_positions: torch.Tensor, *,
-                      return_logits: bool = True) -> DraftBlock:
+                      return_logits: bool = True, lm_head: torch.Tensor | None = None) -> DraftBlock:
         """All anchor blocks of a batch in one differentiable pass (dense attention, no cache).
 
         input_ids [B, S], features [B, S, m*d] (target layer outputs at every
         position), anchor_positions [B, A] in [0, S). Block a of row b reads
         the context of positions < anchor_positions[b, a] and its own G
-        tokens. Returns logits [B, A, G, V] (unless return_logits=False) and
-        hidden [B, A, G, d]; row k of a block predicts input_ids[b, anchor + k + 1].
+        tokens. Returns logits [B, A, G, V] (unless return_logits=False; over
+        the rows of ``lm_head`` when given) and hidden [B, A, G, d]; row k of a
+        block predicts input_ids[b, anchor + k + 1].
         """
         bsz, seq = input_ids.shape
         if features.shape[:2] != (bsz, seq):
@@ -423,7 +428,7 @@ class DSparkDrafter(_Drafter):
         mask = torch.cat((ctx_visible, same_block.expand(bsz, -1, -1)), dim=-1)
         backend = MaskedAttention(mask)
         self._context_kv(features, torch.arange(seq, device=dev).expand(bsz, seq), backend)
-        out = self._block_forward(ids, positions, backend, return_logits)
+        out = self._block_forward(ids, positions, backend, return_logits, lm_head)
         return DraftBlock(None if out.logits is None else out.logits.view(bsz, a, g, -1),
                           out.hidden.view(bsz, a, g, -1))
 

@@ -18,8 +18,9 @@ training set. Responses come from the target itself through
 recipe of DeepSpec and SpecForge: the drafter learns the distribution it will
 be verified against. The cache is one JSONL file of token ids per split,
 appended as batches finish, so an interrupted generation resumes where it
-stopped. Target features are not stored: training recomputes them online
-from the frozen target.
+stopped. Target features are not stored here: training recomputes them
+online from the frozen target, or keeps them in a folder of its own
+(:mod:`.features`).
 """
 from __future__ import annotations
 

@@ -12,6 +12,14 @@ float32 whatever the logits' dtype.
   probability that speculative sampling accepts a token drawn from p_d when
   verifying against p_t (no gradient flows through the label);
 - soft CE (EAGLE-3-style baseline): -sum_v p_t(v) log p_d(v).
+
+Over a draft vocabulary (``target_lse`` given) both logits cover only the K
+drawable ids: the drafter's distribution is renormalised over them, as the
+engine samples it, while the target's stays normalised over every id (its
+log-sum-exp over the full vocabulary comes with the logits), so
+``||p_d - p_t||_1 = sum_K |p_d - p_t| + (target mass outside K)`` and every
+term above is the exact inference-time quantity. Labels outside K are -1 and
+drop out of the CE (no draft can propose them); they still count in the TV.
 """
 from __future__ import annotations
 
@@ -49,13 +57,15 @@ def _weighted_mean(term: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def drafter_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
-                   valid: torch.Tensor, weights: LossWeights, conf_logits: torch.Tensor | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   valid: torch.Tensor, weights: LossWeights, conf_logits: torch.Tensor | None = None,
+                   target_lse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Loss terms and their weighted sum ``"loss"``.
 
     draft_logits, target_logits [N, G, V]; labels [N, G] (ground-truth next
     tokens); valid [N, G] bool (label inside the sequence); conf_logits [N, G]
-    pre-sigmoid confidences (needed when ``weights.conf`` > 0). Also returns
+    pre-sigmoid confidences (needed when ``weights.conf`` > 0); target_lse
+    [N, G]: the target's log-sum-exp over its whole vocabulary when the logits
+    cover a draft vocabulary only (labels then index it, -1 outside). Also returns
     ``"accept"`` [G]: the mean soft acceptance per position (a training-time
     estimate of the per-position acceptance rate, no gradient).
     """
@@ -66,16 +76,24 @@ def drafter_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labe
         raise ValueError(f"labels and valid must be [N, G] = {list(draft_logits.shape[:2])}")
     if weights.conf > 0 and (conf_logits is None or conf_logits.shape != labels.shape):
         raise ValueError("the confidence loss needs conf_logits of shape [N, G]")
+    if target_lse is not None and target_lse.shape != labels.shape:
+        raise ValueError(f"target_lse must be [N, G] = {list(labels.shape)}, got {list(target_lse.shape)}")
     G = labels.shape[1]
     w = position_weights(G, labels.device) * valid.float()
     logp_d = F.log_softmax(draft_logits.float(), dim=-1)
-    p_t = F.softmax(target_logits.float(), dim=-1)
+    if target_lse is None:
+        p_t, outside = F.softmax(target_logits.float(), dim=-1), 0.0
+    else:
+        p_t = (target_logits.float() - target_lse.float().unsqueeze(-1)).exp()
+        outside = (1.0 - p_t.sum(-1)).clamp_min(0.0)      # target mass the draft vocabulary cannot propose
     zero = logp_d.new_zeros(())
     out = {}
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    out["ce"] = _weighted_mean(-logp_d.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1), w)
+    drawable = valid & (labels >= 0)
+    safe_labels = torch.where(drawable, labels, torch.zeros_like(labels))
+    out["ce"] = _weighted_mean(-logp_d.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1),
+                               position_weights(G, labels.device) * drawable.float())
     need_tv = weights.tv > 0 or weights.conf > 0
-    l1 = (logp_d.exp() - p_t).abs().sum(-1) if need_tv else None
+    l1 = (logp_d.exp() - p_t).abs().sum(-1) + outside if need_tv else None
     out["tv"] = _weighted_mean(l1, w) if need_tv else zero
     if weights.conf > 0:
         label = (1.0 - 0.5 * l1).detach().clamp(0.0, 1.0)
@@ -87,7 +105,7 @@ def drafter_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labe
     out["loss"] = (weights.ce * out["ce"] + weights.tv * out["tv"] + weights.conf * out["conf"]
                    + weights.soft_ce * out["soft_ce"])
     with torch.no_grad():
-        acc = l1 if l1 is not None else (logp_d.exp() - p_t).abs().sum(-1)
+        acc = l1 if l1 is not None else (logp_d.exp() - p_t).abs().sum(-1) + outside
         acc = 1.0 - 0.5 * acc
         vf = valid.float()
         out["accept"] = (acc * vf).sum(0) / vf.sum(0).clamp_min(1.0)

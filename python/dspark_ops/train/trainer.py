@@ -8,6 +8,13 @@ block in one pass and the losses of :mod:`.losses` compare it with the ground
 truth and with the target's own distribution at the same positions (the frozen
 LM head applied to the target's last hidden state).
 
+With ``draft_vocab`` = K > 0 the drafter is trained over the K ids most
+frequent in the training responses, the draft vocabulary it is saved with and
+proposes from at inference: its logits, Markov bias and losses cover those ids
+only (the target's distribution stays normalised over every id, see
+:mod:`.losses`), which makes the losses the exact inference-time quantities
+and the vocabulary-sized work of a step V/K times smaller.
+
 Variants (same data, same target layers, same anchors):
 
 - ``dspark``: DSpark drafter (Markov head of rank r, confidence head),
@@ -43,7 +50,9 @@ from torch import nn
 from ..models.attention import CausalAttention, MaskedAttention
 from ..models.drafter import DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
 from ..models.llama import LlamaConfig, LlamaModel
+from ..draft_vocab import DraftVocab, frequency_ranked
 from .data import Sample, pack_batch
+from .features import TargetFeatures
 from .losses import DFLASH_WEIGHTS, DSPARK_WEIGHTS, EAGLE3_WEIGHTS, drafter_losses
 
 VARIANTS = ("dspark", "dflash", "eagle3")
@@ -62,6 +71,7 @@ class TrainConfig:
     block_size: int = 7
     markov_rank: int = 64
     target_layer_ids: list[int] | None = None     # None: default_target_layers(target depth)
+    draft_vocab: int = 0                           # K > 0: train over the draft vocabulary (module docstring)
     batch_size: int = 4                            # sequences per optimizer step (all ranks together)
     anchors_per_seq: int = 32
     max_steps: int = 1000
@@ -82,6 +92,8 @@ class TrainConfig:
                      "save_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0 (0: every id), got {self.draft_vocab}")
         if self.variant == "dspark" and self.markov_rank < 1:
             raise ValueError("the dspark variant needs markov_rank >= 1 (rank 0 is the dflash variant)")
         if not self.lr > 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -103,6 +115,25 @@ def build_drafter(cfg: TrainConfig, target: LlamaModel) -> DSparkDrafter | Eagle
     config = DSparkConfig(backbone, layers, tc.num_hidden_layers, block_size=cfg.block_size, mask_token_id=mask_id,
                           markov_rank=rank, enable_confidence_head=conf, confidence_head_with_markov=conf)
     return DSparkDrafter(config, target, **kwargs)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bfloat16 autocast when ``cfg.bf16``, else nothing."""
+    if not cfg.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def target_features(cfg: TrainConfig, target: LlamaModel, layer_ids: list[int], *, memory_gb: float = 2.0,
+                    folder=None, with_lse: bool = True) -> TargetFeatures:
+    """The target's training features as a run with ``cfg`` computes them (the same autocast)."""
+    return TargetFeatures(target, layer_ids, memory_gb=memory_gb, folder=folder, with_lse=with_lse,
+                          autocast=lambda: autocast(cfg, target.device))
+
+
+def response_draft_vocab(samples: list[Sample], vocab_size: int, size: int) -> DraftVocab:
+    """The draft vocabulary of the ``size`` ids most frequent in the samples' responses."""
+    return DraftVocab(frequency_ranked((s.response for s in samples), vocab_size, min(size, vocab_size)), vocab_size)
 
 
 def init_from_drafter(drafter: DSparkDrafter | Eagle3Drafter, folder) -> list[int]:
@@ -158,13 +189,22 @@ def sample_anchors(lengths: torch.Tensor, prompt_lens: torch.Tensor, count: int,
 
 
 class _StepModule(nn.Module):
-    """The drafter's differentiable part of one step, as one module call (what DDP wraps)."""
+    """The drafter's differentiable part of one step, as one module call (what DDP wraps).
 
-    def __init__(self, drafter, variant: str):
+    With a draft vocabulary ``vocab`` every logit covers its ids only (see the module docstring)."""
+
+    def __init__(self, drafter, variant: str, vocab: DraftVocab | None):
         super().__init__()
         self.drafter, self.variant = drafter, variant
+        self.vocab_ids = to_draft = None
+        if vocab is not None:
+            to_draft = torch.full((vocab.vocab_size,), -1, dtype=torch.long)
+            to_draft[vocab.ids] = torch.arange(len(vocab))
+            self.vocab_ids = vocab.ids.to(drafter.fc.weight.device)
+            to_draft = to_draft.to(drafter.fc.weight.device)
+        self.to_draft = to_draft
 
-    def forward(self, ids, features, last_hidden, lengths, anchors):
+    def forward(self, ids, features, last_hidden, lengths, anchors, target_lse=None):
         d, G = self.drafter, self.drafter.config.block_size if self.variant != "eagle3" else self.drafter.config.ttt_length
         B, A = anchors.shape
         S = ids.shape[1]
@@ -174,15 +214,23 @@ class _StepModule(nn.Module):
         rows = torch.arange(B, device=ids.device).view(-1, 1, 1)
         labels = ids[rows, label_pos.clamp_max(S - 1)]
         prev = ids[rows, (label_pos - 1).clamp_max(S - 1)]               # x_{k-1}: anchor, then ground truth
+        lse, lm_head = None, None
         with torch.no_grad():
-            target_logits = d.target.compute_logits(last_hidden[rows, (label_pos - 1).clamp_max(S - 1)])
+            last = last_hidden[rows, (label_pos - 1).clamp_max(S - 1)]
+            if self.vocab_ids is None:
+                target_logits = d.target.compute_logits(last)
+            else:
+                lm_head = d.target.lm_head_weight.detach().index_select(0, self.vocab_ids).float()
+                target_logits = d._score(last, lm_head)
+                lse = target_lse[rows, (label_pos - 1).clamp_max(S - 1)]
+                labels = self.to_draft[labels]
         conf = None
         if self.variant == "eagle3":
-            logits = eagle3_ttt_logits(d, ids, features, anchors)
+            logits = eagle3_ttt_logits(d, ids, features, anchors, lm_head=lm_head)
             weights = EAGLE3_WEIGHTS
         else:
-            block = d.forward_train(ids, features, anchors)
-            logits = d.markov_logits(block.logits, prev)
+            block = d.forward_train(ids, features, anchors, lm_head=lm_head)
+            logits = d.markov_logits(block.logits, prev, self.vocab_ids)
             if self.variant == "dspark":
                 conf = d.confidence_logits(block.hidden, prev)
                 weights = DSPARK_WEIGHTS
@@ -191,7 +239,8 @@ class _StepModule(nn.Module):
         V = logits.shape[-1]
         return drafter_losses(logits.reshape(B * A, G, V), target_logits.reshape(B * A, G, V),
                               labels.reshape(B * A, G), valid.reshape(B * A, G), weights,
-                              None if conf is None else conf.reshape(B * A, G))
+                              None if conf is None else conf.reshape(B * A, G),
+                              None if lse is None else lse.reshape(B * A, G))
 
 
 class _RecordingAttention:
@@ -209,8 +258,9 @@ class _RecordingAttention:
 
 
 def eagle3_ttt_logits(drafter: Eagle3Drafter, ids: torch.Tensor, features: torch.Tensor,
-                      anchors: torch.Tensor) -> torch.Tensor:
-    """Training-time test: logits [B, A, G, V] of G unrolled draft steps per anchor.
+                      anchors: torch.Tensor, lm_head: torch.Tensor | None = None) -> torch.Tensor:
+    """Training-time test: logits [B, A, G, V] of G unrolled draft steps per anchor (over the rows of
+    ``lm_head`` when given).
 
     Step 1 runs causally over all rows (row t pairs target feature t with
     token t+1 at RoPE position t). The chain of anchor a starts at row
@@ -247,7 +297,7 @@ def eagle3_ttt_logits(drafter: Eagle3Drafter, ids: torch.Tensor, features: torch
             ctx_k[layer].append(k)
             ctx_v[layer].append(v)
         outs.append(h_chain)
-    return drafter.compute_logits(torch.stack(outs, dim=2))
+    return drafter.compute_logits(torch.stack(outs, dim=2), lm_head)
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -284,7 +334,7 @@ class Trainer:
     """Trains ``drafter`` on ``samples`` (see the module docstring); ``out_dir`` receives checkpoints and logs."""
 
     def __init__(self, cfg: TrainConfig, target: LlamaModel, drafter, samples: list[Sample], out_dir, *,
-                 progress: bool = True, log=print, feature_cache_gb: float = 2.0):
+                 progress: bool = True, log=print, feature_cache_gb: float = 2.0, feature_dir=None):
         if not samples:
             raise ValueError("the training set is empty: generate data first (dspark train-draft --num-train N)")
         usable = [s for s in samples if len(s.response) >= 1]
@@ -304,7 +354,13 @@ class Trainer:
         self.target_layers = list(drafter.config.target_layer_ids)
         self.pad_id = target.config.pad_token_id if target.config.pad_token_id is not None else 0
         target.requires_grad_(False)
-        module = _StepModule(drafter, cfg.variant)
+        self.draft_vocab = None
+        if cfg.draft_vocab:
+            self.draft_vocab = response_draft_vocab(usable, target.config.vocab_size, cfg.draft_vocab)
+            drafter.draft_vocab = self.draft_vocab
+            if getattr(drafter.config, "markov_rank", 0):   # W2 is trained for the draft ids only
+                drafter.config.markov_w2_draft_vocab_only = True
+        module = _StepModule(drafter, cfg.variant, self.draft_vocab)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             module = DistributedDataParallel(module)
@@ -316,8 +372,8 @@ class Trainer:
                                            lr=cfg.lr, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
         self.state = TrainState()
-        self.feature_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.feature_cache_used, self.feature_cache_bytes = 0, int(feature_cache_gb * 2**30)
+        self.features = target_features(cfg, target, self.target_layers, memory_gb=feature_cache_gb,
+                                        folder=feature_dir, with_lse=self.draft_vocab is not None)
 
     # ---- data
 
@@ -332,46 +388,10 @@ class Trainer:
             out.append(int(perms[epoch][pos]))
         return out[self.rank::self.world]
 
-    # ---- target features
-
-    @torch.no_grad()
-    def _target_features(self, batch: list[Sample], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer features [B, width, m*d] and last hidden states [B, width, d] of the frozen target.
-
-        Each sample runs alone (no padding), so its features do not depend on
-        the batch it lands in; they are rounded to bfloat16, the dtype of the
-        in-memory cache that keeps them for later epochs while it fits
-        ``feature_cache_bytes``. Recomputed and cached values are identical.
-        """
-        rows_f, rows_h = [], []
-        for s in batch:
-            hit = self.feature_cache.get(s.id)
-            if hit is None:
-                ids = torch.tensor([s.ids], dtype=torch.long, device=self.target.device)
-                with self._autocast():
-                    out = self.target(ids, hidden_layers=self.target_layers, return_logits=False)
-                hit = (out.layer_hidden[0].to(torch.bfloat16), out.hidden[0].to(torch.bfloat16))
-                size = sum(t.numel() * t.element_size() for t in hit)
-                if self.feature_cache_used + size <= self.feature_cache_bytes:
-                    self.feature_cache[s.id] = hit
-                    self.feature_cache_used += size
-            rows_f.append(hit[0])
-            rows_h.append(hit[1])
-
-        def pad(rows):
-            out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
-            for b, r in enumerate(rows):
-                out[b, :r.shape[0]] = r
-            return out.float()
-
-        return pad(rows_f), pad(rows_h)
-
     # ---- one step
 
     def _autocast(self):
-        if not self.cfg.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.target.device.type, dtype=torch.bfloat16)
+        return autocast(self.cfg, self.target.device)
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.state.step
@@ -381,10 +401,10 @@ class Trainer:
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4099 + self.rank)
         anchors = sample_anchors(lengths, prompt_lens, cfg.anchors_per_seq, g).to(dev)
         ids = ids.to(dev)
-        features, last_hidden = self._target_features(batch, ids.shape[1])
+        features, last_hidden, *lse = self.features.batch(batch, ids.shape[1])
         self.module.train()
         with self._autocast():
-            terms = self.module(ids, features, last_hidden, lengths, anchors)
+            terms = self.module(ids, features, last_hidden, lengths, anchors, lse[0] if self.draft_vocab else None)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), cfg.grad_clip)
