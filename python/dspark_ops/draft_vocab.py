@@ -11,9 +11,11 @@ a rare token is *drafted* is lost.
 
 The ids are stored with the drafter (``draft_vocab.safetensors``, written by
 ``dspark train-draft`` from its training data's token counts); the engine maps
-between draft and target ids around ``markov_sample``. Training is unchanged:
-the drafter learns every id, and the restriction renormalises its distribution
-over the K ids at inference.
+between draft and target ids around ``markov_sample``. By default training is
+unchanged: the drafter learns every id, and the restriction renormalises its
+distribution over the K ids at inference; ``dspark train-draft
+--train-on-draft-vocab`` trains over the K ids themselves (exact
+inference-time losses, V/K times less vocabulary-sized work per step).
 """
 from __future__ import annotations
 
