@@ -14,7 +14,9 @@ verified):
   of the K ids most frequent in the dataset's training responses (tau and speed
   in the engine), the trade of ``dspark_ops.draft_vocab``. Without "/K" a
   drafter proposes every id (a draft vocabulary stored with it is not used), so
-  tau compares the drafters themselves.
+  tau compares the drafters themselves; ``--draft-vocab-only`` keeps only the
+  "/K" rows (for drafters trained over their draft vocabulary, which learned
+  nothing else).
 
 For tau, DSpark and DFlash drafters run in :class:`~dspark_ops.engine.SpeculativeEngine`
 and the EAGLE-3-style drafter in the chain-drafting loop below over dense
@@ -204,16 +206,17 @@ def report(results: dict, temperatures, domains, png) -> None:
             r = results[name][str(T)]
             print(f"| {name} | {T:g} | " + " | ".join(f"{r[d]['tau']:.2f}" for d in domains)
                   + f" | {r['macro_tau']:.2f} |")
-    if "DSpark" in results:
-        for other in ("DFlash", "EAGLE-3"):
+    for name in [n for n in results if n.split("/")[0] == "DSpark"]:
+        suffix = name[len("DSpark"):]                 # "" or "/K": compare like with like
+        for other in (f"DFlash{suffix}", f"EAGLE-3{suffix}"):
             if other in results:
                 parts = []
                 for T in temperatures:
-                    ours, theirs = results["DSpark"][str(T)], results[other][str(T)]
+                    ours, theirs = results[name][str(T)], results[other][str(T)]
                     ci = bootstrap_gain(ours, theirs, domains)
                     parts.append(f"T={T:g} {ours['macro_tau'] / theirs['macro_tau'] - 1:+.1%}"
                                  + ("" if ci is None else f" (95% CI {ci[0]:+.1%} .. {ci[1]:+.1%})"))
-                print(f"DSpark macro tau vs {other}: " + ", ".join(parts))
+                print(f"{name} macro tau vs {other}: " + ", ".join(parts))
     print("\nconditional acceptance by position (pooled over domains):")
     for name in results:
         for T in temperatures:
@@ -244,8 +247,9 @@ def draft_vocab_variants(target, drafters: dict, args) -> dict:
     train = load_samples(Path(args.data_dir) / "train.jsonl") if args.draft_vocab else []
     V = target.config.vocab_size
     for name, path in drafters.items():
-        out[name] = load_drafter(path, target, dtype="float32")
-        out[name].draft_vocab = None
+        if not args.draft_vocab_only:
+            out[name] = load_drafter(path, target, dtype="float32")
+            out[name].draft_vocab = None
         for K in args.draft_vocab or ():
             d = load_drafter(path, target, dtype="float32")
             d.draft_vocab = response_draft_vocab(train, V, K)
@@ -272,6 +276,9 @@ def main():
     ap.add_argument("--draft-vocab", type=int, nargs="*", default=None, metavar="K",
                     help="also evaluate each drafter with a draft vocabulary of the K most frequent training-response "
                          "ids, in the engine")
+    ap.add_argument("--draft-vocab-only", action="store_true",
+                    help="evaluate the --draft-vocab variants only (drafters trained over their draft vocabulary, "
+                         "dspark train-draft --train-on-draft-vocab, only learned those ids)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.combine:
@@ -285,6 +292,8 @@ def main():
         return
     if not args.data_dir:
         ap.error("--data-dir is required (unless --combine)")
+    if args.draft_vocab_only and not args.draft_vocab:
+        ap.error("--draft-vocab-only needs --draft-vocab K")
     if args.quick:
         args.prompts_per_domain, args.max_new_tokens, args.speed_prompts = 3, 48, 2
 
