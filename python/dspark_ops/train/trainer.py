@@ -47,10 +47,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..draft_vocab import DraftVocab, frequency_ranked
 from ..models.attention import CausalAttention, MaskedAttention
 from ..models.drafter import DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter
 from ..models.llama import LlamaConfig, LlamaModel
-from ..draft_vocab import DraftVocab, frequency_ranked
 from .data import Sample, pack_batch
 from .features import TargetFeatures
 from .losses import DFLASH_WEIGHTS, DSPARK_WEIGHTS, EAGLE3_WEIGHTS, drafter_losses
@@ -213,16 +213,16 @@ class _StepModule(nn.Module):
         valid = label_pos < lengths.view(-1, 1, 1).to(ids.device)
         rows = torch.arange(B, device=ids.device).view(-1, 1, 1)
         labels = ids[rows, label_pos.clamp_max(S - 1)]
-        prev = ids[rows, (label_pos - 1).clamp_max(S - 1)]               # x_{k-1}: anchor, then ground truth
+        prev_pos = (label_pos - 1).clamp_max(S - 1)
+        prev = ids[rows, prev_pos]                                       # x_{k-1}: anchor, then ground truth
         lse, lm_head = None, None
         with torch.no_grad():
-            last = last_hidden[rows, (label_pos - 1).clamp_max(S - 1)]
             if self.vocab_ids is None:
-                target_logits = d.target.compute_logits(last)
+                target_logits = d.target.compute_logits(last_hidden[rows, prev_pos])
             else:
                 lm_head = d.target.lm_head_weight.detach().index_select(0, self.vocab_ids).float()
-                target_logits = d._score(last, lm_head)
-                lse = target_lse[rows, (label_pos - 1).clamp_max(S - 1)]
+                target_logits = torch.nn.functional.linear(last_hidden[rows, prev_pos], lm_head)
+                lse = target_lse[rows, prev_pos]
                 labels = self.to_draft[labels]
         conf = None
         if self.variant == "eagle3":
