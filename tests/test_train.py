@@ -215,8 +215,10 @@ def test_feature_folder_gives_the_same_training_and_refuses_other_layers(tmp_pat
         assert all(torch.equal(x, y) for x, y in zip(filled.get(s), TargetFeatures(target, [0, 2]).get(s)))
     with pytest.raises(ValueError, match="another target or layers"):
         TargetFeatures(target, [1, 2], folder=tmp_path / "g")
+    s0 = samples[0]     # same id and length, one other token: another dataset's sample
+    other = Sample(s0.id, "x", s0.prompt, s0.response[:-1] + [2 + (s0.response[-1] - 1) % 94])
     with pytest.raises(ValueError, match="another dataset"):
-        TargetFeatures(target, [0, 2], folder=tmp_path / "g").get(Sample(samples[0].id, "x", [5], [6, 7]))
+        TargetFeatures(target, [0, 2], folder=tmp_path / "g").get(other)
 
 
 def test_eagle3_training_time_test_matches_inference_drafting():

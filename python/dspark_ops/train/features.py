@@ -13,8 +13,9 @@ inputs and teacher:
 
 Recomputing is the default (no multi-GB dumps); an in-memory cache keeps
 samples for later epochs up to a byte budget. With a folder, every sample is
-also stored as one safetensors file there (written to a temporary name and
-renamed, so processes sharing the folder never read half a file), which lets
+also stored as one safetensors file there, with its token ids (a file of
+another dataset is refused, never used), written to a temporary name and
+renamed so processes sharing the folder never read half a file. That lets
 the three drafter variants, reruns and resumed runs skip the target entirely:
 ``dspark train-draft --prepare-only --feature-cache DIR`` fills it up front.
 """
@@ -84,16 +85,17 @@ class TargetFeatures:
         if not file.is_file():
             return None
         stored = load_file(file, device=str(self.target.device))
-        parts = tuple(stored[p] for p in PARTS)
-        if parts[0].shape[0] != len(sample.ids):
-            raise ValueError(f"feature cache {file} has {parts[0].shape[0]} positions, sample {sample.id} has "
-                             f"{len(sample.ids)} tokens: the folder belongs to another dataset")
-        return parts
+        if stored["ids"].tolist() != list(sample.ids):
+            raise ValueError(f"feature cache {file} was computed for other tokens than sample {sample.id}: "
+                             f"the folder belongs to another dataset")
+        return tuple(stored[p] for p in PARTS)
 
     def _store(self, sample: Sample, parts) -> None:
         file = self._file(sample)
         tmp = file.with_suffix(f".tmp{os.getpid()}")
-        save_file({p: t.contiguous().cpu() for p, t in zip(PARTS, parts)}, str(tmp))
+        tensors = {p: t.contiguous().cpu() for p, t in zip(PARTS, parts)}
+        tensors["ids"] = torch.tensor(sample.ids, dtype=torch.int32)
+        save_file(tensors, str(tmp))
         tmp.replace(file)
 
     def get(self, sample: Sample) -> tuple[torch.Tensor, ...]:
