@@ -85,6 +85,9 @@ class TargetFeatures:
         if not file.is_file():
             return None
         stored = load_file(file, device=str(self.target.device))
+        missing = [k for k in PARTS + ("ids",) if k not in stored]
+        if missing:
+            raise ValueError(f"feature cache {file} lacks {missing}: not written by this version; delete the folder")
         if stored["ids"].tolist() != list(sample.ids):
             raise ValueError(f"feature cache {file} was computed for other tokens than sample {sample.id}: "
                              f"the folder belongs to another dataset")
