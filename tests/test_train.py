@@ -400,6 +400,7 @@ if rank == 1:   # different starting weights on purpose: DDP must broadcast rank
             p.add_(1.0)
 Trainer(cfg, target, drafter, random_samples({seed}), {out!r}, progress=False).train()
 torch.save(drafter.state_dict(), {out!r} + f"/rank{{rank}}.pt")
+torch.distributed.barrier()   # tear gloo down together: a rank leaving while the other still runs can abort
 torch.distributed.destroy_process_group()
 """
 

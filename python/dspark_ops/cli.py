@@ -125,6 +125,8 @@ def _train_draft(args) -> int:
                  "steps": trainer.state.step, "stop_at_step": args.stop_at_step, "tokens": trainer.state.tokens,
                  "train_time_s": round(trainer.state.elapsed_s, 1)}, indent=2))
             print(Path(args.out) / "drafter")
+        if world > 1:   # the other ranks wait for rank 0's save, so all tear the process group down together
+            torch.distributed.barrier()
     except (ValueError, FileNotFoundError) as e:
         print(f"dspark train-draft: {e}", file=sys.stderr)
         return 2
