@@ -79,7 +79,8 @@ def drafter_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labe
     if target_lse is not None and target_lse.shape != labels.shape:
         raise ValueError(f"target_lse must be [N, G] = {list(labels.shape)}, got {list(target_lse.shape)}")
     G = labels.shape[1]
-    w = position_weights(G, labels.device) * valid.float()
+    pw = position_weights(G, labels.device)
+    w = pw * valid.float()
     logp_d = F.log_softmax(draft_logits.float(), dim=-1)
     if target_lse is None:
         p_t, outside = F.softmax(target_logits.float(), dim=-1), 0.0
@@ -91,7 +92,7 @@ def drafter_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labe
     drawable = valid & (labels >= 0)
     safe_labels = torch.where(drawable, labels, torch.zeros_like(labels))
     out["ce"] = _weighted_mean(-logp_d.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1),
-                               position_weights(G, labels.device) * drawable.float())
+                               pw * drawable.float())
     need_tv = weights.tv > 0 or weights.conf > 0
     l1 = (logp_d.exp() - p_t).abs().sum(-1) + outside if need_tv else None
     out["tv"] = _weighted_mean(l1, w) if need_tv else zero

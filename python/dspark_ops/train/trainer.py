@@ -196,13 +196,13 @@ class _StepModule(nn.Module):
     def __init__(self, drafter, variant: str, vocab: DraftVocab | None):
         super().__init__()
         self.drafter, self.variant = drafter, variant
-        self.vocab_ids = to_draft = None
+        self.vocab_ids = self.to_draft = self.lm_head = None
         if vocab is not None:
-            to_draft = torch.full((vocab.vocab_size,), -1, dtype=torch.long)
-            to_draft[vocab.ids] = torch.arange(len(vocab))
-            self.vocab_ids = vocab.ids.to(drafter.fc.weight.device)
-            to_draft = to_draft.to(drafter.fc.weight.device)
-        self.to_draft = to_draft
+            dev = drafter.fc.weight.device
+            self.vocab_ids = vocab.ids.to(dev)
+            # A target id's draft index is its row in the vocabulary's order (the K ids come first), else -1.
+            self.to_draft = torch.where(vocab.position < len(vocab), vocab.position, -1).to(dev)
+            self.lm_head = vocab.lm_head(drafter.target.lm_head_weight.detach()).float()   # frozen: built once
 
     def forward(self, ids, features, last_hidden, lengths, anchors, target_lse=None):
         d, G = self.drafter, self.drafter.config.block_size if self.variant != "eagle3" else self.drafter.config.ttt_length
@@ -215,12 +215,11 @@ class _StepModule(nn.Module):
         labels = ids[rows, label_pos.clamp_max(S - 1)]
         prev_pos = (label_pos - 1).clamp_max(S - 1)
         prev = ids[rows, prev_pos]                                       # x_{k-1}: anchor, then ground truth
-        lse, lm_head = None, None
+        lse, lm_head = None, self.lm_head
         with torch.no_grad():
-            if self.vocab_ids is None:
+            if lm_head is None:
                 target_logits = d.target.compute_logits(last_hidden[rows, prev_pos])
             else:
-                lm_head = d.target.lm_head_weight.detach().index_select(0, self.vocab_ids).float()
                 target_logits = torch.nn.functional.linear(last_hidden[rows, prev_pos], lm_head)
                 lse = target_lse[rows, prev_pos]
                 labels = self.to_draft[labels]
