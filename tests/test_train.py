@@ -194,6 +194,43 @@ def test_training_over_a_draft_vocabulary(tmp_path, variant):
         Trainer(other, target, build_drafter(other, target), samples, tmp_path, progress=False).load_checkpoint()
 
 
+def test_markov_rows_outside_the_draft_vocabulary_train_tied_and_are_stored_once(tmp_path):
+    """--markov-w1-draft-vocab-only: ids outside the K drawable ones train one shared W1 row, the file holds
+    K + 1 rows, and the loaded drafter scores every previous token as training did."""
+    from safetensors import safe_open
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    samples = random_samples(seed)
+    with pytest.raises(ValueError, match="markov_w1_draft_vocab_only"):
+        tiny_cfg("dspark", markov_w1_draft_vocab_only=True)              # needs a draft vocabulary
+    cfg = tiny_cfg("dspark", seed=seed % 1000, max_steps=10, draft_vocab=40, markov_w1_draft_vocab_only=True)
+    trainer = Trainer(cfg, target, build_drafter(cfg, target), samples, tmp_path, progress=False)
+    d, vocab = trainer.drafter, trainer.draft_vocab
+    shared = int(vocab.order[40])
+    untrained = torch.ones(96, dtype=torch.bool)
+    untrained[vocab.ids] = False
+    untrained[shared] = False
+    w1_before = d.markov_w1.detach().clone()
+    trainer.train()
+    shrink = d.markov_w1.detach()[untrained] / w1_before[untrained]      # AdamW's weight decay alone
+    assert torch.allclose(shrink, shrink[0, 0], rtol=1e-4) and shrink[0, 0] < 1
+    assert not torch.equal(d.markov_w1[shared], w1_before[shared])
+    d.save_pretrained(tmp_path / "drafter")
+    with safe_open(str(tmp_path / "drafter" / "model.safetensors"), framework="pt") as f:
+        assert list(f.get_slice("markov_head.markov_w1.weight").get_shape()) == [41, 8]
+    loaded = load_drafter(tmp_path / "drafter", target, dtype="float32")
+    assert loaded.config.markov_w1_draft_vocab_only
+    g = torch.Generator().manual_seed(seed)
+    prev = torch.randint(0, 96, (3, 4), generator=g)
+    base = torch.randn(3, 4, 40, generator=g)
+    hidden = torch.randn(3, 4, 64, generator=g)
+    ids = vocab.ids
+    with torch.no_grad():
+        tied = vocab.shared_row_ids()[prev]
+        assert torch.equal(loaded.markov_logits(base, prev, ids), d.markov_logits(base, tied, ids))
+        assert torch.equal(loaded.confidence_logits(hidden, prev), d.confidence_logits(hidden, tied))
+
+
 def test_feature_folder_gives_the_same_training_and_refuses_other_layers(tmp_path):
     """Features read back from the folder (filled up front or while training) train exactly like recomputed ones."""
     seed = fresh_seed()
@@ -517,12 +554,16 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path):
                          timeout=300, env=env)
     assert res.returncode == 0 and "6 samples computed" in res.stderr, res.stderr[-3000:]
     on_vocab = cmd[:cmd.index("--out") + 1] + [str(tmp_path / "run3")] + cmd[cmd.index("--out") + 2:]
-    res = subprocess.run(on_vocab + ["--train-on-draft-vocab", "--feature-cache", feats], capture_output=True,
-                         text=True, timeout=300, env=env)
+    res = subprocess.run(on_vocab + ["--train-on-draft-vocab", "--markov-w1-draft-vocab-only", "--feature-cache", feats],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "run3" / "drafter" / "training.json").read_text())["train_config"]["draft_vocab"] == 300
     with safe_open(str(tmp_path / "run3" / "drafter" / "model.safetensors"), "pt") as f:
         assert list(f.get_slice("markov_head.markov_w2.weight").get_shape()) == [300, 8]
+        assert list(f.get_slice("markov_head.markov_w1.weight").get_shape()) == [301, 8]
+    res = subprocess.run(on_vocab + ["--markov-w1-draft-vocab-only"], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert res.returncode == 2 and "markov_w1_draft_vocab_only needs" in res.stderr
     res = subprocess.run(on_vocab + ["--train-on-draft-vocab", "--draft-vocab", "0"], capture_output=True,
                          text=True, timeout=300, env=env)
     assert res.returncode == 2 and "--train-on-draft-vocab needs" in res.stderr

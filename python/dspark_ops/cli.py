@@ -72,7 +72,8 @@ def _train_draft(args) -> int:
         cfg = TrainConfig(variant=args.variant, num_layers=args.num_layers, block_size=args.block_size,
                           markov_rank=args.markov_rank if args.variant == "dspark" else 0,
                           target_layer_ids=args.target_layers,
-                          draft_vocab=args.draft_vocab if args.train_on_draft_vocab else 0, batch_size=args.batch_size,
+                          draft_vocab=args.draft_vocab if args.train_on_draft_vocab else 0,
+                          markov_w1_draft_vocab_only=args.markov_w1_draft_vocab_only, batch_size=args.batch_size,
                           anchors_per_seq=args.anchors, max_steps=args.max_steps, lr=args.lr,
                           warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           bf16=args.bf16 if args.bf16 is not None else torch.cuda.is_available(), seed=args.seed,
@@ -225,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--markov-w2-draft-vocab-only", action="store_true",
                    help="store the Markov head's W2 only for the draft vocabulary's ids (a smaller file; exact when "
                         "drafting from the draft vocabulary, no Markov bias outside it when proposing every id)")
+    m.add_argument("--markov-w1-draft-vocab-only", action="store_true",
+                   help="with --train-on-draft-vocab (dspark): every id outside the draft vocabulary shares one row "
+                        "of the Markov head's W1, so the file stores K + 1 rows of it and a wide --markov-rank stays "
+                        "small")
     o = t.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=4, help="sequences per step, all processes together")
     o.add_argument("--anchors", type=int, default=32, help="anchor blocks per sequence")

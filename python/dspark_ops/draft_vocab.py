@@ -89,6 +89,16 @@ class DraftVocab:
         return (w1.index_select(0, self.order.to(w1.device)).contiguous(),
                 w2.index_select(1, self.ids.to(w2.device)).contiguous())
 
+    def shared_row_ids(self) -> torch.Tensor:
+        """[V]: each drawable id itself, every other id ``order[K]`` (the first id outside the vocabulary).
+
+        A Markov W1 looked up through this map is trained with one row shared by every id outside the
+        vocabulary, so it can be stored as its K + 1 rows ``order[:K + 1]``."""
+        if len(self) == self.vocab_size:
+            raise ValueError("the draft vocabulary holds every id: no id is left to share a row")
+        return torch.where(self.position < len(self), torch.arange(self.vocab_size, device=self.position.device),
+                           self.order[len(self)])
+
     def expand_probs(self, q: torch.Tensor) -> torch.Tensor:
         """[..., K] draft distributions as [..., V] ones (zero outside the drawable ids), for ``verify``."""
         full = q.new_zeros(*q.shape[:-1], self.vocab_size)

@@ -85,6 +85,9 @@ class DSparkConfig:
     # model.safetensors holds W2 only for the draft vocabulary's ids (the rest load as zero): with it the
     # drafter proposes exactly as before from its draft vocabulary, and every id without a Markov bias outside it.
     markov_w2_draft_vocab_only: bool = False
+    # W1 was trained with one row shared by every id outside the draft vocabulary (``DraftVocab.shared_row_ids``):
+    # model.safetensors holds its K + 1 distinct rows, so a wide rank fits a small file.
+    markov_w1_draft_vocab_only: bool = False
 
     def __post_init__(self):
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
@@ -104,8 +107,9 @@ class DSparkConfig:
             raise ValueError(f"markov_rank must be >= 0, got {self.markov_rank}")
         if self.enable_confidence_head and self.confidence_head_with_markov and self.markov_rank == 0:
             raise ValueError("confidence_head_with_markov needs a Markov head (markov_rank > 0)")
-        if self.markov_w2_draft_vocab_only and self.markov_rank == 0:
-            raise ValueError("markov_w2_draft_vocab_only needs a Markov head (markov_rank > 0)")
+        for name in ("markov_w1_draft_vocab_only", "markov_w2_draft_vocab_only"):
+            if getattr(self, name) and self.markov_rank == 0:
+                raise ValueError(f"{name} needs a Markov head (markov_rank > 0)")
 
     def validate_against(self, target: LlamaConfig) -> None:
         _validate_common(self.backbone, self.target_layer_ids, self.num_target_layers, target, "drafter")
@@ -123,8 +127,9 @@ class DSparkConfig:
             d["confidence_temperatures"] = self.confidence_temperatures
         if self.confidence_offsets is not None:
             d["confidence_offsets"] = self.confidence_offsets
-        if self.markov_w2_draft_vocab_only:
-            d["markov_w2_draft_vocab_only"] = True
+        for name in ("markov_w1_draft_vocab_only", "markov_w2_draft_vocab_only"):
+            if getattr(self, name):
+                d[name] = True
         return d
 
     @classmethod
@@ -142,6 +147,7 @@ class DSparkConfig:
                    confidence_head_with_markov=bool(d.get("confidence_head_with_markov", False)) and conf,
                    confidence_temperatures=d.get("confidence_temperatures"),
                    confidence_offsets=d.get("confidence_offsets"),
+                   markov_w1_draft_vocab_only=bool(d.get("markov_w1_draft_vocab_only", False)),
                    markov_w2_draft_vocab_only=bool(d.get("markov_w2_draft_vocab_only", False)))
 
 
@@ -440,15 +446,15 @@ class DSparkDrafter(_Drafter):
         for i, layer in enumerate(self.layers):
             s.update(layer_slots(layer, f"layers.{i}."))
         if self.markov_w1 is not None:
-            s["markov_head.markov_w1.weight"] = Slot(self.markov_w1)
+            vocab = self.draft_vocab
+            for name in ("markov_w1_draft_vocab_only", "markov_w2_draft_vocab_only"):
+                if getattr(self.config, name) and vocab is None:
+                    raise ValueError(f"{name} is set but the drafter has no draft vocabulary ({DRAFT_VOCAB_FILE})")
+            w1_rows = vocab.order[:len(vocab) + 1] if self.config.markov_w1_draft_vocab_only else None
+            s["markov_head.markov_w1.weight"] = Slot(self.markov_w1, index=w1_rows, index_shares_last=True)
             # DeepSpec stores W2 as a Linear(r -> V) weight, [V, r].
-            ids = None
-            if self.config.markov_w2_draft_vocab_only:
-                if self.draft_vocab is None:
-                    raise ValueError(f"markov_w2_draft_vocab_only is set but the drafter has no draft vocabulary "
-                                     f"({DRAFT_VOCAB_FILE})")
-                ids = self.draft_vocab.ids
-            s["markov_head.markov_w2.weight"] = Slot(self.markov_w2, transpose=True, index=ids)
+            w2_cols = vocab.ids if self.config.markov_w2_draft_vocab_only else None
+            s["markov_head.markov_w2.weight"] = Slot(self.markov_w2, transpose=True, index=w2_cols)
         if self.confidence_head is not None:
             s["confidence_head.proj.weight"] = Slot(self.confidence_head.weight)
             s["confidence_head.proj.bias"] = Slot(self.confidence_head.bias)

@@ -63,13 +63,15 @@ class Slot:
     """Where a stored tensor goes: rows ``rows`` of ``param`` (None = all), transposed if ``transpose``.
 
     ``index`` instead stores only those rows of the stored layout (``param.t()`` when transposed); loading
-    zeroes the rest (a head kept only for a draft vocabulary's ids).
+    zeroes the rest (a head kept only for a draft vocabulary's ids), or with ``index_shares_last`` gives
+    every row outside ``index`` the last stored row (rows trained tied to it).
     """
 
     param: torch.Tensor
     rows: slice | None = None
     transpose: bool = False
     index: torch.Tensor | None = None
+    index_shares_last: bool = False
 
     def stored(self) -> torch.Tensor:
         """The tensor as it is written to a file (the inverse of loading)."""
@@ -112,8 +114,12 @@ def load_slots(slots: dict[str, Slot], files: list[Path], *, ignore: Callable[[s
                     if slot.index is None:
                         dst.copy_(t)
                     else:
-                        dst.zero_()
-                        dst.index_copy_(0, slot.index.to(dst.device), t.to(dst.dtype))
+                        t = t.to(dst.device, dst.dtype)
+                        if slot.index_shares_last:
+                            dst.copy_(t[-1].expand_as(dst))
+                        else:
+                            dst.zero_()
+                        dst.index_copy_(0, slot.index.to(dst.device), t)
                 filled.add(name)
     missing = sorted(set(slots) - filled)
     if missing:

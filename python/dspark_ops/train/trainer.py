@@ -13,7 +13,10 @@ frequent in the training responses, the draft vocabulary it is saved with and
 proposes from at inference: its logits, Markov bias and losses cover those ids
 only (the target's distribution stays normalised over every id, see
 :mod:`.losses`), which makes the losses the exact inference-time quantities
-and the vocabulary-sized work of a step V/K times smaller.
+and the vocabulary-sized work of a step V/K times smaller. With
+``markov_w1_draft_vocab_only`` every id outside the K shares one row of the
+Markov head's W1 (``DraftVocab.shared_row_ids``), so the drafter is saved with
+K + 1 rows of it instead of V and a wide Markov rank fits a small file.
 
 Variants (same data, same target layers, same anchors):
 
@@ -72,6 +75,7 @@ class TrainConfig:
     markov_rank: int = 64
     target_layer_ids: list[int] | None = None     # None: default_target_layers(target depth)
     draft_vocab: int = 0                           # K > 0: train over the draft vocabulary (module docstring)
+    markov_w1_draft_vocab_only: bool = False       # dspark over a draft vocabulary: ids outside it share a W1 row
     batch_size: int = 4                            # sequences per optimizer step (all ranks together)
     anchors_per_seq: int = 32
     max_steps: int = 1000
@@ -94,6 +98,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.draft_vocab < 0:
             raise ValueError(f"draft_vocab must be >= 0 (0: every id), got {self.draft_vocab}")
+        if self.markov_w1_draft_vocab_only and (self.variant != "dspark" or not self.draft_vocab):
+            raise ValueError("markov_w1_draft_vocab_only needs the dspark variant trained over a draft vocabulary")
         if self.variant == "dspark" and self.markov_rank < 1:
             raise ValueError("the dspark variant needs markov_rank >= 1 (rank 0 is the dflash variant)")
         if not self.lr > 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -113,7 +119,8 @@ def build_drafter(cfg: TrainConfig, target: LlamaModel) -> DSparkDrafter | Eagle
     rank = cfg.markov_rank if cfg.variant == "dspark" else 0
     conf = cfg.variant == "dspark"
     config = DSparkConfig(backbone, layers, tc.num_hidden_layers, block_size=cfg.block_size, mask_token_id=mask_id,
-                          markov_rank=rank, enable_confidence_head=conf, confidence_head_with_markov=conf)
+                          markov_rank=rank, enable_confidence_head=conf, confidence_head_with_markov=conf,
+                          markov_w1_draft_vocab_only=cfg.markov_w1_draft_vocab_only)
     return DSparkDrafter(config, target, **kwargs)
 
 
@@ -196,13 +203,15 @@ class _StepModule(nn.Module):
     def __init__(self, drafter, variant: str, vocab: DraftVocab | None):
         super().__init__()
         self.drafter, self.variant = drafter, variant
-        self.vocab_ids = self.to_draft = self.lm_head = None
+        self.vocab_ids = self.to_draft = self.lm_head = self.w1_row = None
         if vocab is not None:
             dev = drafter.fc.weight.device
             self.vocab_ids = vocab.ids.to(dev)
             # A target id's draft index is its row in the vocabulary's order (the K ids come first), else -1.
             self.to_draft = torch.where(vocab.position < len(vocab), vocab.position, -1).to(dev)
             self.lm_head = vocab.lm_head(drafter.target.lm_head_weight.detach()).float()   # frozen: built once
+            if getattr(drafter.config, "markov_w1_draft_vocab_only", False):
+                self.w1_row = vocab.shared_row_ids().to(dev)
 
     def forward(self, ids, features, last_hidden, lengths, anchors, target_lse=None):
         d, G = self.drafter, self.drafter.config.block_size if self.variant != "eagle3" else self.drafter.config.ttt_length
@@ -229,6 +238,8 @@ class _StepModule(nn.Module):
             weights = EAGLE3_WEIGHTS
         else:
             block = d.forward_train(ids, features, anchors, lm_head=lm_head)
+            if self.w1_row is not None:   # the W1 row each previous token reads
+                prev = self.w1_row[prev]
             logits = d.markov_logits(block.logits, prev, self.vocab_ids)
             if self.variant == "dspark":
                 conf = d.confidence_logits(block.hidden, prev)
