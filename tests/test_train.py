@@ -194,6 +194,24 @@ def test_training_over_a_draft_vocabulary(tmp_path, variant):
         Trainer(other, target, build_drafter(other, target), samples, tmp_path, progress=False).load_checkpoint()
 
 
+def test_dspark_with_kl_distillation_trains_on_the_soft_cross_entropy(tmp_path):
+    """--distill kl: DSpark's loss is 0.1 CE + 0.9 soft CE + 1.0 confidence BCE, and it falls."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    with pytest.raises(ValueError, match="distill"):
+        tiny_cfg("dflash", distill="kl")
+    with pytest.raises(ValueError, match="distill"):
+        tiny_cfg("dspark", distill="l2")
+    cfg = tiny_cfg("dspark", seed=seed % 1000, draft_vocab=40, distill="kl")
+    Trainer(cfg, target, build_drafter(cfg, target), random_samples(seed), tmp_path, progress=False).train()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        assert r["soft_ce"] > 0 and r["tv"] > 0
+        assert r["loss"] == pytest.approx(0.1 * r["ce"] + 0.9 * r["soft_ce"] + r["conf"], rel=1e-5)
+    first, last = sum(r["loss"] for r in recs[:5]) / 5, sum(r["loss"] for r in recs[-5:]) / 5
+    assert last < 0.9 * first, (seed, first, last)
+
+
 def test_markov_rows_outside_the_draft_vocabulary_train_tied_and_are_stored_once(tmp_path):
     """--markov-w1-draft-vocab-only: ids outside the K drawable ones train one shared W1 row, the file holds
     K + 1 rows, and the loaded drafter scores every previous token as training did."""

@@ -73,7 +73,8 @@ def _train_draft(args) -> int:
                           markov_rank=args.markov_rank if args.variant == "dspark" else 0,
                           target_layer_ids=args.target_layers,
                           draft_vocab=args.draft_vocab if args.train_on_draft_vocab else 0,
-                          markov_w1_draft_vocab_only=args.markov_w1_draft_vocab_only, batch_size=args.batch_size,
+                          markov_w1_draft_vocab_only=args.markov_w1_draft_vocab_only, distill=args.distill,
+                          batch_size=args.batch_size,
                           anchors_per_seq=args.anchors, max_steps=args.max_steps, lr=args.lr,
                           warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           bf16=args.bf16 if args.bf16 is not None else torch.cuda.is_available(), seed=args.seed,
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --train-on-draft-vocab (dspark): every id outside the draft vocabulary shares one row "
                         "of the Markov head's W1, so the file stores K + 1 rows of it and a wide --markov-rank stays "
                         "small")
+    m.add_argument("--distill", choices=["tv", "kl"], default="tv",
+                   help="dspark's distillation term against the target: tv (DeepSpec: the L1 distance, 1 - acceptance) "
+                        "or kl (the forward KL, i.e. soft cross-entropy, as the EAGLE-3-style baseline trains)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=4, help="sequences per step, all processes together")
     o.add_argument("--anchors", type=int, default=32, help="anchor blocks per sequence")

@@ -38,6 +38,7 @@ class LossWeights:
 
 
 DSPARK_WEIGHTS = LossWeights(0.1, 0.9, 1.0, 0.0)
+DSPARK_KL_WEIGHTS = LossWeights(0.1, 0.0, 1.0, 0.9)   # the forward KL (soft CE) in place of the L1 term
 DFLASH_WEIGHTS = LossWeights(1.0, 0.0, 0.0, 0.0)
 EAGLE3_WEIGHTS = LossWeights(0.0, 0.0, 0.0, 1.0)
 

@@ -56,7 +56,7 @@ from ..models.drafter import DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Dr
 from ..models.llama import LlamaConfig, LlamaModel
 from .data import Sample, pack_batch
 from .features import TargetFeatures
-from .losses import DFLASH_WEIGHTS, DSPARK_WEIGHTS, EAGLE3_WEIGHTS, drafter_losses
+from .losses import DFLASH_WEIGHTS, DSPARK_KL_WEIGHTS, DSPARK_WEIGHTS, EAGLE3_WEIGHTS, drafter_losses
 
 VARIANTS = ("dspark", "dflash", "eagle3")
 
@@ -76,6 +76,7 @@ class TrainConfig:
     target_layer_ids: list[int] | None = None     # None: default_target_layers(target depth)
     draft_vocab: int = 0                           # K > 0: train over the draft vocabulary (module docstring)
     markov_w1_draft_vocab_only: bool = False       # dspark over a draft vocabulary: ids outside it share a W1 row
+    distill: str = "tv"                            # dspark's distillation term: "tv" (DeepSpec) or "kl" (soft CE)
     batch_size: int = 4                            # sequences per optimizer step (all ranks together)
     anchors_per_seq: int = 32
     max_steps: int = 1000
@@ -98,6 +99,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.draft_vocab < 0:
             raise ValueError(f"draft_vocab must be >= 0 (0: every id), got {self.draft_vocab}")
+        if self.distill not in ("tv", "kl") or (self.distill == "kl" and self.variant != "dspark"):
+            raise ValueError(f"distill must be 'tv' or 'kl' (dspark variant only), got {self.distill!r}")
         if self.markov_w1_draft_vocab_only and (self.variant != "dspark" or not self.draft_vocab):
             raise ValueError("markov_w1_draft_vocab_only needs the dspark variant trained over a draft vocabulary")
         if self.variant == "dspark" and self.markov_rank < 1:
@@ -200,9 +203,11 @@ class _StepModule(nn.Module):
 
     With a draft vocabulary ``vocab`` every logit covers its ids only (see the module docstring)."""
 
-    def __init__(self, drafter, variant: str, vocab: DraftVocab | None):
+    def __init__(self, drafter, variant: str, vocab: DraftVocab | None, distill: str = "tv"):
         super().__init__()
         self.drafter, self.variant = drafter, variant
+        self.weights = {"eagle3": EAGLE3_WEIGHTS, "dflash": DFLASH_WEIGHTS,
+                        "dspark": DSPARK_KL_WEIGHTS if distill == "kl" else DSPARK_WEIGHTS}[variant]
         self.vocab_ids = self.to_draft = self.lm_head = self.w1_row = None
         if vocab is not None:
             dev = drafter.fc.weight.device
@@ -235,7 +240,6 @@ class _StepModule(nn.Module):
         conf = None
         if self.variant == "eagle3":
             logits = eagle3_ttt_logits(d, ids, features, anchors, lm_head=lm_head)
-            weights = EAGLE3_WEIGHTS
         else:
             block = d.forward_train(ids, features, anchors, lm_head=lm_head)
             if self.w1_row is not None:   # the W1 row each previous token reads
@@ -243,12 +247,9 @@ class _StepModule(nn.Module):
             logits = d.markov_logits(block.logits, prev, self.vocab_ids)
             if self.variant == "dspark":
                 conf = d.confidence_logits(block.hidden, prev)
-                weights = DSPARK_WEIGHTS
-            else:
-                weights = DFLASH_WEIGHTS
         V = logits.shape[-1]
         return drafter_losses(logits.reshape(B * A, G, V), target_logits.reshape(B * A, G, V),
-                              labels.reshape(B * A, G), valid.reshape(B * A, G), weights,
+                              labels.reshape(B * A, G), valid.reshape(B * A, G), self.weights,
                               None if conf is None else conf.reshape(B * A, G),
                               None if lse is None else lse.reshape(B * A, G))
 
@@ -370,7 +371,7 @@ class Trainer:
             drafter.draft_vocab = self.draft_vocab
             if getattr(drafter.config, "markov_rank", 0):   # W2 is trained for the draft ids only
                 drafter.config.markov_w2_draft_vocab_only = True
-        module = _StepModule(drafter, cfg.variant, self.draft_vocab)
+        module = _StepModule(drafter, cfg.variant, self.draft_vocab, cfg.distill)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             module = DistributedDataParallel(module)
