@@ -96,6 +96,7 @@ def llama(sd, cfg, ids):
 
 def dspark_block(sd, cfg, embed, head, features, anchor, block_size, mask_token):
     """DSpark block for one request: features [S, m*d] of positions 0..S-1, anchor at position S.
+    A drafter with block_context (``block_context_norm.weight`` in sd) adds its normed ctx[S-1] to every row.
 
     Returns (base logits [G, V], hidden [G, d])."""
     eps = cfg.rms_norm_eps
@@ -104,6 +105,8 @@ def dspark_block(sd, cfg, embed, head, features, anchor, block_size, mask_token)
     ctx = rms(features.double() @ sd["fc.weight"].double().T, sd["hidden_norm.weight"], eps)
     ids = torch.tensor([anchor] + [mask_token] * (block_size - 1))
     x = embed[ids].double()
+    if "block_context_norm.weight" in sd and s > 0:
+        x = x + rms(ctx[s - 1], sd["block_context_norm.weight"], eps)
     bpos, cpos = torch.arange(s, s + block_size), torch.arange(s)
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."

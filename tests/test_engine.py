@@ -27,13 +27,15 @@ def tiny_target(seed: int, vocab: int = 96, layers: int = 3, scale: float = 0.35
     return model.eval()
 
 
-def random_drafter(target: LlamaModel, seed: int, *, rank: int, confidence: bool, block: int = 5) -> DSparkDrafter:
+def random_drafter(target: LlamaModel, seed: int, *, rank: int, confidence: bool, block: int = 5,
+                   block_context: bool = False, init_std: float = 0.2) -> DSparkDrafter:
     tc = target.config
     backbone = LlamaConfig(**{**tc.__dict__, "num_hidden_layers": 1})
     cfg = DSparkConfig(backbone=backbone, target_layer_ids=[-1, 0, tc.num_hidden_layers - 1],
                        num_target_layers=tc.num_hidden_layers, block_size=block, mask_token_id=tc.vocab_size - 1,
-                       markov_rank=rank, enable_confidence_head=confidence, confidence_head_with_markov=rank > 0)
-    return DSparkDrafter(cfg, target, seed=seed, init_std=0.2).eval()
+                       markov_rank=rank, enable_confidence_head=confidence, confidence_head_with_markov=rank > 0,
+                       block_context=block_context)
+    return DSparkDrafter(cfg, target, seed=seed, init_std=init_std).eval()
 
 
 def eagle_drafter(target: LlamaModel, seed: int, *, block: int = 5, init_std: float = 0.2) -> Eagle3Drafter:
@@ -71,6 +73,7 @@ def drafters(target, seed):
         "dspark_bf16_valued": bf16_valued(random_drafter(target, seed + 1, rank=8, confidence=True)),
         "eagle_random": eagle_drafter(target, seed),
         "dspark_draft_vocab": with_draft_vocab(random_drafter(target, seed, rank=8, confidence=True), seed, 40),
+        "dspark_block_context": random_drafter(target, seed, rank=8, confidence=True, block_context=True),
         "eagle_draft_vocab": with_draft_vocab(eagle_drafter(target, seed), seed, 40),
     }
 
@@ -84,7 +87,7 @@ def bf16_valued(drafter: DSparkDrafter) -> DSparkDrafter:
 
 
 @pytest.mark.parametrize("kind", ["none", "self_copy", "dflash_random", "dspark_random", "dspark_bf16_valued",
-                                  "eagle_random", "dspark_draft_vocab", "eagle_draft_vocab"])
+                                  "eagle_random", "dspark_draft_vocab", "eagle_draft_vocab", "dspark_block_context"])
 def test_greedy_equals_target_greedy_batch1(kind):
     seed = fresh_seed()
     target = tiny_target(seed)
@@ -285,6 +288,68 @@ def test_eagle_drafts_match_reference_drafting():
         assert st.accepts == want, f"seed {seed}, request {i}: accepts {st.accepts} vs reference {want}"
 
 
+def dspark_reference_steps(target: LlamaModel, drafter: DSparkDrafter, prompt: list[int], n: int, block: int):
+    """Greedy DSpark drafting (parallel block, then the Markov head left to right) + verification at batch 1
+    on dense caches, written out step by step: (output, accepted drafts per step, the drafts of each step)."""
+    from dspark_ops.models import DenseKVCache
+
+    layers = drafter.config.target_layer_ids
+    cap = len(prompt) + n + block + 2
+    tcache, dcache = DenseKVCache.for_model(target, 1, cap), DenseKVCache.for_model(drafter, 1, cap)
+    with torch.no_grad():
+        out = target(torch.tensor([prompt]), kv=tcache, hidden_layers=layers)
+        output = [int(out.logits[0, -1].argmax())]
+        feats, accepted, rounds = out.layer_hidden, [], []
+        while len(output) < n:
+            ctx = drafter.extend_context(feats, kv=dcache)
+            context = ctx[:, -1] if drafter.config.block_context else None
+            blk = drafter.draft_block(torch.tensor([output[-1]]), kv=dcache, context=context)
+            g = min(block, n - len(output) - 1)
+            drafts, prev = [], output[-1]
+            for k in range(g):
+                prev = int(drafter.markov_logits(blk.logits[0, k], torch.tensor(prev)).argmax())
+                drafts.append(prev)
+            rounds.append(drafts)
+            vout = target(torch.tensor([[output[-1]] + drafts]), kv=tcache, hidden_layers=layers)
+            greedy = vout.logits[0].argmax(-1).tolist()
+            a = next((j for j in range(g) if drafts[j] != greedy[j]), g)
+            accepted.append(a)
+            tcache.truncate([int(tcache.lengths[0]) - g + a])
+            output.extend(drafts[:a] + [greedy[a]])
+            feats = vout.layer_hidden[:, :a + 1]
+    return output[:n], accepted, rounds
+
+
+@pytest.mark.parametrize("block_context", [False, True], ids=["dspark", "block_context"])
+def test_dspark_drafts_match_reference_drafting(block_context):
+    """The engine drafts with a DSpark drafter exactly as the step-by-step reference (the same drafts every
+    step), four requests of different lengths sharing the batch: with block_context, each block reads the
+    context of the position before its anchor, carried from prefill and from each verify step."""
+    seed = fresh_seed()
+    target = tiny_target(seed, vocab=6, scale=0.5)
+    drafter = random_drafter(target, seed, rank=4, confidence=False, block=4, block_context=block_context,
+                             init_std=1.0)   # large weights: drafts react to every input
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 6, (n,), generator=gen).tolist() for n in (9, 3, 14, 6)]
+    engine = SpeculativeEngine(target, drafter, max_batch=4, max_tokens=256)
+    drafted, draft = {}, engine._draft
+
+    def recording_draft(s):   # slot b drafts for engine.running[b]
+        out = draft(s)
+        for b, request in enumerate(engine.running[:s.anchor.shape[0]]):
+            drafted.setdefault(request.id, []).append(out[0][b].tolist())
+        return out
+
+    engine._draft = recording_draft
+    outs = engine.generate(prompts, max_new_tokens=64)
+    for i, prompt in enumerate(prompts):
+        ref, accepted, rounds = dspark_reference_steps(target, drafter, prompt, 64, 4)
+        assert outs[i] == ref == plain_greedy(target, prompt, 64), f"seed {seed}, request {i}"
+        assert engine.finished[i].stats.rounds == len(rounds), f"seed {seed}, request {i}"
+        got = [d[:len(r)] for d, r in zip(drafted[i], rounds)]
+        assert got == rounds, f"seed {seed}, request {i}: drafts {got} vs reference {rounds}"
+
+
 def _run_joining(engine: SpeculativeEngine, prompts, budgets, temperature: float) -> list[list[int]]:
     """Two requests first, the rest join after two steps (the batch bucket changes as they come and go)."""
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=temperature, seed=7 + i))
@@ -335,11 +400,13 @@ def graph_case(kind: str, target: LlamaModel, seed: int):
         return with_draft_vocab(eagle_drafter(target, seed, block=4), seed, 40), "fixed"
     if kind == "dspark_draft_vocab":
         return with_draft_vocab(random_drafter(target, seed, rank=8, confidence=True), seed, 40), "fixed"
+    if kind == "dspark_block_context":
+        return random_drafter(target, seed, rank=8, confidence=True, block_context=True), "fixed"
     return random_drafter(target, seed, rank=8, confidence=True), kind.removeprefix("dspark_")
 
 
 @pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle", "dspark_draft_vocab",
-                                  "eagle_draft_vocab"])
+                                  "eagle_draft_vocab", "dspark_block_context"])
 def test_graph_code_path_on_cpu(kind):
     """The step as the CUDA-graph path runs it (fixed shapes, padding slots, one-step-late results, requests
     joining and leaving across buckets) gives the eager engine's tokens: greedy always, sampled too where the
@@ -370,7 +437,7 @@ def test_graph_code_path_on_cpu(kind):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle", "dspark_draft_vocab",
-                                  "eagle_draft_vocab"])
+                                  "eagle_draft_vocab", "dspark_block_context"])
 def test_cuda_graph_replay_equals_eager(kind):
     """The captured decode step gives the same tokens as the same step run eagerly (greedy; sampled too with the
     fixed scheduler, see test_graph_code_path_on_cpu), greedy equals plain decoding, and each batch bucket is

@@ -268,22 +268,24 @@ def test_bad_inputs():
 
 # --------------------------------------------------------------------------- drafters
 
-def tiny_drafter(target, *, layers=2, rank=6, conf=True, with_markov=True, block=4, seed=0, qk_norm=True):
+def tiny_drafter(target, *, layers=2, rank=6, conf=True, with_markov=True, block=4, seed=0, qk_norm=True,
+                 block_context=False):
     backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": layers, "qk_norm": qk_norm,
                               "model_type": "qwen3" if qk_norm else "llama",
                               "qkv_bias": False, "o_bias": False})
     cfg = DSparkConfig(backbone=backbone, target_layer_ids=[-1, 0, 1], num_target_layers=2, block_size=block,
                        mask_token_id=VOCAB - 1, markov_rank=rank, enable_confidence_head=conf,
-                       confidence_head_with_markov=with_markov)
+                       confidence_head_with_markov=with_markov, block_context=block_context)
     drafter = DSparkDrafter(cfg, target)
     randomize(drafter, seed)
     return drafter.eval()
 
 
-@pytest.mark.parametrize("qk_norm", [True, False], ids=["qknorm", "plain"])
-def test_dspark_block_matches_reference_and_training_path(qk_norm, seed):
+@pytest.mark.parametrize("qk_norm,block_context", [(True, False), (False, False), (True, True)],
+                         ids=["qknorm", "plain", "block_context"])
+def test_dspark_block_matches_reference_and_training_path(qk_norm, block_context, seed):
     target = tiny_model("llama-gqa-tied", seed=seed)
-    drafter = tiny_drafter(target, seed=seed + 1, qk_norm=qk_norm)
+    drafter = tiny_drafter(target, seed=seed + 1, qk_norm=qk_norm, block_context=block_context)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB - 1, (2, 12), generator=gen)
     anchors = torch.tensor([7, 4])
@@ -293,9 +295,10 @@ def test_dspark_block_matches_reference_and_training_path(qk_norm, seed):
         # Inference: context in two chunks through a dense cache (request 1 rolled back to its anchor).
         cache = DenseKVCache.for_model(drafter, 2, 20)
         drafter.extend_context(feats[:, :3], kv=cache)
-        drafter.extend_context(feats[:, 3:7], kv=cache)
+        ctx = drafter.extend_context(feats[:, 3:7], kv=cache)
         cache.truncate(anchors)
-        blk = drafter.draft_block(ids[torch.arange(2), anchors], kv=cache)
+        context = ctx[torch.arange(2), anchors - 4] if block_context else None   # the row before each anchor
+        blk = drafter.draft_block(ids[torch.arange(2), anchors], kv=cache, context=context)
         assert cache.lengths.tolist() == anchors.tolist()    # the block is scratch
     sd = slots_state_dict(drafter.slots())
     for b, a in enumerate(anchors.tolist()):
@@ -308,6 +311,18 @@ def test_dspark_block_matches_reference_and_training_path(qk_norm, seed):
     logits, _ = ref.dspark_block(sd, drafter.config.backbone, target.embed_tokens.weight, target.lm_head_weight,
                                  feats[1, :9], int(ids[1, 9]), 4, VOCAB - 1)
     torch.testing.assert_close(train.logits[1, 1].double(), logits, rtol=1e-4, atol=1e-4)
+    if block_context:
+        # A block anchored at position 0 has no context (its rows add nothing); a wrong-shaped or missing
+        # context is refused, and a drafter without block_context takes none.
+        at_zero = drafter.forward_train(ids, feats, torch.tensor([[0], [0]]))
+        logits, _ = ref.dspark_block(sd, drafter.config.backbone, target.embed_tokens.weight, target.lm_head_weight,
+                                     feats[0, :0], int(ids[0, 0]), 4, VOCAB - 1)
+        torch.testing.assert_close(at_zero.logits[0, 0].double(), logits, rtol=1e-4, atol=1e-4)
+        for bad in (None, context[:1], context[:, :-1]):
+            with pytest.raises(ValueError, match="context must be"):
+                drafter.draft_block(ids[torch.arange(2), anchors], kv=cache, context=bad)
+        with pytest.raises(ValueError, match="only taken by a drafter with block_context"):
+            tiny_drafter(target).draft_block(ids[torch.arange(2), anchors], kv=cache, context=context)
 
 
 def test_drafter_from_target_equals_target_for_one_layer_block_one(seed):
@@ -383,15 +398,16 @@ def test_drafter_training_gradients(seed):
     assert target.embed_tokens.weight.grad is None
 
 
-@pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3"])
+@pytest.mark.parametrize("kind", ["dspark", "dflash", "eagle3", "dspark_block_context"])
 def test_drafter_save_load_roundtrip(tmp_path, kind, seed):
     target = tiny_model("qwen3-qknorm-untied", seed=seed)
     ids = torch.randint(0, VOCAB - 1, (2, 9))
     if kind == "eagle3":
         drafter = tiny_eagle3(target, seed)
     else:
-        drafter = tiny_drafter(target, rank=6 if kind == "dspark" else 0, conf=kind == "dspark",
-                               with_markov=kind == "dspark", seed=seed)
+        dspark = kind.startswith("dspark")
+        drafter = tiny_drafter(target, rank=6 if dspark else 0, conf=dspark, with_markov=dspark, seed=seed,
+                               block_context=kind == "dspark_block_context")
     feats = target(ids, hidden_layers=drafter.config.target_layer_ids).layer_hidden.detach()
     drafter.save_pretrained(tmp_path)
     loaded = load_drafter(tmp_path, target)

@@ -143,13 +143,16 @@ def test_soft_label_is_the_acceptance_probability_of_speculative_sampling():
 
 # ---- training
 
-@pytest.mark.parametrize("variant", ["dspark", "dflash", "eagle3"])
+@pytest.mark.parametrize("variant", ["dspark", "dflash", "eagle3", "dspark_block_context"])
 def test_a_few_steps_lower_the_loss(tmp_path, variant):
     seed = fresh_seed()
     target = tiny_target(seed)
     samples = random_samples(seed)
-    trainer = Trainer(tiny_cfg(variant, seed=seed % 1000), target, build_drafter(tiny_cfg(variant), target),
-                      samples, tmp_path, progress=False)
+    kw = dict(block_context=True) if variant == "dspark_block_context" else {}
+    variant = variant.removesuffix("_block_context")
+    trainer = Trainer(tiny_cfg(variant, seed=seed % 1000, **kw), target,
+                      build_drafter(tiny_cfg(variant, **kw), target), samples, tmp_path, progress=False)
+    assert getattr(trainer.drafter.config, "block_context", False) == bool(kw)
     before = [p.detach().clone() for p in trainer.drafter.parameters()]
     trainer.train()
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -490,6 +493,8 @@ def test_bad_input_raises_clear_errors(tmp_path):
         TrainConfig(variant="medusa")
     with pytest.raises(ValueError, match="markov_rank"):
         TrainConfig(variant="dspark", markov_rank=0)
+    with pytest.raises(ValueError, match="block_context"):
+        TrainConfig(variant="eagle3", block_context=True)
     # A drafter trained for one target does not load onto another.
     build_drafter(cfg, target).save_pretrained(tmp_path / "d")
     other = tiny_target(0, layers=4)

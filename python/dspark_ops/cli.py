@@ -74,7 +74,7 @@ def _train_draft(args) -> int:
                           target_layer_ids=args.target_layers,
                           draft_vocab=args.draft_vocab if args.train_on_draft_vocab else 0,
                           markov_w1_draft_vocab_only=args.markov_w1_draft_vocab_only, distill=args.distill,
-                          batch_size=args.batch_size,
+                          block_context=args.block_context, batch_size=args.batch_size,
                           anchors_per_seq=args.anchors, max_steps=args.max_steps, lr=args.lr,
                           warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           bf16=args.bf16 if args.bf16 is not None else torch.cuda.is_available(), seed=args.seed,
@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--distill", choices=["tv", "kl"], default="tv",
                    help="dspark's distillation term against the target: tv (DeepSpec: the L1 distance, 1 - acceptance) "
                         "or kl (the forward KL, i.e. soft cross-entropy, as the EAGLE-3-style baseline trains)")
+    m.add_argument("--block-context", action="store_true",
+                   help="dspark / dflash: every block row's input also carries the target context of the last "
+                        "verified position (normed), as EAGLE-3's residual stream does; off in DeepSpec's drafters")
     o = t.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=4, help="sequences per step, all processes together")
     o.add_argument("--anchors", type=int, default=32, help="anchor blocks per sequence")

@@ -223,10 +223,12 @@ class SlotState:
     drafter_pages: torch.Tensor | None = None    # int32 [M, W]
     conf_prev: torch.Tensor | None = None        # float32 [M, G]: confidences of the last step (async scheduler)
     conf_old: torch.Tensor | None = None         # ... of the step before (what async capacity is planned from)
-    draft_hidden: torch.Tensor | None = None     # [M, d]: EAGLE drafter output that predicts the first draft
+    # [M, d]: what the drafter carries from one step to the next: the EAGLE drafter's output that predicts the
+    # first draft, or a block_context DSpark drafter's projected context of the position before the anchor
+    draft_hidden: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, M: int, width: int, *, drafter: bool, async_conf: int, eagle_hidden: int,
+    def allocate(cls, M: int, width: int, *, drafter: bool, async_conf: int, draft_hidden: int,
                  dtype: torch.dtype, device) -> "SlotState":
         def z(*shape, dt=torch.int64):
             return torch.zeros(shape, dtype=dt, device=device)
@@ -237,7 +239,7 @@ class SlotState:
                    drafter_pages=z(M, width, dt=torch.int32) - 1 if drafter else None,
                    conf_prev=z(M, async_conf, dt=torch.float32) + 1 if async_conf else None,
                    conf_old=z(M, async_conf, dt=torch.float32) + 1 if async_conf else None,
-                   draft_hidden=z(M, eagle_hidden, dt=dtype) if eagle_hidden else None)
+                   draft_hidden=z(M, draft_hidden, dt=dtype) if draft_hidden else None)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: t for f in dataclasses.fields(self) if (t := getattr(self, f.name)) is not None}
@@ -411,10 +413,11 @@ class SpeculativeEngine:
         if scheduler != "fixed" and sps_table is None:
             self.sps_table = self.profile_sps()
         self._sps = None if self.sps_table is None else self.sps_table.to(self.device, torch.float64)
+        carries_hidden = drafter is not None and (self.eagle or drafter.config.block_context)
         self.slots = SlotState.allocate(
             max_batch, pages_per_request, drafter=drafter is not None,
             async_conf=self.block_size if scheduler == "async" else 0,
-            eagle_hidden=drafter.config.backbone.hidden_size if self.eagle else 0,
+            draft_hidden=drafter.config.backbone.hidden_size if carries_hidden else 0,
             dtype=target.dtype if drafter is None else drafter.dtype, device=self.device)
         self._pad_pages = self._reserve_pad_pages() if cuda_graphs else (None, None)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -557,7 +560,9 @@ class SpeculativeEngine:
                 s.draft_hidden[lo:hi] = h[last]
             else:
                 backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots, causal=False)
-                self.drafter.extend_context(out.layer_hidden, positions, kv=backend)
+                ctx = self.drafter.extend_context(out.layer_hidden, positions, kv=backend)
+                if s.draft_hidden is not None:
+                    s.draft_hidden[lo:hi] = ctx[last]
             s.drafter_pages[lo:hi] = drafter_pages
         s.anchor[lo:hi] = first
         s.start[lo:hi] = seq_lens
@@ -684,7 +689,7 @@ class SpeculativeEngine:
         backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=slots,
                                  page_table=s.drafter_pages, seq_lens=(s.start + bs).to(torch.int32),
                                  cu_q_lens=torch.arange(B + 1, dtype=torch.int32, device=dev) * bs, causal=False)
-        block = self.drafter.draft_block(s.anchor, s.start, kv=backend, lm_head=self._draft_head)
+        block = self.drafter.draft_block(s.anchor, s.start, kv=backend, lm_head=self._draft_head, context=s.draft_hidden)
         kwargs = {}
         if self._conf is not None:
             w, b, temps = self._conf
@@ -745,8 +750,10 @@ class SpeculativeEngine:
             h = self.drafter(rows(tokens.clamp(min=0).to(torch.long)), out.layer_hidden, flat_pos, kv=backend)
             s.draft_hidden.copy_(torch.where(advanced.unsqueeze(1), h[last_row], s.draft_hidden))
         else:
-            self.drafter.extend_context(out.layer_hidden, flat_pos,
-                                        kv=PagedAttention(dc.layer_caches(), slot_mapping=slots, causal=False))
+            ctx = self.drafter.extend_context(out.layer_hidden, flat_pos,
+                                              kv=PagedAttention(dc.layer_caches(), slot_mapping=slots, causal=False))
+            if s.draft_hidden is not None:   # block_context: the context of the position before the new anchor
+                s.draft_hidden.copy_(torch.where(advanced.unsqueeze(1), ctx[last_row], s.draft_hidden))
 
     def _schedule(self, s: SlotState, confidence, max_len) -> torch.Tensor:
         if self.scheduler == "fixed" or confidence is None:

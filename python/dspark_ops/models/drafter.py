@@ -15,7 +15,11 @@ context of positions < p. Block row k predicts the token at position p+k+1, so
 the anchor row is the first prediction. The Markov head adds
 ``W1[x_{k-1}] @ W2`` (W1 [V, r], W2 [r, V]; x_0 = the anchor) to row k's base
 logits; rank 0 is DFlash. The confidence head is
-``sigmoid(w . [h_k ; W1[x_{k-1}]] + b)``.
+``sigmoid(w . [h_k ; W1[x_{k-1}]] + b)``. With ``block_context`` (our
+extension, off in DeepSpec's drafters) every block row's input also carries
+the projected context of the last verified position, ``ctx[p-1]``, through its
+own RMSNorm: the prediction starts from the target's latest state in the
+residual stream (as EAGLE-3's does) instead of having to find it by attention.
 
 Checkpoints are a config.json plus a model.safetensors whose tensor names are
 those of DeepSpec's published drafters (``fc``, ``hidden_norm``,
@@ -88,6 +92,8 @@ class DSparkConfig:
     # W1 was trained with one row shared by every id outside the draft vocabulary (``DraftVocab.shared_row_ids``):
     # model.safetensors holds its K + 1 distinct rows, so a wide rank fits a small file.
     markov_w1_draft_vocab_only: bool = False
+    # every block row's input adds block_context_norm(ctx of the last verified position) (module docstring)
+    block_context: bool = False
 
     def __post_init__(self):
         self.target_layer_ids = [int(i) for i in self.target_layer_ids]
@@ -127,7 +133,7 @@ class DSparkConfig:
             d["confidence_temperatures"] = self.confidence_temperatures
         if self.confidence_offsets is not None:
             d["confidence_offsets"] = self.confidence_offsets
-        for name in ("markov_w1_draft_vocab_only", "markov_w2_draft_vocab_only"):
+        for name in ("markov_w1_draft_vocab_only", "markov_w2_draft_vocab_only", "block_context"):
             if getattr(self, name):
                 d[name] = True
         return d
@@ -148,7 +154,8 @@ class DSparkConfig:
                    confidence_temperatures=d.get("confidence_temperatures"),
                    confidence_offsets=d.get("confidence_offsets"),
                    markov_w1_draft_vocab_only=bool(d.get("markov_w1_draft_vocab_only", False)),
-                   markov_w2_draft_vocab_only=bool(d.get("markov_w2_draft_vocab_only", False)))
+                   markov_w2_draft_vocab_only=bool(d.get("markov_w2_draft_vocab_only", False)),
+                   block_context=bool(d.get("block_context", False)))
 
 
 @dataclass
@@ -289,10 +296,17 @@ class DSparkDrafter(_Drafter):
                                     for _ in range(b.num_hidden_layers))
         self.markov_w1 = nn.Parameter(torch.empty(b.vocab_size, r, device=device, dtype=dtype)) if r else None
         self.markov_w2 = nn.Parameter(torch.empty(r, b.vocab_size, device=device, dtype=dtype)) if r else None
+        self.block_context_norm = (RMSNorm(d, b.rms_norm_eps, device=device, dtype=dtype)
+                                   if config.block_context else None)
         conf_in = d + (r if config.confidence_head_with_markov else 0)
         self.confidence_head = (Linear(conf_in, 1, bias=True, impl=self.linear_impl, device=device, dtype=dtype)
                                 if config.enable_confidence_head else None)
         init_normal_(self, init_std, torch.Generator().manual_seed(seed) if seed is not None else None)
+        if self.block_context_norm is not None and device != "meta":
+            # Start the context at the token embeddings' scale, so neither input drowns the other.
+            with torch.no_grad():
+                emb = target.embed_tokens.weight.float()
+                self.block_context_norm.weight.fill_(emb.pow(2).mean().sqrt().item())
 
     # ---- inference
 
@@ -301,15 +315,17 @@ class DSparkDrafter(_Drafter):
         self._check_features(features)
         return self.hidden_norm(self.fc(features.to(self.dtype)))
 
-    def _context_kv(self, features, positions, backend) -> None:
+    def _context_kv(self, features, positions, backend) -> torch.Tensor:
         ctx = self.project_context(features)
         cos, sin = self.rotary(positions, ctx.dtype)
         for i, layer in enumerate(self.layers):
             _, k, v = layer.self_attn.project(ctx, cos, sin)
             backend.append(i, k, v)
+        return ctx
 
-    def extend_context(self, features: torch.Tensor, positions: torch.Tensor | None = None, *, kv) -> None:
-        """Store the drafter K/V of newly verified target positions.
+    def extend_context(self, features: torch.Tensor, positions: torch.Tensor | None = None, *, kv) -> torch.Tensor:
+        """Store the drafter K/V of newly verified target positions; returns their projected context
+        [..., d] (a ``block_context`` drafter's ``draft_block`` takes the last verified position's row).
 
         features: the target's ``layer_hidden`` [B, T, m*d] for a DenseKVCache
         (positions default to its lengths onward; the lengths advance), or any
@@ -319,9 +335,10 @@ class DSparkDrafter(_Drafter):
             raise ValueError("extend_context needs a cache (a DenseKVCache or a paged backend)")
         backend, positions, advance = resolve_attention(kv, features.shape[:-1], positions, causal=False,
                                                         device=features.device)
-        self._context_kv(features, check_positions(positions, features.shape[:-1]), backend)
+        ctx = self._context_kv(features, check_positions(positions, features.shape[:-1]), backend)
         if advance:
             kv.advance(advance)
+        return ctx
 
     def block_input_ids(self, anchor_ids: torch.Tensor) -> torch.Tensor:
         """[..., G]: the anchor followed by G-1 mask tokens."""
@@ -331,7 +348,8 @@ class DSparkDrafter(_Drafter):
         return ids
 
     def draft_block(self, anchor_ids: torch.Tensor, anchor_positions: torch.Tensor | None = None, *, kv,
-                    return_logits: bool = True, lm_head: torch.Tensor | None = None) -> DraftBlock:
+                    return_logits: bool = True, lm_head: torch.Tensor | None = None,
+                    context: torch.Tensor | None = None) -> DraftBlock:
         """One parallel drafting pass: base logits U [B, G, V] and hidden h [B, G, d].
 
         anchor_ids [B]: the last verified token of each request, at position
@@ -343,12 +361,23 @@ class DSparkDrafter(_Drafter):
         anchor..anchor+G-1 (seq_lens = anchor + G) and rolls its length back
         to the anchor afterwards. lm_head [K, d]: score only these rows of the
         target's LM head (a draft vocabulary's, ``DraftVocab.lm_head``).
+        context [B, d]: with ``block_context``, the projected context of the
+        position right before each anchor (a row of ``extend_context``'s result).
         """
         if kv is None:
             raise ValueError("draft_block needs a cache holding the target context")
         check_token_ids(anchor_ids, self.config.backbone.vocab_size, "anchor_ids")
         if anchor_ids.dim() != 1:
             raise ValueError(f"anchor_ids must be [B], got shape {list(anchor_ids.shape)}")
+        if self.config.block_context:
+            want = [anchor_ids.shape[0], self.config.backbone.hidden_size]
+            if context is None or list(context.shape) != want:
+                raise ValueError(f"this drafter has block_context: context must be {want} (the projected context "
+                                 f"of the last verified position), got "
+                                 f"{None if context is None else list(context.shape)}")
+            context = context.unsqueeze(-2)
+        elif context is not None:
+            raise ValueError("context is only taken by a drafter with block_context")
         ids = self.block_input_ids(anchor_ids)
         offsets = torch.arange(self.config.block_size, device=ids.device)
         if isinstance(kv, DenseKVCache) and anchor_positions is not None:
@@ -357,10 +386,13 @@ class DSparkDrafter(_Drafter):
                                  f"lengths {kv.lengths.tolist()} (the context must end right before the anchor)")
         positions = None if anchor_positions is None else anchor_positions.to(ids.device).unsqueeze(-1) + offsets
         backend, positions, _ = resolve_attention(kv, ids.shape, positions, causal=False, device=ids.device)
-        return self._block_forward(ids, check_positions(positions, ids.shape), backend, return_logits, lm_head)
+        return self._block_forward(ids, check_positions(positions, ids.shape), backend, return_logits, lm_head,
+                                   context)
 
-    def _block_forward(self, ids, positions, backend, return_logits, lm_head=None) -> DraftBlock:
+    def _block_forward(self, ids, positions, backend, return_logits, lm_head=None, context=None) -> DraftBlock:
         x = self.target.embed(ids).to(self.dtype)
+        if context is not None:   # [..., 1 or G, d]: the last verified position's context, for every row
+            x = x + self.block_context_norm(context.to(self.dtype))
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, backend, i)
@@ -433,8 +465,13 @@ class DSparkDrafter(_Drafter):
         same_block = block_of_query.view(-1, 1) == block_of_query.view(1, -1)
         mask = torch.cat((ctx_visible, same_block.expand(bsz, -1, -1)), dim=-1)
         backend = MaskedAttention(mask)
-        self._context_kv(features, torch.arange(seq, device=dev).expand(bsz, seq), backend)
-        out = self._block_forward(ids, positions, backend, return_logits, lm_head)
+        ctx = self._context_kv(features, torch.arange(seq, device=dev).expand(bsz, seq), backend)
+        context = None
+        if self.config.block_context:   # ctx[anchor - 1] for each block; a block at position 0 has none
+            last = torch.gather(ctx, 1, (anchor_positions - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, ctx.shape[-1]))
+            last = last * (anchor_positions > 0).unsqueeze(-1).to(last.dtype)
+            context = last.repeat_interleave(g, 1)
+        out = self._block_forward(ids, positions, backend, return_logits, lm_head, context)
         return DraftBlock(None if out.logits is None else out.logits.view(bsz, a, g, -1),
                           out.hidden.view(bsz, a, g, -1))
 
@@ -443,6 +480,8 @@ class DSparkDrafter(_Drafter):
     def slots(self) -> dict[str, Slot]:
         s = {"fc.weight": Slot(self.fc.weight), "hidden_norm.weight": Slot(self.hidden_norm.weight),
              "norm.weight": Slot(self.norm.weight)}
+        if self.block_context_norm is not None:
+            s["block_context_norm.weight"] = Slot(self.block_context_norm.weight)
         for i, layer in enumerate(self.layers):
             s.update(layer_slots(layer, f"layers.{i}."))
         if self.markov_w1 is not None:

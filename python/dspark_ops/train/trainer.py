@@ -77,6 +77,7 @@ class TrainConfig:
     draft_vocab: int = 0                           # K > 0: train over the draft vocabulary (module docstring)
     markov_w1_draft_vocab_only: bool = False       # dspark over a draft vocabulary: ids outside it share a W1 row
     distill: str = "tv"                            # dspark's distillation term: "tv" (DeepSpec) or "kl" (soft CE)
+    block_context: bool = False                    # dspark / dflash: DSparkConfig.block_context
     batch_size: int = 4                            # sequences per optimizer step (all ranks together)
     anchors_per_seq: int = 32
     max_steps: int = 1000
@@ -103,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"distill must be 'tv' or 'kl' (dspark variant only), got {self.distill!r}")
         if self.markov_w1_draft_vocab_only and (self.variant != "dspark" or not self.draft_vocab):
             raise ValueError("markov_w1_draft_vocab_only needs the dspark variant trained over a draft vocabulary")
+        if self.block_context and self.variant == "eagle3":
+            raise ValueError("block_context is a dspark / dflash option (EAGLE-3 reads the context in its residual)")
         if self.variant == "dspark" and self.markov_rank < 1:
             raise ValueError("the dspark variant needs markov_rank >= 1 (rank 0 is the dflash variant)")
         if not self.lr > 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -123,7 +126,7 @@ def build_drafter(cfg: TrainConfig, target: LlamaModel) -> DSparkDrafter | Eagle
     conf = cfg.variant == "dspark"
     config = DSparkConfig(backbone, layers, tc.num_hidden_layers, block_size=cfg.block_size, mask_token_id=mask_id,
                           markov_rank=rank, enable_confidence_head=conf, confidence_head_with_markov=conf,
-                          markov_w1_draft_vocab_only=cfg.markov_w1_draft_vocab_only)
+                          markov_w1_draft_vocab_only=cfg.markov_w1_draft_vocab_only, block_context=cfg.block_context)
     return DSparkDrafter(config, target, **kwargs)
 
 
