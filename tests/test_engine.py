@@ -235,9 +235,10 @@ def test_cuda_engine_greedy_equals_target_greedy(dtype):
     assert outs == plain, f"seed {seed}"
 
 
-def eagle_reference_steps(target: LlamaModel, drafter: Eagle3Drafter, prompt: list[int], n: int, block: int):
-    """Greedy EAGLE-3 drafting + verification at batch 1 on dense caches, written out step by step:
-    (output, accepted drafts per step)."""
+def greedy_reference_steps(target: LlamaModel, drafter, prompt: list[int], n: int, block: int, propose):
+    """Greedy drafting + verification at batch 1 on dense caches, written out step by step: (output, the
+    drafts of each step, how many of them were accepted). ``propose(dcache, feats, followers, g)`` gives g drafts from the drafter's cache
+    and the new target rows ``feats`` [1, T, m*d], each followed by the token in ``followers`` [T]."""
     from dspark_ops.models import DenseKVCache
 
     layers = drafter.config.target_layer_ids
@@ -246,18 +247,11 @@ def eagle_reference_steps(target: LlamaModel, drafter: Eagle3Drafter, prompt: li
     with torch.no_grad():
         out = target(torch.tensor([prompt]), kv=tcache, hidden_layers=layers)
         output = [int(out.logits[0, -1].argmax())]
-        pairs, feats = torch.tensor([prompt[1:] + output]), out.layer_hidden   # state t with token t+1
-        accepted = []
+        feats, followers, rounds, accepted = out.layer_hidden, prompt[1:] + output, [], []
         while len(output) < n:
-            start = int(dcache.lengths[0])
-            h = drafter(pairs, feats, kv=dcache)[:, -1:]
             g = min(block, n - len(output) - 1)
-            drafts = []
-            for j in range(g):
-                drafts.append(int(drafter.compute_logits(h)[0, 0].argmax()))
-                if j + 1 < g:
-                    h = drafter(torch.tensor([[drafts[-1]]]), h, kv=dcache, from_target=False)
-            dcache.truncate([start + pairs.shape[1]])
+            drafts = propose(dcache, feats, followers, g)
+            rounds.append(drafts)
             vout = target(torch.tensor([[output[-1]] + drafts]), kv=tcache, hidden_layers=layers)
             greedy = vout.logits[0].argmax(-1).tolist()
             a = next((j for j in range(g) if drafts[j] != greedy[j]), g)
@@ -265,70 +259,54 @@ def eagle_reference_steps(target: LlamaModel, drafter: Eagle3Drafter, prompt: li
             tcache.truncate([int(tcache.lengths[0]) - g + a])
             new = drafts[:a] + [greedy[a]]
             output.extend(new)
-            pairs, feats = torch.tensor([new]), vout.layer_hidden[:, :a + 1]
-    return output[:n], accepted
+            feats, followers = vout.layer_hidden[:, :a + 1], new
+    return output[:n], rounds, accepted
 
 
-def test_eagle_drafts_match_reference_drafting():
-    """The engine drafts with the EAGLE-3 drafter exactly as the step-by-step reference (same acceptance per
-    position), with four requests of different lengths sharing the batch."""
+def eagle_proposer(drafter: Eagle3Drafter):
+    """EAGLE-3: the new rows (paired with the token after each) extend the cache; each further draft feeds
+    the previous output with the token just drafted, in scratch rows past the context."""
+    def propose(dcache, feats, followers, g):
+        start = int(dcache.lengths[0])
+        h = drafter(torch.tensor([followers]), feats, kv=dcache)[:, -1:]
+        drafts = []
+        for j in range(g):
+            drafts.append(int(drafter.compute_logits(h)[0, 0].argmax()))
+            if j + 1 < g:
+                h = drafter(torch.tensor([[drafts[-1]]]), h, kv=dcache, from_target=False)
+        dcache.truncate([start + len(followers)])
+        return drafts
+    return propose
+
+
+def dspark_proposer(drafter: DSparkDrafter):
+    """DSpark: the new rows extend the context; one parallel block from the anchor (with block_context, also
+    from the context of the row before it), then the Markov head left to right."""
+    def propose(dcache, feats, followers, g):
+        ctx = drafter.extend_context(feats, kv=dcache)
+        context = ctx[:, -1] if drafter.config.block_context else None
+        blk = drafter.draft_block(torch.tensor([followers[-1]]), kv=dcache, context=context)
+        drafts, prev = [], followers[-1]
+        for k in range(g):
+            prev = int(drafter.markov_logits(blk.logits[0, k], torch.tensor(prev)).argmax())
+            drafts.append(prev)
+        return drafts
+    return propose
+
+
+@pytest.mark.parametrize("kind", ["eagle", "dspark", "dspark_block_context"])
+def test_drafts_match_reference_drafting(kind):
+    """The engine drafts exactly as the step-by-step reference (the same drafts every step), four requests of
+    different lengths sharing the batch. With block_context, each block reads the context of the position
+    before its anchor, which the engine carries from prefill and from each verify step."""
     seed = fresh_seed()
     target = tiny_target(seed, vocab=6, scale=0.5)
-    drafter = eagle_drafter(target, seed, block=4, init_std=1.0)  # large weights: drafts react to every input
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, 6, (n,), generator=gen).tolist() for n in (9, 3, 14, 6)]
-    engine = SpeculativeEngine(target, drafter, max_batch=4, max_tokens=256)
-    outs = engine.generate(prompts, max_new_tokens=64)
-    for i, prompt in enumerate(prompts):
-        ref, accepted = eagle_reference_steps(target, drafter, prompt, 64, 4)
-        st = engine.finished[i].stats
-        assert outs[i] == ref == plain_greedy(target, prompt, 64), f"seed {seed}, request {i}"
-        assert st.rounds == len(accepted), f"seed {seed}, request {i}"
-        want = [sum(a > j for a in accepted) for j in range(len(st.accepts))]
-        assert st.accepts == want, f"seed {seed}, request {i}: accepts {st.accepts} vs reference {want}"
-
-
-def dspark_reference_steps(target: LlamaModel, drafter: DSparkDrafter, prompt: list[int], n: int, block: int):
-    """Greedy DSpark drafting (parallel block, then the Markov head left to right) + verification at batch 1
-    on dense caches, written out step by step: (output, accepted drafts per step, the drafts of each step)."""
-    from dspark_ops.models import DenseKVCache
-
-    layers = drafter.config.target_layer_ids
-    cap = len(prompt) + n + block + 2
-    tcache, dcache = DenseKVCache.for_model(target, 1, cap), DenseKVCache.for_model(drafter, 1, cap)
-    with torch.no_grad():
-        out = target(torch.tensor([prompt]), kv=tcache, hidden_layers=layers)
-        output = [int(out.logits[0, -1].argmax())]
-        feats, accepted, rounds = out.layer_hidden, [], []
-        while len(output) < n:
-            ctx = drafter.extend_context(feats, kv=dcache)
-            context = ctx[:, -1] if drafter.config.block_context else None
-            blk = drafter.draft_block(torch.tensor([output[-1]]), kv=dcache, context=context)
-            g = min(block, n - len(output) - 1)
-            drafts, prev = [], output[-1]
-            for k in range(g):
-                prev = int(drafter.markov_logits(blk.logits[0, k], torch.tensor(prev)).argmax())
-                drafts.append(prev)
-            rounds.append(drafts)
-            vout = target(torch.tensor([[output[-1]] + drafts]), kv=tcache, hidden_layers=layers)
-            greedy = vout.logits[0].argmax(-1).tolist()
-            a = next((j for j in range(g) if drafts[j] != greedy[j]), g)
-            accepted.append(a)
-            tcache.truncate([int(tcache.lengths[0]) - g + a])
-            output.extend(drafts[:a] + [greedy[a]])
-            feats = vout.layer_hidden[:, :a + 1]
-    return output[:n], accepted, rounds
-
-
-@pytest.mark.parametrize("block_context", [False, True], ids=["dspark", "block_context"])
-def test_dspark_drafts_match_reference_drafting(block_context):
-    """The engine drafts with a DSpark drafter exactly as the step-by-step reference (the same drafts every
-    step), four requests of different lengths sharing the batch: with block_context, each block reads the
-    context of the position before its anchor, carried from prefill and from each verify step."""
-    seed = fresh_seed()
-    target = tiny_target(seed, vocab=6, scale=0.5)
-    drafter = random_drafter(target, seed, rank=4, confidence=False, block=4, block_context=block_context,
-                             init_std=1.0)   # large weights: drafts react to every input
+    if kind == "eagle":   # large weights: drafts react to every input
+        drafter, proposer = eagle_drafter(target, seed, block=4, init_std=1.0), eagle_proposer
+    else:
+        drafter = random_drafter(target, seed, rank=4, confidence=False, block=4,
+                                 block_context=kind == "dspark_block_context", init_std=1.0)
+        proposer = dspark_proposer
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 6, (n,), generator=gen).tolist() for n in (9, 3, 14, 6)]
     engine = SpeculativeEngine(target, drafter, max_batch=4, max_tokens=256)
@@ -343,11 +321,14 @@ def test_dspark_drafts_match_reference_drafting(block_context):
     engine._draft = recording_draft
     outs = engine.generate(prompts, max_new_tokens=64)
     for i, prompt in enumerate(prompts):
-        ref, accepted, rounds = dspark_reference_steps(target, drafter, prompt, 64, 4)
+        ref, rounds, accepted = greedy_reference_steps(target, drafter, prompt, 64, 4, proposer(drafter))
         assert outs[i] == ref == plain_greedy(target, prompt, 64), f"seed {seed}, request {i}"
-        assert engine.finished[i].stats.rounds == len(rounds), f"seed {seed}, request {i}"
+        st = engine.finished[i].stats
+        assert st.rounds == len(rounds), f"seed {seed}, request {i}"
         got = [d[:len(r)] for d, r in zip(drafted[i], rounds)]
         assert got == rounds, f"seed {seed}, request {i}: drafts {got} vs reference {rounds}"
+        want = [sum(a > j for a in accepted) for j in range(len(st.accepts))]
+        assert st.accepts == want, f"seed {seed}, request {i}: accepts {st.accepts} vs reference {want}"
 
 
 def _run_joining(engine: SpeculativeEngine, prompts, budgets, temperature: float) -> list[list[int]]:
