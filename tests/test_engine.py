@@ -331,6 +331,54 @@ def test_drafts_match_reference_drafting(kind):
         assert st.accepts == want, f"seed {seed}, request {i}: accepts {st.accepts} vs reference {want}"
 
 
+@pytest.mark.parametrize("kind", ["eagle", "dspark", "dspark_block_context", "dspark_async"])
+def test_draft_max_batch_decodes_plainly_past_it_and_drafts_from_the_whole_context(kind):
+    """With draft_max_batch=2 the engine drafts nothing while 3 or 4 requests run; as they finish, drafting
+    resumes, and every draft equals fresh drafting from the request's whole sequence (the drafter read the
+    tokens of the plain steps too). Greedy output equals plain decoding throughout."""
+    seed = fresh_seed()
+    target = tiny_target(seed, vocab=6, scale=0.5)
+    scheduler = "async" if kind == "dspark_async" else "fixed"
+    if kind == "eagle":
+        drafter, proposer = eagle_drafter(target, seed, block=4, init_std=1.0), eagle_proposer
+    else:
+        drafter = random_drafter(target, seed, rank=4, confidence=scheduler != "fixed", block=4,
+                                 block_context=kind == "dspark_block_context", init_std=1.0)
+        proposer = dspark_proposer
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 6, (n,), generator=gen).tolist() for n in (9, 3, 14, 6)]
+    budgets = [8, 20, 40, 64]
+    engine = SpeculativeEngine(target, drafter, scheduler=scheduler, max_batch=4, max_tokens=256,
+                               draft_max_batch=2, sps_table=torch.tensor([0.0] + [100.0] * 40))
+    drafted, draft = [], engine._draft
+
+    def recording_draft(s):
+        out = draft(s)
+        assert s.anchor.shape[0] <= 2, "drafted for a batch past draft_max_batch"
+        for b, request in enumerate(engine.running[:s.anchor.shape[0]]):
+            drafted.append((request.id, len(request.output), out[0][b].tolist()))
+        return out
+
+    engine._draft = recording_draft
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, budgets)]
+    while engine.has_work:
+        engine.step()
+    for i, prompt, n in zip(ids, prompts, budgets):
+        assert engine.finished[i].output == plain_greedy(target, prompt, n), f"seed {seed}, request {i}"
+    assert len({i for i, _, _ in drafted}) >= 2 and len(drafted) >= 10, drafted
+    for i, emitted, drafts in drafted:
+        seq = prompts[i] + engine.finished[i].output[:emitted]
+        with torch.no_grad():
+            from dspark_ops.models import DenseKVCache
+            feats = target(torch.tensor([seq[:-1]]), hidden_layers=drafter.config.target_layer_ids).layer_hidden
+            want = proposer(drafter)(DenseKVCache.for_model(drafter, 1, len(seq) + 8), feats, seq[1:], 4)
+        assert drafts == want, f"seed {seed}, request {i} after {emitted} tokens: {drafts} vs {want}"
+    with pytest.raises(ValueError, match="draft_max_batch"):
+        SpeculativeEngine(target, drafter, draft_max_batch=0)
+    with pytest.raises(ValueError, match="draft_max_batch"):
+        SpeculativeEngine(target, None, draft_max_batch=2)
+
+
 def _run_joining(engine: SpeculativeEngine, prompts, budgets, temperature: float) -> list[list[int]]:
     """Two requests first, the rest join after two steps (the batch bucket changes as they come and go)."""
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=temperature, seed=7 + i))
@@ -372,22 +420,24 @@ def graph_path_on_cpu(engine: SpeculativeEngine) -> SpeculativeEngine:
 
 
 def graph_case(kind: str, target: LlamaModel, seed: int):
-    """(drafter, scheduler) of a graph-path test case."""
+    """(drafter, scheduler, other engine arguments) of a graph-path test case."""
     if kind == "none":
-        return None, "fixed"
+        return None, "fixed", {}
     if kind == "eagle":
-        return eagle_drafter(target, seed, block=4), "fixed"
+        return eagle_drafter(target, seed, block=4), "fixed", {}
     if kind == "eagle_draft_vocab":
-        return with_draft_vocab(eagle_drafter(target, seed, block=4), seed, 40), "fixed"
+        return with_draft_vocab(eagle_drafter(target, seed, block=4), seed, 40), "fixed", {}
     if kind == "dspark_draft_vocab":
-        return with_draft_vocab(random_drafter(target, seed, rank=8, confidence=True), seed, 40), "fixed"
+        return with_draft_vocab(random_drafter(target, seed, rank=8, confidence=True), seed, 40), "fixed", {}
     if kind == "dspark_block_context":
-        return random_drafter(target, seed, rank=8, confidence=True, block_context=True), "fixed"
-    return random_drafter(target, seed, rank=8, confidence=True), kind.removeprefix("dspark_")
+        return random_drafter(target, seed, rank=8, confidence=True, block_context=True), "fixed", {}
+    if kind == "dspark_draft_max_batch":   # bucket 4 decodes plainly, buckets 1 and 2 draft
+        return random_drafter(target, seed, rank=8, confidence=True), "fixed", dict(draft_max_batch=2)
+    return random_drafter(target, seed, rank=8, confidence=True), kind.removeprefix("dspark_"), {}
 
 
 @pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle", "dspark_draft_vocab",
-                                  "eagle_draft_vocab", "dspark_block_context"])
+                                  "eagle_draft_vocab", "dspark_block_context", "dspark_draft_max_batch"])
 def test_graph_code_path_on_cpu(kind):
     """The step as the CUDA-graph path runs it (fixed shapes, padding slots, one-step-late results, requests
     joining and leaving across buckets) gives the eager engine's tokens: greedy always, sampled too where the
@@ -395,7 +445,7 @@ def test_graph_code_path_on_cpu(kind):
     so their sampled tokens may differ, losslessly)."""
     seed = fresh_seed()
     target = tiny_target(seed)
-    drafter, scheduler = graph_case(kind, target, seed)
+    drafter, scheduler, kw = graph_case(kind, target, seed)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 95, (int(n),), generator=gen).tolist() for n in (5, 17, 9, 30, 2, 11)]
     budgets = [12, 20, 7, 16, 1, 9]
@@ -403,7 +453,7 @@ def test_graph_code_path_on_cpu(kind):
 
     def engine(d):
         return SpeculativeEngine(target, d, scheduler=scheduler if d is not None else "fixed", max_batch=4,
-                                 max_tokens=512, sps_table=sps)
+                                 max_tokens=512, sps_table=sps, **(kw if d is not None else {}))
 
     for temperature in (0.0, 1.0) if scheduler == "fixed" else (0.0,):
         graphed = graph_path_on_cpu(engine(drafter))
@@ -418,14 +468,14 @@ def test_graph_code_path_on_cpu(kind):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle", "dspark_draft_vocab",
-                                  "eagle_draft_vocab", "dspark_block_context"])
+                                  "eagle_draft_vocab", "dspark_block_context", "dspark_draft_max_batch"])
 def test_cuda_graph_replay_equals_eager(kind):
     """The captured decode step gives the same tokens as the same step run eagerly (greedy; sampled too with the
     fixed scheduler, see test_graph_code_path_on_cpu), greedy equals plain decoding, and each batch bucket is
     captured once."""
     seed = fresh_seed()
     target = tiny_target(seed, head_dim=64, scale=0.2).to("cuda")
-    drafter, scheduler = graph_case(kind, target, seed)
+    drafter, scheduler, kw = graph_case(kind, target, seed)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 95, (int(n),), generator=gen).tolist() for n in (5, 17, 9, 30, 2)]
     budgets = [12, 20, 7, 16, 1]
@@ -433,7 +483,7 @@ def test_cuda_graph_replay_equals_eager(kind):
 
     def engine(d, graphs):
         return SpeculativeEngine(target, d, scheduler=scheduler if d is not None else "fixed", max_batch=4,
-                                 max_tokens=512, sps_table=sps, cuda_graphs=graphs)
+                                 max_tokens=512, sps_table=sps, cuda_graphs=graphs, **(kw if d is not None else {}))
 
     plain = _run_joining(engine(None, False), prompts, budgets, 0.0)
     for temperature in (0.0, 1.0) if scheduler == "fixed" else (0.0,):

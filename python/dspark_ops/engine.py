@@ -321,12 +321,17 @@ class SpeculativeEngine:
         CUDA only).
       draft_vocab: let the drafter propose only its draft vocabulary's ids when it has one
         (``dspark_ops.draft_vocab``; lossless either way). False: every id.
+      draft_max_batch: draft only while at most this many requests run (their batch bucket
+        under CUDA graphs); a larger batch decodes plainly, and the drafter still reads every
+        verified token, so drafting resumes where the batch shrinks. For hardware where verifying
+        extra rows at a large batch costs more than the drafts save (as vLLM's
+        speculative_disable_by_batch_size). None: always draft.
     """
 
     def __init__(self, target: LlamaModel, drafter: DSparkDrafter | Eagle3Drafter | None = None, *,
                  block_size: int | None = None, scheduler: str = "fixed", max_batch: int = 8, max_tokens: int = 8192,
                  page_size: int = 16, sps_table: torch.Tensor | None = None, packed_linear: bool | None = None,
-                 cuda_graphs: bool | None = None, draft_vocab: bool = True):
+                 cuda_graphs: bool | None = None, draft_vocab: bool = True, draft_max_batch: int | None = None):
         if not isinstance(target, LlamaModel):
             raise TypeError(f"target must be a LlamaModel, got {type(target).__name__}")
         if drafter is not None and not isinstance(drafter, (DSparkDrafter, Eagle3Drafter)):
@@ -343,6 +348,9 @@ class SpeculativeEngine:
             raise ValueError(f"scheduler={scheduler!r} needs a drafter with a confidence head")
         if max_batch < 1 or max_tokens < 1:
             raise ValueError("max_batch and max_tokens must be >= 1")
+        if draft_max_batch is not None and (drafter is None or draft_max_batch < 1):
+            raise ValueError(f"draft_max_batch must be >= 1 and needs a drafter, got {draft_max_batch}")
+        self.draft_max_batch = draft_max_batch
         self.target, self.drafter, self.scheduler = target, drafter, scheduler
         self.device = target.device
         if cuda_graphs is None:
@@ -618,9 +626,11 @@ class SpeculativeEngine:
 
     @torch.no_grad()
     def _decode(self, B: int) -> torch.Tensor:
-        """One decode step of slots 0..B-1, device tensors only; returns [B, G+3] int32:
-        tokens [G+1] (accepted drafts, then the sampled token; -1 after) | accepted | verified drafts."""
-        s, G, dev = self.slots.rows(B), self.block_size, self.device
+        """One decode step of slots 0..B-1, device tensors only; returns [B, G+3] int32 (G = block_size):
+        tokens [G+1] (accepted drafts, then the sampled token; -1 after) | accepted | verified drafts.
+        Past ``draft_max_batch`` the step drafts nothing and verifies the anchor alone (plain decoding)."""
+        s, dev = self.slots.rows(B), self.device
+        G = self.block_size if self.draft_max_batch is None or B <= self.draft_max_batch else 0
         live = s.remaining > 0
         # Never verify drafts a request could not emit (its remaining budget).
         max_len = (s.remaining - 1).clamp(0, G).to(torch.int32)
@@ -672,8 +682,12 @@ class SpeculativeEngine:
             s.remaining.sub_(kept)
             if s.conf_prev is not None:
                 s.conf_old.copy_(s.conf_prev)
-                s.conf_prev.copy_(confidence)
-        return torch.cat((tokens, num_accepted.unsqueeze(1), lengths.unsqueeze(1)), 1)
+                if confidence is None:   # a plain step: nothing known, as for a request that just joined
+                    s.conf_prev.fill_(1.0)
+                else:
+                    s.conf_prev.copy_(confidence)
+        pad = tokens.new_full((B, self.block_size - G), -1)   # a plain step's row is as wide as a drafting one's
+        return torch.cat((tokens, pad, num_accepted.unsqueeze(1), lengths.unsqueeze(1)), 1)
 
     def _draft(self, s: SlotState):
         """(drafts [B, G] int32, draft distributions [B, G, V], confidences [B, G] or None)."""
@@ -742,7 +756,7 @@ class SpeculativeEngine:
         """The drafter's context gains the verified rows (all forwarded rows are written; those past the
         accepted ones lie past the new context and are overwritten before they are read)."""
         dc = self.drafter_cache
-        block_pos = s.start.unsqueeze(1) + torch.arange(self.block_size + 1, device=self.device)
+        block_pos = s.start.unsqueeze(1) + torch.arange(tokens.shape[1], device=self.device)   # the verify block
         slots = rows(_slot_mapping(s.drafter_pages, block_pos, dc.page_size))
         if self.eagle:  # row j pairs the target state at start + j with the token emitted after it
             backend = PagedAttention(dc.layer_caches(), slot_mapping=slots, page_table=s.drafter_pages,

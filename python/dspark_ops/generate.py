@@ -49,6 +49,8 @@ def add_parser(sub) -> None:
     g.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graphs (the step runs eagerly)")
     g.add_argument("--draft-vocab", action=argparse.BooleanOptionalAction, default=True,
                    help="let the drafter propose only its draft vocabulary's ids when it has one (lossless either way)")
+    g.add_argument("--draft-max-batch", type=int, default=None, metavar="N",
+                   help="draft only while at most N prompts run; larger batches decode plainly (default: always draft)")
     g.set_defaults(func=run)
 
 
@@ -61,7 +63,8 @@ def _engine_for(target, drafter, args):
         scheduler = args.scheduler or ("sync" if drafter.confidence_weights() is not None else "fixed")
     return SpeculativeEngine(target, drafter, block_size=args.block_size, scheduler=scheduler,
                              max_batch=max(1, len(args.prompt)), max_tokens=4096,
-                             cuda_graphs=False if args.eager else None, draft_vocab=args.draft_vocab)
+                             cuda_graphs=False if args.eager else None, draft_vocab=args.draft_vocab,
+                             draft_max_batch=None if drafter is None else args.draft_max_batch)
 
 
 def _run_engine(engine, prompts, args, tokenizer, stop, *, show: bool):
