@@ -263,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--drafter", required=True, help="drafter folder (its config.json receives the calibration)")
     c.add_argument("--data-dir", required=True,
                    help="dataset folder of dspark train-draft (its recipe.json names the held-out prompts)")
-    c.add_argument("--num-prompts", type=int, default=240,
-                   help="held-out prompts of the dataset's recipe (prompts only: the engine generates)")
+    c.add_argument("--num-prompts", type=int, default=720,
+                   help="held-out prompts of the dataset's recipe (prompts only: the engine generates); fewer fit "
+                        "worse out of sample (SmolLM2: position-1 ECE 2.4%% on 240, 1.1-1.5%% on 720)")
     c.add_argument("--offsets", action=argparse.BooleanOptionalAction, default=True,
                    help="fit an offset per position besides the temperature (--no-offsets: the paper's STS)")
     c.add_argument("--max-new-tokens", type=int, default=128)
