@@ -8,8 +8,8 @@ from scipy import stats
 
 from dspark_ops.draft_vocab import DraftVocab
 from dspark_ops.engine import SamplingParams, SpeculativeEngine
-from dspark_ops.models import (DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter, LlamaConfig, LlamaModel,
-                               build_drafter_from_target)
+from dspark_ops.models import (DenseKVCache, DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter, LlamaConfig,
+                               LlamaModel, build_drafter_from_target)
 from randomness import CHI2_MIN_PVALUE, fresh_seed
 
 
@@ -237,10 +237,9 @@ def test_cuda_engine_greedy_equals_target_greedy(dtype):
 
 def greedy_reference_steps(target: LlamaModel, drafter, prompt: list[int], n: int, block: int, propose):
     """Greedy drafting + verification at batch 1 on dense caches, written out step by step: (output, the
-    drafts of each step, how many of them were accepted). ``propose(dcache, feats, followers, g)`` gives g drafts from the drafter's cache
-    and the new target rows ``feats`` [1, T, m*d], each followed by the token in ``followers`` [T]."""
-    from dspark_ops.models import DenseKVCache
-
+    drafts of each step, how many of them were accepted). ``propose(dcache, feats, followers, g)`` gives g
+    drafts from the drafter's cache and the new target rows ``feats`` [1, T, m*d], each followed by the
+    token in ``followers`` [T]."""
     layers = drafter.config.target_layer_ids
     cap = len(prompt) + n + block + 2
     tcache, dcache = DenseKVCache.for_model(target, 1, cap), DenseKVCache.for_model(drafter, 1, cap)
@@ -369,7 +368,6 @@ def test_draft_max_batch_decodes_plainly_past_it_and_drafts_from_the_whole_conte
     for i, emitted, drafts in drafted:
         seq = prompts[i] + engine.finished[i].output[:emitted]
         with torch.no_grad():
-            from dspark_ops.models import DenseKVCache
             feats = target(torch.tensor([seq[:-1]]), hidden_layers=drafter.config.target_layer_ids).layer_hidden
             want = proposer(drafter)(DenseKVCache.for_model(drafter, 1, len(seq) + 8), feats, seq[1:], 4)
         assert drafts == want, f"seed {seed}, request {i} after {emitted} tokens: {drafts} vs {want}"

@@ -564,13 +564,12 @@ class SpeculativeEngine:
                 backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots,
                                          page_table=drafter_pages, seq_lens=seq_lens, cu_q_lens=cu, causal=True,
                                          max_block_rows=max(lens))
-                h = self.drafter(paired, out.layer_hidden, positions, kv=backend)
-                s.draft_hidden[lo:hi] = h[last]
+                carried = self.drafter(paired, out.layer_hidden, positions, kv=backend)
             else:
                 backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=drafter_slots, causal=False)
-                ctx = self.drafter.extend_context(out.layer_hidden, positions, kv=backend)
-                if s.draft_hidden is not None:
-                    s.draft_hidden[lo:hi] = ctx[last]
+                carried = self.drafter.extend_context(out.layer_hidden, positions, kv=backend)
+            if s.draft_hidden is not None:   # the row of each prompt's last position
+                s.draft_hidden[lo:hi] = carried[last]
             s.drafter_pages[lo:hi] = drafter_pages
         s.anchor[lo:hi] = first
         s.start[lo:hi] = seq_lens
@@ -703,7 +702,8 @@ class SpeculativeEngine:
         backend = PagedAttention(self.drafter_cache.layer_caches(), slot_mapping=slots,
                                  page_table=s.drafter_pages, seq_lens=(s.start + bs).to(torch.int32),
                                  cu_q_lens=torch.arange(B + 1, dtype=torch.int32, device=dev) * bs, causal=False)
-        block = self.drafter.draft_block(s.anchor, s.start, kv=backend, lm_head=self._draft_head, context=s.draft_hidden)
+        block = self.drafter.draft_block(s.anchor, s.start, kv=backend, lm_head=self._draft_head,
+                                         context=s.draft_hidden)
         kwargs = {}
         if self._conf is not None:
             w, b, temps = self._conf
@@ -761,13 +761,12 @@ class SpeculativeEngine:
         if self.eagle:  # row j pairs the target state at start + j with the token emitted after it
             backend = PagedAttention(dc.layer_caches(), slot_mapping=slots, page_table=s.drafter_pages,
                                      seq_lens=(s.start + cu.diff()).to(torch.int32), cu_q_lens=cu, causal=True)
-            h = self.drafter(rows(tokens.clamp(min=0).to(torch.long)), out.layer_hidden, flat_pos, kv=backend)
-            s.draft_hidden.copy_(torch.where(advanced.unsqueeze(1), h[last_row], s.draft_hidden))
+            carried = self.drafter(rows(tokens.clamp(min=0).to(torch.long)), out.layer_hidden, flat_pos, kv=backend)
         else:
-            ctx = self.drafter.extend_context(out.layer_hidden, flat_pos,
-                                              kv=PagedAttention(dc.layer_caches(), slot_mapping=slots, causal=False))
-            if s.draft_hidden is not None:   # block_context: the context of the position before the new anchor
-                s.draft_hidden.copy_(torch.where(advanced.unsqueeze(1), ctx[last_row], s.draft_hidden))
+            backend = PagedAttention(dc.layer_caches(), slot_mapping=slots, causal=False)
+            carried = self.drafter.extend_context(out.layer_hidden, flat_pos, kv=backend)
+        if s.draft_hidden is not None:   # the row of the position before the new anchor
+            s.draft_hidden.copy_(torch.where(advanced.unsqueeze(1), carried[last_row], s.draft_hidden))
 
     def _schedule(self, s: SlotState, confidence, max_len) -> torch.Tensor:
         if self.scheduler == "fixed" or confidence is None:
