@@ -23,6 +23,7 @@ random prompts: speeds and idle fractions hold, tau does not.
     python bench/bench_e2e.py                  # batch 1 and 8, 128 tokens
     python bench/bench_e2e.py --eagle /path/to/eagle3/drafter
     python bench/bench_e2e.py --batches 8 --repeat 5 --draft-max-batch 4   # plain steps past batch 4
+    python bench/bench_e2e.py --repeat 3 --draft-max-batch auto   # draft where the step costs say it pays
     python bench/bench_e2e.py --device cuda --quick --random-weights
 """
 from __future__ import annotations
@@ -188,14 +189,17 @@ def load_drafters(args, target):
         out[name] = (d, {})
         if d.draft_vocab is not None:
             out[f"{name}, every id"] = (d, {"draft_vocab": False})
-        if args.draft_max_batch:
-            out[f"{name}, drafting at batch <= {args.draft_max_batch}"] = (d, {"draft_max_batch": args.draft_max_batch})
+        limit = args.draft_max_batch
+        if limit:
+            label = "drafting where it pays (auto)" if limit == "auto" else f"drafting at batch <= {limit}"
+            out[f"{name}, {label}"] = (d, {"draft_max_batch": limit})
     return out
 
 
 def engines_at(drafters, batch):
-    """(name, drafter, engine options) worth running at ``batch``: a draft_max_batch variant only past its limit."""
-    return [(name, d, kw) for name, (d, kw) in drafters.items() if kw.get("draft_max_batch", 0) < batch]
+    """(name, drafter, engine options) worth running at ``batch``: a draft_max_batch=N variant only past N."""
+    return [(name, d, kw) for name, (d, kw) in drafters.items()
+            if not isinstance(limit := kw.get("draft_max_batch"), int) or limit < batch]
 
 
 def gpu_main(args, target, prompts, stop, n, batches):
@@ -226,8 +230,9 @@ def main():
     ap.add_argument("--eagle", default=None, help="an EAGLE-3-style drafter folder to include")
     ap.add_argument("--random-weights", action="store_true",
                     help="SmolLM2-135M's shape with random weights and random prompts (no model files needed)")
-    ap.add_argument("--draft-max-batch", type=int, default=None, metavar="N",
-                    help="also run each drafter drafting only while at most N requests run (at larger batches)")
+    ap.add_argument("--draft-max-batch", type=lambda t: t if t == "auto" else int(t), default=None, metavar="N|auto",
+                    help="also run each drafter drafting only while at most N requests run (at larger batches), "
+                         "or where the profiled step costs say drafting pays (auto, at every batch)")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="CPU batch sizes (default: 1 and 8)")
     ap.add_argument("--repeat", type=int, default=1, help="CPU: best tokens/s of this many runs per engine")
     ap.add_argument("--plot", default=str(Path(__file__).with_name("e2e_smollm2.png")))

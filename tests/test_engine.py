@@ -377,6 +377,120 @@ def test_draft_max_batch_decodes_plainly_past_it_and_drafts_from_the_whole_conte
         SpeculativeEngine(target, None, draft_max_batch=2)
 
 
+def _costs(max_batch: int, plain: float, drafting) -> torch.Tensor:
+    """A step_cost_table: ``plain`` seconds for a plain step, drafting(B) for a drafting one."""
+    table = torch.zeros(max_batch + 1, 2, dtype=torch.float64)
+    for B in range(1, max_batch + 1):
+        table[B] = torch.tensor([plain, drafting(B)])
+    return table
+
+
+def test_auto_draft_max_batch_weighs_the_step_costs_against_recent_acceptance():
+    """The rule by hand: draft when tau * plain_s > drafting_s (+ the SPS cost of the verified draft rows
+    when steps run eagerly); tau and the verified drafts are plain means over the first drafting steps,
+    then a 32-step exponential window. Before any drafting step, and after 16 plain steps in a row, the
+    engine drafts to measure."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    drafter = random_drafter(target, seed, rank=4, confidence=True, block=4)
+    sps = torch.tensor([0.0] + [100.0] * 40)      # verify rows cost nothing extra: the table decides alone
+    engine = SpeculativeEngine(target, drafter, max_batch=4, draft_max_batch="auto", sps_table=sps,
+                               step_cost_table=_costs(4, 1.0, lambda B: 2.0))
+    assert engine._drafts(4) and not engine._drafting_pays(4)     # nothing measured yet
+    engine._observe(3.0, 4.0)
+    engine._observe(2.5, 4.0)
+    assert engine._tau == pytest.approx(2.75) and engine._drafts(1)
+    engine._observe(0.5, 4.0)       # (3 + 2.5 + 0.5) / 3 = 2: no longer more than the drafting step's 2 s
+    assert engine._tau == pytest.approx(2.0) and not engine._drafts(1)
+    engine._plain_run = 16
+    assert engine._drafts(1)
+    engine._plain_run = 15
+    for _ in range(200):             # the window forgets the prior
+        engine._observe(3.0, 1.0)
+    assert engine._tau == pytest.approx(3.0, rel=1e-2) and engine._verified == pytest.approx(1.0, rel=1e-2)
+    assert engine._drafting_pays(4)
+    # Eagerly, 4 * (1 + 1) verify rows at SPS 0.5 cost 1.99 s more than 4 rows at SPS 100: 3 * 1 < 2 + 1.99
+    engine._sps_host = [0.0, 100.0, 100.0, 100.0, 100.0, 100.0, 100.0, 100.0, 0.5, 0.5]
+    assert not engine._drafting_pays(4) and engine._drafting_pays(1)   # 1 * (1 + 1) = 2 rows: SPS 100
+    engine.fixed_shapes = True      # the profiled drafting step verified every row already
+    assert engine._drafting_pays(4)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "dspark_sync"])
+def test_auto_draft_max_batch_stops_drafting_once_acceptance_does_not_pay(kind):
+    """With drafting steps costing twice a plain one, a random drafter (tokens per step well under 2) drafts in
+    the first step, then decodes plainly except for one drafting step after every 16 plain ones (it keeps
+    measuring); greedy output equals plain decoding."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    if kind == "eagle":
+        drafter, scheduler = eagle_drafter(target, seed, block=4), "fixed"
+    else:
+        drafter, scheduler = random_drafter(target, seed, rank=4, confidence=True, block=4), "sync"
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 95, (n,), generator=gen).tolist() for n in (7, 12, 3)]
+    engine = SpeculativeEngine(target, drafter, scheduler=scheduler, max_batch=3, max_tokens=256,
+                               sps_table=torch.tensor([0.0] + [100.0] * 40), draft_max_batch="auto",
+                               step_cost_table=_costs(3, 1.0, lambda B: 2.0))
+    launched, launch = [], engine._run_step
+
+    def recording(B, drafting):
+        launched.append(drafting)
+        return launch(B, drafting)
+
+    engine._run_step = recording
+    out = engine.generate(prompts, max_new_tokens=60)
+    assert out == [plain_greedy(target, p, 60) for p in prompts], f"seed {seed}"
+    plain_runs = [len(r) for r in "".join("d" if d else "p" for d in launched).split("d")]
+    assert launched[0] and max(plain_runs) <= 16 and 16 in plain_runs[:-1], f"seed {seed}: {launched}"
+    assert engine.stats.drafting_steps == sum(launched) <= len(launched) // 4, f"seed {seed}: {launched}"
+
+
+def test_auto_draft_max_batch_profiles_the_step_costs_without_a_trace():
+    """The profile (at the first decode step) times plain and drafting steps for every batch size on frozen
+    slots; it changes neither the slots nor the tokens: an engine profiled again in mid-run gives the same
+    sampled output as one that was not. Bad arguments are refused."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    drafter = random_drafter(target, seed, rank=4, confidence=True, block=4)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 95, (n,), generator=gen).tolist() for n in (5, 9)]
+    profiled = SpeculativeEngine(target, drafter, max_batch=2, max_tokens=256, draft_max_batch="auto")
+    assert profiled.step_cost_table is None
+    assert profiled.generate(prompts, 12) == [plain_greedy(target, p, 12) for p in prompts], f"seed {seed}"
+    table = profiled.step_cost_table
+    assert table.shape == (3, 2) and bool((table[1:] > 0).all()) and bool(table.isfinite().all())
+
+    def run(profile_midway: bool):
+        engine = SpeculativeEngine(target, drafter, max_batch=2, max_tokens=256, draft_max_batch="auto",
+                                   sps_table=torch.tensor([0.0] + [100.0] * 40),
+                                   step_cost_table=_costs(2, 1.0, lambda B: 1e-3))   # always drafts
+        ids = [engine.add_request(p, SamplingParams(max_new_tokens=16, temperature=1.0, seed=3 + i))
+               for i, p in enumerate(prompts)]
+        engine.step()
+        engine.step()
+        if profile_midway:
+            before = engine.slots.snapshot()
+            engine.profile_step_costs()
+            assert all(torch.equal(before[k], v) for k, v in engine.slots.snapshot().items())
+        while engine.has_work:
+            engine.step()
+        return [engine.finished[i].output for i in ids], engine.stats.drafting_steps
+
+    assert run(True) == run(False), f"seed {seed}"
+    for bad in (0, "always", 2.5):
+        with pytest.raises(ValueError, match="draft_max_batch"):
+            SpeculativeEngine(target, drafter, draft_max_batch=bad)
+    with pytest.raises(ValueError, match="draft_max_batch"):
+        SpeculativeEngine(target, None, draft_max_batch="auto")
+    with pytest.raises(ValueError, match="step_cost_table"):
+        SpeculativeEngine(target, drafter, step_cost_table=_costs(8, 1.0, lambda B: 1.0))
+    for bad in (_costs(4, 1.0, lambda B: 1.0), _costs(8, 1.0, lambda B: float("nan")), _costs(8, 0.0, lambda B: 1)):
+        with pytest.raises(ValueError, match="step_cost_table"):
+            SpeculativeEngine(target, drafter, draft_max_batch="auto", step_cost_table=bad,
+                              sps_table=torch.tensor([0.0] + [100.0] * 80))
+
+
 def _run_joining(engine: SpeculativeEngine, prompts, budgets, temperature: float) -> list[list[int]]:
     """Two requests first, the rest join after two steps (the batch bucket changes as they come and go)."""
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=temperature, seed=7 + i))
@@ -393,24 +507,25 @@ def _run_joining(engine: SpeculativeEngine, prompts, budgets, temperature: float
 class _ReplayEagerly:
     """Stands in for a captured CUDA graph on CPU: replay runs the step again into the same output buffer."""
 
-    def __init__(self, engine: SpeculativeEngine, B: int):
-        self.engine, self.B = engine, B
+    def __init__(self, engine: SpeculativeEngine, B: int, drafting: bool):
+        self.engine, self.B, self.drafting = engine, B, drafting
         self.packed = torch.full((B, engine.block_size + 3), -7, dtype=torch.int32)
         self.captures = 0
 
     def replay(self):
-        self.packed.copy_(self.engine._decode(self.B))
+        self.packed.copy_(self.engine._decode(self.B, self.drafting))
 
 
 def graph_path_on_cpu(engine: SpeculativeEngine) -> SpeculativeEngine:
     """Run the CUDA-graph code path on CPU: fixed-shape blocks, padded buckets, results read one step late."""
     engine.fixed_shapes, engine._lag, engine.cuda_graphs = True, 1, True
-    engine._pad_pages = engine._reserve_pad_pages()
-    engine.slots.freeze(0, *engine._pad_pages)
+    if engine._pad_pages[0] is None:
+        engine._pad_pages = engine._reserve_pad_pages()
+        engine.slots.freeze(0, *engine._pad_pages)
 
-    def capture(B):
-        engine._warm_up(B)   # as the real capture does: must leave no trace
-        graph = _ReplayEagerly(engine, B)
+    def capture(B, drafting):
+        engine._warm_up(B, drafting)   # as the real capture does: must leave no trace
+        graph = _ReplayEagerly(engine, B, drafting)
         return graph, graph.packed
 
     engine._capture = capture
@@ -431,11 +546,14 @@ def graph_case(kind: str, target: LlamaModel, seed: int):
         return random_drafter(target, seed, rank=8, confidence=True, block_context=True), "fixed", {}
     if kind == "dspark_draft_max_batch":   # bucket 4 decodes plainly, buckets 1 and 2 draft
         return random_drafter(target, seed, rank=8, confidence=True), "fixed", dict(draft_max_batch=2)
+    if kind == "dspark_draft_auto":        # the step costs profiled over each bucket's graphs
+        return random_drafter(target, seed, rank=8, confidence=True), "sync", dict(draft_max_batch="auto")
     return random_drafter(target, seed, rank=8, confidence=True), kind.removeprefix("dspark_"), {}
 
 
 @pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle", "dspark_draft_vocab",
-                                  "eagle_draft_vocab", "dspark_block_context", "dspark_draft_max_batch"])
+                                  "eagle_draft_vocab", "dspark_block_context", "dspark_draft_max_batch",
+                                  "dspark_draft_auto"])
 def test_graph_code_path_on_cpu(kind):
     """The step as the CUDA-graph path runs it (fixed shapes, padding slots, one-step-late results, requests
     joining and leaving across buckets) gives the eager engine's tokens: greedy always, sampled too where the
@@ -458,7 +576,7 @@ def test_graph_code_path_on_cpu(kind):
         graphed = graph_path_on_cpu(engine(drafter))
         out = _run_joining(graphed, prompts, budgets, temperature)
         assert out == _run_joining(engine(drafter), prompts, budgets, temperature), f"seed {seed}, T {temperature}"
-        assert set(graphed._graphs) <= {1, 2, 4} and len(graphed._graphs) >= 2
+        assert {b for b, _ in graphed._graphs} <= {1, 2, 4} and len(graphed._graphs) >= 2
         pad = graphed.target_cache.num_pages - graphed.target_cache.num_free_pages
         assert pad == 1, "only the padding page stays reserved"
         if temperature == 0.0:
@@ -467,7 +585,8 @@ def test_graph_code_path_on_cpu(kind):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["none", "dspark_sync", "dspark_async", "eagle", "dspark_draft_vocab",
-                                  "eagle_draft_vocab", "dspark_block_context", "dspark_draft_max_batch"])
+                                  "eagle_draft_vocab", "dspark_block_context", "dspark_draft_max_batch",
+                                  "dspark_draft_auto"])
 def test_cuda_graph_replay_equals_eager(kind):
     """The captured decode step gives the same tokens as the same step run eagerly (greedy; sampled too with the
     fixed scheduler, see test_graph_code_path_on_cpu), greedy equals plain decoding, and each batch bucket is
@@ -490,7 +609,7 @@ def test_cuda_graph_replay_equals_eager(kind):
         out = _run_joining(graphed, prompts, budgets, temperature)
         eager = _run_joining(engine(drafter, False), prompts, budgets, temperature)
         assert out == eager, f"seed {seed}, T {temperature}"
-        assert set(graphed._graphs) <= {1, 2, 4}
+        assert {b for b, _ in graphed._graphs} <= {1, 2, 4}
         assert graphed.target_cache.num_free_pages == graphed.target_cache.num_pages - 1   # the padding page
         if temperature == 0.0:
             assert out == plain, f"seed {seed}"

@@ -93,7 +93,8 @@ def test_generate_cli_compare_with_each_scheduler(smollm2, scheduler, capsys):
 
 def test_generate_cli_draft_max_batch(smollm2, capsys):
     """`dspark generate --draft-max-batch 1` with two prompts decodes plainly while both run and gives the plain
-    baseline's output; a limit below 1 is a clear error."""
+    baseline's output, and so does `--draft-max-batch auto`; a limit below 1 or a word other than auto is a
+    clear error."""
     from dspark_ops.cli import main
 
     rc = main(["generate", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "10",
@@ -102,7 +103,15 @@ def test_generate_cli_draft_max_batch(smollm2, capsys):
     assert rc == 0, err
     assert "(identical output)" in err, err
     assert main(["generate", "--prompt", PROMPTS[0], "--self-drafter", "2", "--draft-max-batch", "0"]) == 2
-    assert "draft_max_batch must be >= 1" in capsys.readouterr().err
+    assert "draft_max_batch must be an int >= 1 or 'auto'" in capsys.readouterr().err
+    rc = main(["generate", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "10",
+               "--self-drafter", "2", "--draft-max-batch", "auto", "--compare"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "(identical output)" in err and "drafted in " in err, err
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", PROMPTS[0], "--self-drafter", "2", "--draft-max-batch", "some"])
+    assert "expected an integer or 'auto'" in capsys.readouterr().err
 
 
 def test_generate_cli_device_choice(smollm2, capsys):

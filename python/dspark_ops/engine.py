@@ -64,6 +64,9 @@ from .models.llama import LlamaModel
 SCHEDULERS = ("fixed", "sync", "async")
 _EAGLE_DRAWS_PER_STEP = 16   # Philox offsets per engine step for the EAGLE drafter's sequential draws (block <= 15)
 _PAD_REQUEST = -(2**40)      # KV pages that padding slots of a CUDA-graph bucket write into
+# draft_max_batch="auto" drafts once after this many plain steps in a row: acceptance drifts with the text, and a
+# plain step measures none (at a batch where drafting does not pay, this costs about 1-2%).
+_EXPLORE_EVERY = 16
 
 
 @dataclasses.dataclass
@@ -124,6 +127,7 @@ class Request:
 @dataclasses.dataclass
 class EngineStats:
     steps: int = 0
+    drafting_steps: int = 0         # decode steps that drafted (the others decoded plainly, see draft_max_batch)
     prefill_s: float = 0.0
     draft_s: float = 0.0            # phase times: measured on CPU only (on CUDA the host merely launches work)
     schedule_s: float = 0.0
@@ -139,6 +143,7 @@ class EngineStats:
         return {
             "decode_tokens_per_s": self.emitted / self.decode_s if self.decode_s else 0.0,
             "verify_tokens_per_step": self.verify_tokens / rounds,
+            "drafting_steps": self.drafting_steps,
             "acceptance_by_position": [a / t if t else None for a, t in zip(self.accepts, self.attempts)],
             "time_s": {"prefill": self.prefill_s, "draft": self.draft_s, "schedule": self.schedule_s,
                        "verify": self.verify_s},
@@ -294,6 +299,7 @@ class _InFlight:
     host: torch.Tensor
     event: torch.cuda.Event | None
     decode: bool
+    drafted: bool     # a decode step that drafted (else plain, or a prefill)
 
 
 
@@ -325,13 +331,22 @@ class SpeculativeEngine:
         under CUDA graphs); a larger batch decodes plainly, and the drafter still reads every
         verified token, so drafting resumes where the batch shrinks. For hardware where verifying
         extra rows at a large batch costs more than the drafts save (as vLLM's
-        speculative_disable_by_batch_size). None: always draft.
+        speculative_disable_by_batch_size). "auto": before each step, draft only if a drafting
+        step is expected to emit more tokens per second than a plain one, from the profiled step
+        costs (``step_cost_table``) and the tokens per step and verified drafts that recent
+        drafting steps achieved (see :meth:`_drafting_pays`; the first step drafts, and so does
+        one after every 16 plain steps in a row, to keep measuring). None: always draft.
+      step_cost_table: [max_batch + 1, 2] seconds of a plain and of a drafting step over B
+        requests (row B; rows of other batch sizes are ignored under CUDA graphs, which use their
+        bucket's row); profiled at the first decode step when None and draft_max_batch="auto".
+        Pass a stored one (``engine.step_cost_table``) to make the choices reproducible.
     """
 
     def __init__(self, target: LlamaModel, drafter: DSparkDrafter | Eagle3Drafter | None = None, *,
                  block_size: int | None = None, scheduler: str = "fixed", max_batch: int = 8, max_tokens: int = 8192,
                  page_size: int = 16, sps_table: torch.Tensor | None = None, packed_linear: bool | None = None,
-                 cuda_graphs: bool | None = None, draft_vocab: bool = True, draft_max_batch: int | None = None):
+                 cuda_graphs: bool | None = None, draft_vocab: bool = True, draft_max_batch: int | str | None = None,
+                 step_cost_table: torch.Tensor | None = None):
         if not isinstance(target, LlamaModel):
             raise TypeError(f"target must be a LlamaModel, got {type(target).__name__}")
         if drafter is not None and not isinstance(drafter, (DSparkDrafter, Eagle3Drafter)):
@@ -348,8 +363,10 @@ class SpeculativeEngine:
             raise ValueError(f"scheduler={scheduler!r} needs a drafter with a confidence head")
         if max_batch < 1 or max_tokens < 1:
             raise ValueError("max_batch and max_tokens must be >= 1")
-        if draft_max_batch is not None and (drafter is None or draft_max_batch < 1):
-            raise ValueError(f"draft_max_batch must be >= 1 and needs a drafter, got {draft_max_batch}")
+        if draft_max_batch is not None and (drafter is None or (
+                draft_max_batch != "auto" and (not isinstance(draft_max_batch, int) or draft_max_batch < 1))):
+            raise ValueError(f"draft_max_batch must be an int >= 1 or 'auto' and needs a drafter, "
+                             f"got {draft_max_batch!r}")
         self.draft_max_batch = draft_max_batch
         self.target, self.drafter, self.scheduler = target, drafter, scheduler
         self.device = target.device
@@ -372,7 +389,9 @@ class SpeculativeEngine:
         if drafter is not None and not self.eagle:
             self._step_rows = max(self._step_rows, drafter.config.block_size)
         pages_per_request = math.ceil((max_tokens + self._step_rows) / page_size)
-        num_pages = pages_per_request + max_batch + (math.ceil(self._step_rows / page_size) if cuda_graphs else 0)
+        # Padding slots (graph buckets, and the frozen slots the step costs are profiled on) write into pad pages.
+        pads = cuda_graphs or draft_max_batch == "auto"
+        num_pages = pages_per_request + max_batch + (math.ceil(self._step_rows / page_size) if pads else 0)
         layers, heads, dim = target.kv_cache_shape()
         self.target_cache = PagedKVCache(layers, num_pages, page_size, heads, dim, target.dtype, self.device,
                                          max_pages_per_request=pages_per_request)
@@ -418,17 +437,27 @@ class SpeculativeEngine:
         self.stats = EngineStats()
         self._inflight: collections.deque[_InFlight] = collections.deque()
         self.sps_table = sps_table
-        if scheduler != "fixed" and sps_table is None:
+        # The confidence schedulers need the SPS table, and so does draft_max_batch="auto" when run eagerly
+        # (a drafting step's verify rows vary).
+        if sps_table is None and (scheduler != "fixed" or (draft_max_batch == "auto" and not self.fixed_shapes)):
             self.sps_table = self.profile_sps()
         self._sps = None if self.sps_table is None else self.sps_table.to(self.device, torch.float64)
+        self._sps_host = None if self.sps_table is None else self.sps_table.to(torch.float64).tolist()
         carries_hidden = drafter is not None and (self.eagle or drafter.config.block_context)
         self.slots = SlotState.allocate(
             max_batch, pages_per_request, drafter=drafter is not None,
             async_conf=self.block_size if scheduler == "async" else 0,
             draft_hidden=drafter.config.backbone.hidden_size if carries_hidden else 0,
             dtype=target.dtype if drafter is None else drafter.dtype, device=self.device)
-        self._pad_pages = self._reserve_pad_pages() if cuda_graphs else (None, None)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pad_pages = self._reserve_pad_pages() if pads else (None, None)
+        if step_cost_table is not None and draft_max_batch != "auto":
+            raise ValueError("step_cost_table is only used with draft_max_batch='auto'")
+        self.step_cost_table = None if step_cost_table is None else self._check_step_costs(step_cost_table)
+        # draft_max_batch="auto": what recent drafting steps achieved per request (tokens emitted, drafts
+        # verified), and how many plain steps ran since the last drafting one.
+        self._tau = self._verified = 0.0
+        self._observed = self._plain_run = 0
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.slots.freeze(0, *self._pad_pages)
 
@@ -491,6 +520,8 @@ class SpeculativeEngine:
         if admitted:
             self._prefill(admitted)
         self._collect(self._lag, new)
+        if self.running and self.draft_max_batch == "auto" and self.step_cost_table is None:
+            self.step_cost_table = self.profile_step_costs()
         t0 = time.perf_counter()
         launched = bool(self.running)
         if launched:
@@ -592,25 +623,63 @@ class SpeculativeEngine:
 
     def _launch_decode(self) -> None:
         B = len(self.running)
-        if self.cuda_graphs:
-            bucket = min(self.max_batch, 1 << (B - 1).bit_length())
-            if bucket not in self._graphs:
-                self._graphs[bucket] = self._capture(bucket)
-            graph, packed = self._graphs[bucket]
-            graph.replay()
-        else:
-            packed = self._decode(B)
-        self._enqueue(list(self.running), packed[:B], decode=True)
+        rows = self._bucket(B) if self.cuda_graphs else B
+        drafting = self._drafts(rows)
+        self._plain_run = 0 if drafting else self._plain_run + 1
+        self._enqueue(list(self.running), self._run_step(rows, drafting)[:B], decode=True, drafted=drafting)
 
-    def _capture(self, B: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _bucket(self, B: int) -> int:
+        """The slots a CUDA graph runs for B requests: the next power of two (at most max_batch)."""
+        return min(self.max_batch, 1 << (B - 1).bit_length())
+
+    def _drafts(self, B: int) -> bool:
+        """Whether the step over B slots drafts (see ``draft_max_batch``)."""
+        if self.draft_max_batch is None:
+            return self.drafter is not None
+        if self.draft_max_batch == "auto":
+            return self._observed == 0 or self._plain_run >= _EXPLORE_EVERY or self._drafting_pays(B)
+        return B <= self.draft_max_batch
+
+    def _drafting_pays(self, B: int) -> bool:
+        """A drafting step is worth its cost when tau * plain_s > drafting_s: the drafts it verifies
+        emit tau tokens per request (recent drafting steps' mean) where a plain step emits one.
+
+        Under fixed shapes the profiled drafting step already verifies every draft row. Eagerly its
+        profile verified the anchor alone (frozen slots), so the rows of ``verified`` drafts per request
+        are added from the SPS table. Uses past steps only, so the output stays lossless."""
+        plain_s, drafting_s = self.step_cost_table[B].tolist()
+        if not self.fixed_shapes:
+            rows = min(round(B * (1 + self._verified)), len(self._sps_host) - 1)
+            drafting_s += max(0.0, 1 / self._sps_host[rows] - 1 / self._sps_host[B])
+        return self._tau * plain_s > drafting_s
+
+    def _observe(self, tau: float, verified: float) -> None:
+        """Fold a drafting step's per-request tokens and verified drafts into the running means (plain mean
+        over the first steps, then a 32-step exponential window: the acceptance drifts with the text)."""
+        self._observed += 1
+        w = max(1 / self._observed, 1 / 32)
+        self._tau += w * (tau - self._tau)
+        self._verified += w * (verified - self._verified)
+
+    def _run_step(self, B: int, drafting: bool) -> torch.Tensor:
+        """Run (eagerly, or by replaying its CUDA graph) the decode step over the first B slots."""
+        if not self.cuda_graphs:
+            return self._decode(B, drafting)
+        if (B, drafting) not in self._graphs:
+            self._graphs[B, drafting] = self._capture(B, drafting)
+        graph, packed = self._graphs[B, drafting]
+        graph.replay()
+        return packed
+
+    def _capture(self, B: int, drafting: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """A CUDA graph of the decode step over the first B slots."""
-        self._warm_up(B)
+        self._warm_up(B, drafting)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            packed = self._decode(B)
+            packed = self._decode(B, drafting)
         return graph, packed
 
-    def _warm_up(self, B: int) -> None:
+    def _warm_up(self, B: int, drafting: bool) -> None:
         """Run the step once before capturing it (lazy initialisation; on a side stream on CUDA, as capture
         wants), then undo it: the slot state is restored, and its K/V writes lie past every context."""
         saved = self.slots.snapshot()
@@ -618,18 +687,18 @@ class SpeculativeEngine:
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            self._decode(B)
+            self._decode(B, drafting)
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
         self.slots.restore(saved)
 
     @torch.no_grad()
-    def _decode(self, B: int) -> torch.Tensor:
+    def _decode(self, B: int, drafting: bool) -> torch.Tensor:
         """One decode step of slots 0..B-1, device tensors only; returns [B, G+3] int32 (G = block_size):
         tokens [G+1] (accepted drafts, then the sampled token; -1 after) | accepted | verified drafts.
-        Past ``draft_max_batch`` the step drafts nothing and verifies the anchor alone (plain decoding)."""
+        Without ``drafting`` the step drafts nothing and verifies the anchor alone (plain decoding)."""
         s, dev = self.slots.rows(B), self.device
-        G = self.block_size if self.draft_max_batch is None or B <= self.draft_max_batch else 0
+        G = self.block_size if drafting else 0
         live = s.remaining > 0
         # Never verify drafts a request could not emit (its remaining budget).
         max_len = (s.remaining - 1).clamp(0, G).to(torch.int32)
@@ -789,7 +858,7 @@ class SpeculativeEngine:
 
     # ---- results -------------------------------------------------------------------------------------------------
 
-    def _enqueue(self, requests: list[Request], packed: torch.Tensor, *, decode: bool) -> None:
+    def _enqueue(self, requests: list[Request], packed: torch.Tensor, *, decode: bool, drafted: bool = False) -> None:
         """Start copying a step's packed results to the host (asynchronously on CUDA)."""
         event = None
         if packed.device.type == "cuda":
@@ -799,7 +868,7 @@ class SpeculativeEngine:
             event.record()
         else:
             host = packed.to("cpu", copy=True)   # a graph's output buffer is overwritten by its next replay
-        self._inflight.append(_InFlight(requests, host, event, decode))
+        self._inflight.append(_InFlight(requests, host, event, decode, drafted))
 
     def _collect(self, keep: int, new: dict[int, list[int]]) -> None:
         """Apply the results of all but the last ``keep`` launched steps, then let finished requests leave."""
@@ -809,6 +878,8 @@ class SpeculativeEngine:
                 p.event.synchronize()
             if p.decode:
                 self.stats.steps += 1
+                self.stats.drafting_steps += p.drafted
+            rows = emitted = verified_drafts = 0
             for req, row in zip(p.requests, p.host.tolist()):
                 if req.finished:  # ran one step past its end on the device: discarded
                     continue
@@ -819,10 +890,13 @@ class SpeculativeEngine:
                 if p.decode:
                     self._record(req, verified, accepted)
                     self.stats.verify_tokens += verified + 1
+                    rows, emitted, verified_drafts = rows + 1, emitted + accepted + 1, verified_drafts + verified
                 before = len(req.output)
                 req.output.extend(tokens[:accepted + 1])
                 self._settle(req)  # may cut after a stop token or at the budget
                 new.setdefault(req.id, []).extend(req.output[before:])
+            if p.drafted and rows and self.draft_max_batch == "auto":
+                self._observe(emitted / rows, verified_drafts / rows)
         self._retire()
 
     def _retire(self) -> None:
@@ -901,6 +975,53 @@ class SpeculativeEngine:
         finally:
             for r in dummy:
                 self.target_cache.free(r)
+        return table
+
+    @torch.no_grad()
+    def profile_step_costs(self, *, warmup: int = 1, iters: int = 5) -> torch.Tensor:
+        """Seconds of a plain and of a drafting decode step over B = 1..max_batch slots: [max_batch + 1, 2]
+        float64, row B (under CUDA graphs each bucket is timed and its rows share its figures).
+
+        The steps run on frozen slots (every slot made padding, restored afterwards), so they cost what a
+        real step does except that they verify the anchor alone when run eagerly (``_drafting_pays`` adds
+        the verify rows from the SPS table) and attend
+        to no context. The slot state and the phase timers are left as they were."""
+        if self.drafter is None:
+            raise ValueError("profile_step_costs needs a drafter")
+        if self._pad_pages[0] is None:
+            raise RuntimeError("the engine reserved no padding pages (draft_max_batch='auto' or cuda_graphs)")
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        table = torch.zeros(self.max_batch + 1, 2, dtype=torch.float64)
+        saved = self.slots.snapshot()
+        timers = {k: getattr(self.stats, k) for k in ("draft_s", "schedule_s", "verify_s")}
+        self.slots.freeze(0, *self._pad_pages)
+        try:
+            for B in sorted({self._bucket(B) if self.cuda_graphs else B for B in range(1, self.max_batch + 1)}):
+                for col, drafting in enumerate((False, True)):
+                    times = []
+                    for i in range(warmup + iters):
+                        sync()
+                        t0 = time.perf_counter()
+                        self._run_step(B, drafting)
+                        sync()
+                        times.append(time.perf_counter() - t0)
+                    table[B, col] = sorted(times[warmup:])[iters // 2]
+        finally:
+            self.slots.restore(saved)
+            for k, v in timers.items():
+                setattr(self.stats, k, v)
+        if self.cuda_graphs:
+            for B in range(1, self.max_batch + 1):
+                table[B] = table[self._bucket(B)]
+        return self._check_step_costs(table)
+
+    def _check_step_costs(self, table: torch.Tensor) -> torch.Tensor:
+        table = torch.as_tensor(table, dtype=torch.float64).cpu()
+        if table.shape != (self.max_batch + 1, 2):
+            raise ValueError(f"step_cost_table must be [max_batch + 1, 2] = [{self.max_batch + 1}, 2], "
+                             f"got {list(table.shape)}")
+        if not bool((table[1:] > 0).all()) or not bool(table.isfinite().all()):
+            raise ValueError("step_cost_table must hold finite seconds > 0 in rows 1..max_batch")
         return table
 
     # ---- convenience -----------------------------------------------------------------------------------------------

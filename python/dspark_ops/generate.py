@@ -49,9 +49,19 @@ def add_parser(sub) -> None:
     g.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graphs (the step runs eagerly)")
     g.add_argument("--draft-vocab", action=argparse.BooleanOptionalAction, default=True,
                    help="let the drafter propose only its draft vocabulary's ids when it has one (lossless either way)")
-    g.add_argument("--draft-max-batch", type=int, default=None, metavar="N",
-                   help="draft only while at most N prompts run; larger batches decode plainly (default: always draft)")
+    g.add_argument("--draft-max-batch", type=_draft_max_batch, default=None, metavar="N|auto",
+                   help="draft only while at most N prompts run, larger batches decode plainly; auto: draft when "
+                        "the profiled step costs and recent acceptance say it pays (default: always draft)")
     g.set_defaults(func=run)
+
+
+def _draft_max_batch(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def _engine_for(target, drafter, args):
@@ -96,6 +106,8 @@ def _report(label, engine, outputs, elapsed):
         acc = ", ".join("-" if a is None else f"{a:.2f}" for a in s["acceptance_by_position"])
         line += f", tau {tau:.2f} tokens/step, verify tokens/step {s['verify_tokens_per_step']:.1f}, "
         line += f"acceptance by position [{acc}]"
+        if engine.draft_max_batch is not None:
+            line += f", drafted in {s['drafting_steps']} of {engine.stats.steps} steps"
     t = s["time_s"]
     line += f"; time: prefill {t['prefill']:.2f} s, draft {t['draft']:.2f} s, schedule {t['schedule']:.3f} s, " \
             f"verify {t['verify']:.2f} s)"
