@@ -269,7 +269,9 @@ def main():
         print(f"| dspark engine, plain | {batch} | {plain_tps:.1f} | 1.00x | 1.00 | True |", flush=True)
         rows.append((f"engine plain\nb={batch}", plain_tps))
         for name, drafter, kw in engines_at(drafters, batch):
-            outs, tps, tau, _ = best_run(args.repeat, target, drafter, prompts, n, batch, stop, **kw)
+            outs, tps, tau, engine = best_run(args.repeat, target, drafter, prompts, n, batch, stop, **kw)
+            if "draft_max_batch" in kw:
+                name += f" ({engine.stats.drafting_steps} of {engine.stats.steps} steps drafted)"
             print(f"| dspark engine, {name} | {batch} | {tps:.1f} | {tps / plain_tps:.2f}x | {tau:.2f} | "
                   f"{outs == plain} |", flush=True)
             rows.append((f"{name}\nb={batch}", tps))

@@ -64,9 +64,11 @@ from .models.llama import LlamaModel
 SCHEDULERS = ("fixed", "sync", "async")
 _EAGLE_DRAWS_PER_STEP = 16   # Philox offsets per engine step for the EAGLE drafter's sequential draws (block <= 15)
 _PAD_REQUEST = -(2**40)      # KV pages that padding slots of a CUDA-graph bucket write into
-# draft_max_batch="auto" drafts once after this many plain steps in a row: acceptance drifts with the text, and a
-# plain step measures none (at a batch where drafting does not pay, this costs about 1-2%).
+# draft_max_batch="auto" drafts once after a run of plain steps, since acceptance drifts with the text and a plain
+# step measures none: after 16 plain steps, or more where a drafting step costs more, so that these drafting steps
+# cost at most about 2% of the plain steps' time where drafting does not pay.
 _EXPLORE_EVERY = 16
+_EXPLORE_OVERHEAD = 0.02
 
 
 @dataclasses.dataclass
@@ -335,7 +337,8 @@ class SpeculativeEngine:
         step is expected to emit more tokens per second than a plain one, from the profiled step
         costs (``step_cost_table``) and the tokens per step and verified drafts that recent
         drafting steps achieved (see :meth:`_drafting_pays`; the first step drafts, and so does
-        one after every 16 plain steps in a row, to keep measuring). None: always draft.
+        one after a run of plain steps, to keep measuring: 16, or as many as keep these drafting
+        steps under 2% of the plain steps' time). None: always draft.
       step_cost_table: [max_batch + 1, 2] seconds of a plain and of a drafting step over B
         requests (row B; rows of other batch sizes are ignored under CUDA graphs, which use their
         bucket's row); profiled at the first decode step when None and draft_max_batch="auto".
@@ -637,7 +640,7 @@ class SpeculativeEngine:
         if self.draft_max_batch is None:
             return self.drafter is not None
         if self.draft_max_batch == "auto":
-            return self._observed == 0 or self._plain_run >= _EXPLORE_EVERY or self._drafting_pays(B)
+            return self._observed == 0 or self._plain_run >= self._explore_after(B) or self._drafting_pays(B)
         return B <= self.draft_max_batch
 
     def _drafting_pays(self, B: int) -> bool:
@@ -652,6 +655,11 @@ class SpeculativeEngine:
             rows = min(round(B * (1 + self._verified)), len(self._sps_host) - 1)
             drafting_s += max(0.0, 1 / self._sps_host[rows] - 1 / self._sps_host[B])
         return self._tau * plain_s > drafting_s
+
+    def _explore_after(self, B: int) -> int:
+        """Plain steps in a row after which the next one drafts to measure (see _EXPLORE_OVERHEAD)."""
+        plain_s, drafting_s = self.step_cost_table[B].tolist()
+        return max(_EXPLORE_EVERY, math.ceil((drafting_s / plain_s - 1) / _EXPLORE_OVERHEAD))
 
     def _observe(self, tau: float, verified: float) -> None:
         """Fold a drafting step's per-request tokens and verified drafts into the running means (plain mean
