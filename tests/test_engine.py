@@ -409,7 +409,7 @@ def test_auto_draft_max_batch_weighs_the_step_costs_against_recent_acceptance():
     engine.step_cost_table = _costs(4, 1.0, lambda B: 1.1)
     assert engine._explore_after(1) == 16 and engine._drafts(1)
     engine.step_cost_table = _costs(4, 1.0, lambda B: 2.0)
-    for _ in range(200):             # the window forgets the prior
+    for _ in range(200):             # the window forgets the first observations
         engine._observe(3.0, 1.0)
     assert engine._tau == pytest.approx(3.0, rel=1e-2) and engine._verified == pytest.approx(1.0, rel=1e-2)
     assert engine._drafting_pays(4)
