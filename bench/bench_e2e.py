@@ -36,7 +36,7 @@ import torch
 from torch.autograd import DeviceType
 
 from dspark_ops.engine import SpeculativeEngine
-from dspark_ops.generate import shipped_drafter
+from dspark_ops.generate import parse_draft_max_batch, shipped_drafter
 from dspark_ops.models import (LlamaConfig, LlamaModel, TextTokenizer, build_drafter_from_target, load_drafter,
                                resolve_model)
 
@@ -230,7 +230,7 @@ def main():
     ap.add_argument("--eagle", default=None, help="an EAGLE-3-style drafter folder to include")
     ap.add_argument("--random-weights", action="store_true",
                     help="SmolLM2-135M's shape with random weights and random prompts (no model files needed)")
-    ap.add_argument("--draft-max-batch", type=lambda t: t if t == "auto" else int(t), default=None, metavar="N|auto",
+    ap.add_argument("--draft-max-batch", type=parse_draft_max_batch, default=None, metavar="N|auto",
                     help="also run each drafter drafting only while at most N requests run (at larger batches), "
                          "or where the profiled step costs say drafting pays (auto, at every batch)")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="CPU batch sizes (default: 1 and 8)")

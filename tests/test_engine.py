@@ -514,7 +514,6 @@ class _ReplayEagerly:
     def __init__(self, engine: SpeculativeEngine, B: int, drafting: bool):
         self.engine, self.B, self.drafting = engine, B, drafting
         self.packed = torch.full((B, engine.block_size + 3), -7, dtype=torch.int32)
-        self.captures = 0
 
     def replay(self):
         self.packed.copy_(self.engine._decode(self.B, self.drafting))

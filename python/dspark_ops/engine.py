@@ -67,7 +67,7 @@ _PAD_REQUEST = -(2**40)      # KV pages that padding slots of a CUDA-graph bucke
 # draft_max_batch="auto" drafts once after a run of plain steps, since acceptance drifts with the text and a plain
 # step measures none: after 16 plain steps, or more where a drafting step costs more, so that these drafting steps
 # cost at most about 2% of the plain steps' time where drafting does not pay.
-_EXPLORE_EVERY = 16
+_EXPLORE_MIN_PLAIN = 16
 _EXPLORE_OVERHEAD = 0.02
 
 
@@ -659,7 +659,7 @@ class SpeculativeEngine:
     def _explore_after(self, B: int) -> int:
         """Plain steps in a row after which the next one drafts to measure (see _EXPLORE_OVERHEAD)."""
         plain_s, drafting_s = self.step_cost_table[B].tolist()
-        return max(_EXPLORE_EVERY, math.ceil((drafting_s / plain_s - 1) / _EXPLORE_OVERHEAD))
+        return max(_EXPLORE_MIN_PLAIN, math.ceil((drafting_s / plain_s - 1) / _EXPLORE_OVERHEAD))
 
     def _observe(self, tau: float, verified: float) -> None:
         """Fold a drafting step's per-request tokens and verified drafts into the running means (plain mean
@@ -992,8 +992,7 @@ class SpeculativeEngine:
 
         The steps run on frozen slots (every slot made padding, restored afterwards), so they cost what a
         real step does except that they verify the anchor alone when run eagerly (``_drafting_pays`` adds
-        the verify rows from the SPS table) and attend
-        to no context. The slot state and the phase timers are left as they were."""
+        the verify rows from the SPS table) and attend to no context. The slot state and the phase timers are left as they were."""
         if self.drafter is None:
             raise ValueError("profile_step_costs needs a drafter")
         if self._pad_pages[0] is None:

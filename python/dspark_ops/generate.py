@@ -49,13 +49,14 @@ def add_parser(sub) -> None:
     g.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graphs (the step runs eagerly)")
     g.add_argument("--draft-vocab", action=argparse.BooleanOptionalAction, default=True,
                    help="let the drafter propose only its draft vocabulary's ids when it has one (lossless either way)")
-    g.add_argument("--draft-max-batch", type=_draft_max_batch, default=None, metavar="N|auto",
+    g.add_argument("--draft-max-batch", type=parse_draft_max_batch, default=None, metavar="N|auto",
                    help="draft only while at most N prompts run, larger batches decode plainly; auto: draft when "
                         "the profiled step costs and recent acceptance say it pays (default: always draft)")
     g.set_defaults(func=run)
 
 
-def _draft_max_batch(text: str) -> int | str:
+def parse_draft_max_batch(text: str) -> int | str:
+    """An argparse type for --draft-max-batch: an integer or 'auto'."""
     if text == "auto":
         return text
     try:
