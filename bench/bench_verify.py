@@ -8,9 +8,13 @@ all measured in the same run. Two draft scenarios bracket the real cost:
             so every position (and the bonus) is processed: the worst case.
 GPU (when CUDA is available): time and achieved bandwidth (logit bytes read /
 time) and FlashInfer's chain_speculative_sampling on the same shapes if importable.
+Draft vocabulary (--draft-vocab): drafts over Vd of the V ids, verified through
+``draft_index`` against the baseline of writing them out as [B, K, V] first
+(zero outside Vd, the input FlashInfer's and our dense path take).
 
-    python bench/bench_verify.py            # full CPU table (a few minutes)
-    python bench/bench_verify.py --quick    # one shape
+    python bench/bench_verify.py                # full CPU table (a few minutes)
+    python bench/bench_verify.py --quick        # one shape
+    python bench/bench_verify.py --draft-vocab  # draft_index vs writing q out over V
 """
 from __future__ import annotations
 
@@ -108,12 +112,52 @@ def gpu_table(shapes, repeat):
                           f"{gbs:.0f} | {fi} |", flush=True)
 
 
+def draft_vocab_table(device, repeat, shapes):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    print(f"draft vocabulary on {device}, threads: {torch.get_num_threads()}; T=1, drafts from q over Vd ids "
+          f"close to the target")
+    print("| B | K | V | Vd | write q over V, then verify ms | of which writing ms | verify with draft_index ms | "
+          "speedup | q bytes (dense / Vd) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for B, K, V, Vd in shapes:
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(B, K + 1, V, generator=gen) * 2
+        ids = torch.sort(torch.randperm(V, generator=gen)[:Vd]).values
+        index = torch.full((V,), -1, dtype=torch.int32)
+        index[ids] = torch.arange(Vd, dtype=torch.int32)
+        q = torch.softmax(logits[:, :K, ids] + 0.5 * torch.randn(B, K, Vd, generator=gen), -1)
+        drafts = ids[torch.multinomial(q.reshape(-1, Vd), 1, generator=gen).reshape(B, K)]
+        logits, q, drafts, index, ids = (t.to(device) for t in (logits, q, drafts, index, ids))
+        seeds = torch.arange(B, device=device)
+
+        def dense():
+            return q.new_zeros(B, K, V).index_copy_(-1, ids, q)
+
+        full = dense()
+        write = timeit(dense, repeat=repeat, sync=sync)
+        base = timeit(lambda: dspark_ops.verify(logits, drafts, dense(), seed=seeds), repeat=repeat, sync=sync)
+        op = timeit(lambda: dspark_ops.verify(logits, drafts, q, draft_index=index, seed=seeds), repeat=repeat,
+                    sync=sync)
+        assert torch.equal(dspark_ops.verify(logits, drafts, q, draft_index=index, seed=seeds)[0],
+                           dspark_ops.verify(logits, drafts, full, seed=seeds)[0])
+        print(f"| {B} | {K} | {V} | {Vd} | {base * 1e3:.3f} | {write * 1e3:.3f} | {op * 1e3:.3f} | {base / op:.2f}x | "
+              f"{full.numel() * 4 / 1e6:.1f} MB / {q.numel() * 4 / 1e6:.2f} MB |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one shape, few repeats")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference column")
     ap.add_argument("--gpu", action="store_true", help="GPU table only")
+    ap.add_argument("--draft-vocab", action="store_true", help="draft_index against writing q out over V")
     args = ap.parse_args()
+    if args.draft_vocab:   # SmolLM2's shapes (its shipped 4096-id draft vocabulary), then a 128K-id target
+        shapes = [(B, 6, 49152, 4096) for B in (1, 8, 32)] + [(B, 6, 128256, 32768) for B in (8, 32)]
+        if not args.gpu:
+            draft_vocab_table("cpu", 20, shapes)
+        if torch.cuda.is_available():
+            draft_vocab_table("cuda", 50, shapes + [(B, 6, 128256, 32768) for B in (128, 256)])
+        return
     if args.quick:
         shapes, repeat = [(32, 7, 151936)], 3
     else:

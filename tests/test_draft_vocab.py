@@ -30,8 +30,7 @@ def test_maps_and_bad_ids():
     assert vocab.order.tolist() == [1, 4, 6, 0, 2, 3, 5, 7]
     assert torch.equal(vocab.order[vocab.position], torch.arange(8))
     assert vocab.position[torch.tensor([1, 4, 6])].tolist() == [0, 1, 2]  # drawable ids come first
-    q = torch.tensor([[0.5, 0.25, 0.25]])
-    assert vocab.expand_probs(q).tolist() == [[0, 0.5, 0, 0, 0.25, 0, 0.25, 0]]
+    assert vocab.index.tolist() == [-1, 0, -1, -1, 1, -1, 2, -1] and vocab.index.dtype == torch.int32
     for bad, match in ((torch.tensor([1, 8]), r"\[0, 8\)"), (torch.tensor([3, 3]), "distinct"),
                        (torch.tensor([], dtype=torch.long), "1..8")):
         with pytest.raises(ValueError, match=match):
@@ -57,7 +56,8 @@ def test_drawing_over_the_draft_vocabulary_equals_masking_the_rest(rank):
     want_tokens, want_q, want_conf = dspark_ops.markov_sample(masked, anchor, w1, w2, **kw)
     tokens, q, conf = dspark_ops.markov_sample(U[..., vocab.ids], vocab.position[anchor], *vocab.markov(w1, w2), **kw)
     assert torch.equal(vocab.ids[tokens.long()], want_tokens.long())
-    assert torch.equal(vocab.expand_probs(q), want_q)
+    assert torch.equal(q, want_q[..., vocab.ids])
+    assert not want_q[..., vocab.index < 0].any()
     assert torch.equal(conf, want_conf)
 
 

@@ -12,7 +12,8 @@
 #include "dspark/cpu_isa.h"
 
 DSPARK_DECLARE_ISA_FN(void, verify_rows,
-                      (const dspark::VerifyProblem& P, dspark::index_t begin, dspark::index_t end, float* scratch))
+                      (const dspark::VerifyProblem& P, const int32_t* draft_ids, dspark::index_t begin,
+                       dspark::index_t end, float* scratch))
 
 namespace dspark {
 
@@ -20,7 +21,8 @@ VerifyProblem check_verify_args(const at::Tensor& target_logits, const at::Tenso
                                 const std::optional<at::Tensor>& draft_probs, const at::Tensor& num_draft,
                                 const at::Tensor& temperature, const at::Tensor& top_k,
                                 const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
-                                const at::Tensor& offset, VerifyOutputs* outputs) {
+                                const at::Tensor& offset, const std::optional<at::Tensor>& draft_index,
+                                VerifyOutputs* outputs) {
   const auto device = target_logits.device();
   TORCH_CHECK(target_logits.dim() == 3, "verify: target_logits must be [B, K+1, V], got ", target_logits.sizes());
   const int64_t B = target_logits.size(0), K = target_logits.size(1) - 1, V = target_logits.size(2);
@@ -42,13 +44,25 @@ VerifyProblem check_verify_args(const at::Tensor& target_logits, const at::Tenso
   if (draft_probs.has_value()) {
     const at::Tensor& q = *draft_probs;
     TORCH_CHECK(q.device() == device, "verify: draft_probs is on ", q.device(), " but target_logits is on ", device);
-    TORCH_CHECK(q.dim() == 3 && q.size(0) == B && q.size(1) == K && q.size(2) == V,
-                "verify: draft_probs must be [B, K, V] = [", B, ", ", K, ", ", V, "], got ", q.sizes());
-    TORCH_CHECK(V == 1 || q.stride(2) == 1, "verify: draft_probs must be contiguous in the vocabulary dim");
+    if (draft_index.has_value()) {
+      TORCH_CHECK(q.dim() == 3 && q.size(0) == B && q.size(1) == K && q.size(2) >= 1,
+                  "verify: draft_probs must be [B, K, Vd] = [", B, ", ", K, ", Vd] with a draft_index, got ",
+                  q.sizes());
+      TORCH_CHECK(q.size(2) < (int64_t{1} << 31), "verify: draft_probs' draft vocabulary must be < 2^31");
+      check_tensor(*draft_index, "draft_index", device, at::kInt, {V});
+      P.draft_index = draft_index->data_ptr<int32_t>();
+    } else {
+      TORCH_CHECK(q.dim() == 3 && q.size(0) == B && q.size(1) == K && q.size(2) == V,
+                  "verify: draft_probs must be [B, K, V] = [", B, ", ", K, ", ", V, "], got ", q.sizes());
+    }
+    TORCH_CHECK(q.size(2) == 1 || q.stride(2) == 1, "verify: draft_probs must be contiguous in the vocabulary dim");
     P.draft_probs = q.data_ptr();
     P.draft_probs_dtype = float_code(q, "draft_probs");
     P.draft_probs_stride_b = q.stride(0);
     P.draft_probs_stride_k = q.stride(1);
+    P.draft_cols = q.size(2);
+  } else {
+    TORCH_CHECK(!draft_index.has_value(), "verify: draft_index maps draft_probs' columns, and no draft_probs was given");
   }
   check_tensor(num_draft, "num_draft", device, at::kInt, {B});
   check_tensor(temperature, "temperature", device, at::kFloat, {B});
@@ -99,14 +113,27 @@ using VerifyResult = std::tuple<at::Tensor, at::Tensor>;
 VerifyResult verify_cpu(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
                         const std::optional<at::Tensor>& draft_probs, const at::Tensor& num_draft,
                         const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-                        const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset) {
+                        const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
+                        const std::optional<at::Tensor>& draft_index) {
   VerifyOutputs out;
   const VerifyProblem P = check_verify_args(target_logits, draft_tokens, draft_probs, num_draft, temperature,
-                                            top_k, top_p, min_p, seed, offset, &out);
+                                            top_k, top_p, min_p, seed, offset, draft_index, &out);
+  // The CPU kernel writes a rejected row's q out by column: it needs the inverse of draft_index, which also
+  // shows that the map is one-to-one (on CUDA that is the caller's contract: checking it would sync).
+  std::vector<int32_t> draft_ids(P.draft_index != nullptr ? P.draft_cols : 0, -1);
+  for (int64_t v = 0; P.draft_index != nullptr && v < P.vocab; ++v) {
+    const int32_t c = P.draft_index[v];
+    TORCH_CHECK(c >= -1 && c < P.draft_cols, "verify: draft_index[", v, "] = ", c, " is outside [-1, ",
+                P.draft_cols, ") (the columns of draft_probs, -1: none)");
+    if (c < 0) continue;
+    TORCH_CHECK(draft_ids[c] < 0, "verify: draft_index maps target ids ", draft_ids[c], " and ", v,
+                " to the same column ", c);
+    draft_ids[c] = static_cast<int32_t>(v);
+  }
   auto* rows = DSPARK_ISA_DISPATCH(verify_rows);
   at::parallel_for(0, P.batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(2 * static_cast<size_t>(P.vocab));
-    rows(P, begin, end, scratch.data());
+    rows(P, P.draft_index != nullptr ? draft_ids.data() : nullptr, begin, end, scratch.data());
   });
   for (int64_t b = 0; b < P.batch; ++b) raise_row_error(b, P.row_error[b]);
   return {out.tokens, out.num_accepted};
@@ -115,7 +142,8 @@ VerifyResult verify_cpu(const at::Tensor& target_logits, const at::Tensor& draft
 VerifyResult verify_meta(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
                          const std::optional<at::Tensor>& draft_probs, const at::Tensor& num_draft,
                          const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-                         const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset) {
+                         const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
+                         const std::optional<at::Tensor>& draft_index) {
   TORCH_CHECK(target_logits.dim() == 3, "verify: target_logits must be [B, K+1, V], got ", target_logits.sizes());
   const auto opts = target_logits.options().dtype(at::kInt);
   return {at::empty({target_logits.size(0), target_logits.size(1)}, opts),
@@ -126,10 +154,11 @@ VerifyResult verify_meta(const at::Tensor& target_logits, const at::Tensor& draf
 VerifyResult verify_cuda(const at::Tensor& target_logits, const at::Tensor& draft_tokens,
                          const std::optional<at::Tensor>& draft_probs, const at::Tensor& num_draft,
                          const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-                         const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset) {
+                         const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
+                        const std::optional<at::Tensor>& draft_index) {
   VerifyOutputs out;
   const VerifyProblem P = check_verify_args(target_logits, draft_tokens, draft_probs, num_draft, temperature,
-                                            top_k, top_p, min_p, seed, offset, &out);
+                                            top_k, top_p, min_p, seed, offset, draft_index, &out);
   // Row errors cannot raise without a host sync: the row reads num_accepted = -1 (see python wrapper).
   verify_cuda_launch(P);
   return {out.tokens, out.num_accepted};
@@ -142,7 +171,8 @@ VerifyResult verify_cuda(const at::Tensor& target_logits, const at::Tensor& draf
 TORCH_LIBRARY_FRAGMENT(dspark, m) {
   m.def(
       "verify(Tensor target_logits, Tensor draft_tokens, Tensor? draft_probs, Tensor num_draft, "
-      "Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed, Tensor offset) "
+      "Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed, Tensor offset, "
+      "Tensor? draft_index=None) "
       "-> (Tensor tokens, Tensor num_accepted)");
 }
 TORCH_LIBRARY_IMPL(dspark, CPU, m) { m.impl("verify", &dspark::verify_cpu); }

@@ -18,7 +18,8 @@ VerifyProblem check_verify_args(const at::Tensor& target_logits, const at::Tenso
                                 const std::optional<at::Tensor>& draft_probs, const at::Tensor& num_draft,
                                 const at::Tensor& temperature, const at::Tensor& top_k,
                                 const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
-                                const at::Tensor& offset, VerifyOutputs* outputs);
+                                const at::Tensor& offset, const std::optional<at::Tensor>& draft_index,
+                                VerifyOutputs* outputs);
 
 #if defined(DSPARK_WITH_CUDA)
 void verify_cuda_launch(const VerifyProblem& problem);

@@ -136,6 +136,19 @@ inline uint64_t softmax_numerators_in_place(float* e, index_t n, float max, floa
 // `total`: the first v whose cumulative mass exceeds U. Whole chunks that
 // keep the running total <= U are skipped with vectorised (exact integer)
 // sums; the crossing chunk is scanned one token at a time.
+// Sum of mass(v) over [0, n), in lanes (integer sums: the order does not change the result).
+template <typename MassFn>
+uint64_t mass_total(index_t n, MassFn mass) {
+  uint64_t acc[kLanes] = {};
+  index_t v = 0;
+  for (; v + kLanes <= n; v += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += mass(v + l);
+  for (; v < n; ++v) acc[0] += mass(v);
+  uint64_t total = 0;
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
 template <typename MassFn>
 index_t draw(index_t n, uint64_t total, uint64_t bits, MassFn mass) {
   constexpr index_t kChunk = 16 * kLanes;

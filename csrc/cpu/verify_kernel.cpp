@@ -70,14 +70,8 @@ uint32_t filter_threshold(const float* e, index_t n, uint64_t z_all, const Sampl
   return t > min_p_bits ? t : min_p_bits;
 }
 
-template <typename Q>
-float draft_prob_at(const VerifyProblem& P, index_t b, index_t j, index_t v) {
-  const Q* q = static_cast<const Q*>(P.draft_probs) + b * P.draft_probs_stride_b + j * P.draft_probs_stride_k;
-  return to_float(q[v]);
-}
-
 template <typename L, typename Q>
-void verify_row(const VerifyProblem& P, index_t b, float* e) {
+void verify_row(const VerifyProblem& P, const int32_t* draft_ids, index_t b, float* e) {
   const index_t V = P.vocab, K = P.num_draft_max;
   int32_t* out = P.tokens + b * (K + 1);
   for (index_t j = 0; j <= K; ++j) out[j] = -1;
@@ -115,20 +109,34 @@ void verify_row(const VerifyProblem& P, index_t b, float* e) {
 
     index_t token;
     if (is_draft) {
-      const float q = one_hot ? 1.0f : draft_prob_at<Q>(P, b, j, xj);
+      const Q* q_row = one_hot ? nullptr : P.draft_row<Q>(b, j);
+      const float q = one_hot ? 1.0f : P.draft_prob(q_row, xj);
       if (!(q > 0.0f)) return fail(kRowZeroDraftProb);
       const float u = uniform_open01(random_words(sp.seed, sp.offset, j, Purpose::kVerifyAccept).v[0]);
       if (accept_draft(u, q, p_mass(xj), z)) { out[j] = static_cast<int32_t>(xj); continue; }
       // Rejected: draw from normalize(max(0, p - q)).
-      auto residual = [&](index_t v) -> uint64_t {
-        const uint64_t qm = one_hot ? (v == xj ? z : 0) : draft_mass(draft_prob_at<Q>(P, b, j, v), z);
-        return residual_mass(p_mass(v), qm);
+      auto resample = [&](auto q_at) -> index_t {
+        auto residual = [&](index_t v) -> uint64_t {
+          const uint64_t qm = one_hot ? (v == xj ? z : 0) : draft_mass(q_at(v), z);
+          return residual_mass(p_mass(v), qm);
+        };
+        const uint64_t r_total = mass_total(V, residual);
+        const uint64_t bits = random_u64(random_words(sp.seed, sp.offset, j, Purpose::kVerifySample));
+        // r_total == 0 only through rounding (p(x) < q(x) implies some p_v > q_v): fall back to p.
+        return r_total > 0 ? draw(V, r_total, bits, residual) : draw(V, z, bits, p_mass);
       };
-      uint64_t r_total = 0;
-      for (index_t v = 0; v < V; ++v) r_total += residual(v);
-      const uint64_t bits = random_u64(random_words(sp.seed, sp.offset, j, Purpose::kVerifySample));
-      // r_total == 0 only through rounding (p(x) < q(x) implies some p_v > q_v): fall back to p.
-      token = r_total > 0 ? draw(V, r_total, bits, residual) : draw(V, z, bits, p_mass);
+      if (P.draft_index == nullptr) {
+        token = resample([&](index_t v) { return to_float(q_row[v]); });
+      } else {
+        // q over a draft vocabulary: written out over the V ids into the scratch's second half (free after
+        // the filters) by column, so the two passes read it contiguously as they read a dense q. The binding
+        // checked that draft_index is one-to-one, so this is q(v) = draft_prob(q_row, v) for every v.
+        float* q_dense = e + V;
+        std::memset(q_dense, 0, static_cast<size_t>(V) * sizeof(float));
+        for (index_t c = 0; c < P.draft_cols; ++c)
+          if (draft_ids[c] >= 0) q_dense[draft_ids[c]] = to_float(q_row[c]);
+        token = resample([&](index_t v) { return q_dense[v]; });
+      }
     } else {
       const uint64_t bits = random_u64(random_words(sp.seed, sp.offset, j, Purpose::kVerifySample));
       token = draw(V, z, bits, p_mass);
@@ -141,17 +149,20 @@ void verify_row(const VerifyProblem& P, index_t b, float* e) {
 }
 
 template <typename L>
-void verify_rows_typed(const VerifyProblem& P, index_t begin, index_t end, float* scratch) {
+void verify_rows_typed(const VerifyProblem& P, const int32_t* draft_ids, index_t begin, index_t end,
+                       float* scratch) {
   for (index_t b = begin; b < end; ++b) {
-    with_float_type(P.draft_probs_dtype, [&](auto q) { verify_row<L, decltype(q)>(P, b, scratch); });
+    with_float_type(P.draft_probs_dtype, [&](auto q) { verify_row<L, decltype(q)>(P, draft_ids, b, scratch); });
   }
 }
 
 }  // namespace
 
-// Rows [begin, end); `scratch` holds 2 V floats.
-void verify_rows(const VerifyProblem& P, index_t begin, index_t end, float* scratch) {
-  with_float_type(P.logits_dtype, [&](auto l) { verify_rows_typed<decltype(l)>(P, begin, end, scratch); });
+// Rows [begin, end); `scratch` holds 2 V floats; `draft_ids` [Vd]: the target id of each column of
+// draft_probs (-1: none), the inverse of a checked draft_index (null without one).
+void verify_rows(const VerifyProblem& P, const int32_t* draft_ids, index_t begin, index_t end, float* scratch) {
+  with_float_type(P.logits_dtype,
+                  [&](auto l) { verify_rows_typed<decltype(l)>(P, draft_ids, begin, end, scratch); });
 }
 
 }  // namespace dspark::cpu::DSPARK_ISA

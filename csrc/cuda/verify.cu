@@ -150,12 +150,11 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyProblem P) {
       const float e = numerator(x, v, max, inv_t);
       return float_bits(e) >= t ? mass_of(e) : 0;
     };
-    const Q* q = one_hot ? nullptr
-                         : static_cast<const Q*>(P.draft_probs) + b * P.draft_probs_stride_b + j * P.draft_probs_stride_k;
+    const Q* q = one_hot ? nullptr : P.draft_row<Q>(b, j);
 
     index_t token;
     if (is_draft) {
-      const float qx = one_hot ? 1.0f : to_float(q[xj]);
+      const float qx = one_hot ? 1.0f : P.draft_prob(q, xj);
       if (!(qx > 0.0f)) return finish(-1, kRowZeroDraftProb);
       const float u = uniform_open01(random_words(sp.seed, sp.offset, j, Purpose::kVerifyAccept).v[0]);
       if (accept_draft(u, qx, p_mass(xj), z)) {
@@ -164,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyProblem P) {
         continue;
       }
       auto residual = [&](index_t v) -> uint64_t {
-        const uint64_t qm = one_hot ? (v == xj ? z : 0) : draft_mass(to_float(q[v]), z);
+        const uint64_t qm = one_hot ? (v == xj ? z : 0) : draft_mass(P.draft_prob(q, v), z);
         return residual_mass(p_mass(v), qm);
       };
       U64 r_acc = 0;

@@ -50,7 +50,9 @@ class DraftVocab:
     Draft index i < K is target id ``ids[i]``. ``markov_sample`` looks a
     previous token up in W1, and the anchor can be any target id, so W1's rows
     are reordered as ``order`` = (the K ids, then every other id) and a target
-    id x enters as ``position[x]`` (its row in that order).
+    id x enters as ``position[x]`` (its row in that order). ``index`` ([V]
+    int32: ``position[x]`` for drawable ids, -1 for the rest) is ``verify``'s
+    ``draft_index``: it reads the [..., K] draft distributions directly.
     """
 
     def __init__(self, ids: torch.Tensor, vocab_size: int):
@@ -69,6 +71,7 @@ class DraftVocab:
         self.order = torch.cat([ids, rest.nonzero()[:, 0]])
         self.position = torch.empty_like(self.order)
         self.position[self.order] = torch.arange(vocab_size)
+        self.index = torch.where(self.position < K, self.position, -1).to(torch.int32)
 
     def __len__(self) -> int:
         return self.ids.numel()
@@ -76,7 +79,7 @@ class DraftVocab:
     def to(self, device) -> "DraftVocab":
         """A copy with its maps on ``device``."""
         moved = copy.copy(self)
-        for name in ("ids", "order", "position"):
+        for name in ("ids", "order", "position", "index"):
             setattr(moved, name, getattr(self, name).to(device))
         return moved
 
@@ -98,11 +101,6 @@ class DraftVocab:
             raise ValueError("the draft vocabulary holds every id: no id is left to share a row")
         return torch.where(self.position < len(self), torch.arange(self.vocab_size, device=self.position.device),
                            self.order[len(self)])
-
-    def expand_probs(self, q: torch.Tensor) -> torch.Tensor:
-        """[..., K] draft distributions as [..., V] ones (zero outside the drawable ids), for ``verify``."""
-        full = q.new_zeros(*q.shape[:-1], self.vocab_size)
-        return full.index_copy_(-1, self.ids, q)
 
     def save(self, folder) -> None:
         from safetensors.torch import save_file

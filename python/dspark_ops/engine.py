@@ -743,8 +743,9 @@ class SpeculativeEngine:
             row_of = cu[:-1].to(torch.long).unsqueeze(1) + torch.minimum(
                 torch.arange(G1, device=dev), (counts - 1).to(torch.long).unsqueeze(1))
             logits = out.logits.view(B, G1, -1) if row_mask is None else out.logits[row_of]
-            tokens, num_accepted = verify(logits, drafts, draft_probs, num_draft=lengths, temperature=s.temperature,
-                                          top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, seed=s.seed, offset=s.offset)
+            tokens, num_accepted = verify(logits, drafts, draft_probs, draft_index=self._draft_index(draft_probs),
+                                          num_draft=lengths, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                          min_p=s.min_p, seed=s.seed, offset=s.offset)
 
             # rollback: the anchor and the accepted drafts stay (num_accepted < 0: an invalid row, nothing stays)
             kept = torch.where(live & (num_accepted >= 0), num_accepted + 1, 0).to(torch.int32)
@@ -766,7 +767,8 @@ class SpeculativeEngine:
         return torch.cat((tokens, pad, num_accepted.unsqueeze(1), lengths.unsqueeze(1)), 1)
 
     def _draft(self, s: SlotState):
-        """(drafts [B, G] int32, draft distributions [B, G, V], confidences [B, G] or None)."""
+        """(drafts [B, G] int32, draft distributions [B, G, V] (or [B, G, K] over the draft vocabulary: verify
+        reads them through its ``draft_index``), confidences [B, G] or None)."""
         return self._draft_eagle(s) if self.eagle else self._draft_dspark(s)
 
     def _draft_dspark(self, s: SlotState):
@@ -787,7 +789,7 @@ class SpeculativeEngine:
             kwargs = dict(hidden=block.hidden[:, :G], conf_weight=w, conf_bias=b, conf_temperature=temps)
         tokens, q, confidence = markov_sample(block.logits[:, :G], self._draft_ids(s.anchor), *self._markov,
                                               temperature=s.temperature, seed=s.seed, offset=s.offset, **kwargs)
-        return self._target_tokens(tokens), self._full_probs(q), confidence
+        return self._target_tokens(tokens), q, confidence
 
     def _draft_eagle(self, s: SlotState):
         """EAGLE-3: the output that predicts x_1 came with the last step; each further draft feeds the previous
@@ -812,7 +814,7 @@ class SpeculativeEngine:
             prev = tok[:, 0].to(torch.long)
             tokens.append(tok)
             probs.append(q)
-        return torch.cat(tokens, 1), self._full_probs(torch.cat(probs, 1)), None
+        return torch.cat(tokens, 1), torch.cat(probs, 1), None
 
     def _draft_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Target ids as ``markov_sample`` takes previous tokens (rows of its W1)."""
@@ -825,9 +827,9 @@ class SpeculativeEngine:
         ids = self._vocab.ids[tokens.long().clamp(min=0)].to(torch.int32)
         return torch.where(tokens >= 0, ids, tokens)
 
-    def _full_probs(self, q: torch.Tensor) -> torch.Tensor:
-        """Draft distributions over the draft vocabulary as [..., V] ones for ``verify``."""
-        return q if self._vocab is None else self._vocab.expand_probs(q)
+    def _draft_index(self, draft_probs: torch.Tensor | None) -> torch.Tensor | None:
+        """verify's map from target ids to the columns of draft distributions over the draft vocabulary."""
+        return None if draft_probs is None or self._vocab is None else self._vocab.index
 
     def _extend_drafter(self, s, out, tokens, rows, flat_pos, cu, last_row, advanced) -> None:
         """The drafter's context gains the verified rows (all forwarded rows are written; those past the

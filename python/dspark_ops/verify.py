@@ -8,8 +8,8 @@ from ._ops import ops
 
 
 def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None = None,
-           *, num_draft=None, temperature=None, top_k=None, top_p=None, min_p=None, seed=None, offset=None,
-           check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           *, draft_index: torch.Tensor | None = None, num_draft=None, temperature=None, top_k=None, top_p=None,
+           min_p=None, seed=None, offset=None, check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify K drafted tokens per request against the target and emit the next tokens.
 
     Args:
@@ -19,6 +19,12 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs:
       draft_probs: [B, K, V] the distribution each draft was sampled from, or
         None for one-hot drafts (accepted with probability p(x); on rejection
         the token is resampled from p with x removed).
+      draft_index: [V] integer, or None. With it, draft_probs is [B, K, Vd]
+        over a draft vocabulary (EAGLE-3's d2t, FR-Spec): draft_index[v] is
+        the column holding target id v, -1 for an id no draft can propose
+        (q = 0 there). Columns must map to distinct ids. Saves writing
+        [B, K, V] probabilities that are zero outside Vd ids; the residual
+        on rejection still covers every target id, so it stays lossless.
       num_draft: [B] or number, drafts to verify per request (0..K; default K).
       temperature: 0 = greedy (ties to the lowest id); default 1.
       top_k (0 = off), top_p (1 = off), min_p (0 = off): target filters,
@@ -49,10 +55,26 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs:
     if draft_tokens.device != dev:
         raise ValueError(f"draft_tokens is on {draft_tokens.device} but target_logits is on {dev}")
     draft_tokens = token_ids_int32(draft_tokens, "draft_tokens")
+    if draft_index is not None:
+        if draft_probs is None:
+            raise ValueError("draft_index maps draft_probs' columns, and no draft_probs was given")
+        if not isinstance(draft_index, torch.Tensor) or draft_index.is_floating_point() or draft_index.dtype == torch.bool:
+            raise TypeError("draft_index must be an integer tensor")
+        if draft_index.dtype != torch.int32:   # out-of-range entries stay out of range (-2 or 2^31 - 1)
+            draft_index = draft_index.clamp(-2, 2**31 - 1).to(torch.int32)
+        draft_index = draft_index.contiguous()
+        if draft_index.shape != (V,):
+            raise ValueError(f"draft_index must be [V] = [{V}], got {list(draft_index.shape)}")
+        if draft_index.device != dev:
+            raise ValueError(f"draft_index is on {draft_index.device} but target_logits is on {dev}")
     if draft_probs is not None:
         check_floating(draft_probs, "draft_probs")
-        if draft_probs.shape != (B, K, V):
+        if draft_index is None and draft_probs.shape != (B, K, V):
             raise ValueError(f"draft_probs must be [B, K, V] = [{B}, {K}, {V}], got {list(draft_probs.shape)}")
+        if draft_index is not None and (draft_probs.dim() != 3 or draft_probs.shape[:2] != (B, K)
+                                        or draft_probs.shape[2] < 1):
+            raise ValueError(f"draft_probs must be [B, K, Vd] = [{B}, {K}, Vd] with a draft_index, got "
+                             f"{list(draft_probs.shape)}")
         if draft_probs.device != dev:
             raise ValueError(f"draft_probs is on {draft_probs.device} but target_logits is on {dev}")
         if draft_probs.stride(-1) != 1:
@@ -68,7 +90,7 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs:
         per_request(seed, "seed", B, dev, torch.int64, 0),
         per_request(offset, "offset", B, dev, torch.int64, 0),
     )
-    tokens, num_accepted = ops.verify(target_logits, draft_tokens, draft_probs, *args)
+    tokens, num_accepted = ops.verify(target_logits, draft_tokens, draft_probs, *args, draft_index)
     if check and dev.type != "cpu" and bool((num_accepted < 0).any()):
         bad = int((num_accepted < 0).nonzero()[0, 0])
         raise ValueError(f"verify: row {bad} is invalid (NaN/inf in target_logits, a draft_tokens id outside "

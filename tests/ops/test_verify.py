@@ -85,6 +85,63 @@ def test_non_contiguous_logits_rows():
     assert torch.equal(got[0], want[0])
 
 
+def random_draft_vocabulary(B, K, V, Vd, *, gen, scale=2.0):
+    """Drafts over Vd of the V ids (in a random order, so columns are not sorted by id): the [V] draft_index,
+    q [B, K, Vd], the same q as [B, K, V] (zero outside), and drafts (target ids) drawn from q."""
+    ids = torch.randperm(V, generator=gen)[:Vd]
+    index = torch.full((V,), -1, dtype=torch.int32)
+    index[ids] = torch.arange(Vd, dtype=torch.int32)
+    q = torch.softmax(torch.randn(B, K, Vd, generator=gen) * scale, -1)
+    dense = torch.zeros(B, K, V)
+    dense[..., ids] = q
+    drafts = ids[torch.multinomial(q.reshape(-1, Vd), 1, generator=gen).reshape(B, K)]
+    return index, q, dense, drafts
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "plain")
+@pytest.mark.parametrize("qdtype", FLOATS)
+def test_draft_index_reads_a_draft_vocabulary_as_the_dense_distribution(filters, qdtype):
+    """q over a draft vocabulary through draft_index picks exactly the tokens of the same q written out over
+    all V ids (so it inherits the dense path's losslessness), and agrees with the reference."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    B, K, V, Vd = 24, 4, 97, 31
+    logits = torch.randn(B, K + 1, V, generator=gen) * 2
+    index, q, dense, drafts = random_draft_vocabulary(B, K, V, Vd, gen=gen)
+    q, dense = q.to(qdtype), dense.to(qdtype)
+    kw = dict(num_draft=torch.randint(0, K + 1, (B,), generator=gen),
+              seed=torch.randint(0, 2**62, (B,), generator=gen), offset=torch.randint(0, 2**40, (B,), generator=gen),
+              **filters)
+    got = dspark_ops.verify(logits, drafts, q, draft_index=index, **kw)
+    want = dspark_ops.verify(logits, drafts, dense, **kw)
+    ref = reference.verify(logits, drafts, q, draft_index=index, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"seed {seed}"
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), f"seed {seed}"
+    assert torch.equal(dspark_ops.verify(logits, drafts, q, draft_index=index.long(), **kw)[0], got[0])
+
+
+def test_draft_index_rejections_resample_outside_the_draft_vocabulary():
+    """The residual covers every target id: with a target that puts most of its mass outside the draft
+    vocabulary, corrections land there as often as the target says."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, V, Vd = 4000, 6, 2
+    index = torch.tensor([0, 1, -1, -1, -1, -1], dtype=torch.int32)
+    q = torch.tensor([0.5, 0.5]).expand(B, 1, Vd).contiguous()
+    p = torch.tensor([0.1, 0.1, 0.2, 0.2, 0.2, 0.2])
+    logits = p.log().expand(B, 2, V).contiguous()
+    drafts = torch.multinomial(q[:, 0], 1, generator=gen)
+    tokens, n = dspark_ops.verify(logits, drafts, q, draft_index=index, seed=torch.randint(0, 2**62, (B,), generator=gen))
+    first = tokens[:, 0].long()
+    counts = torch.bincount(first, minlength=V).double()
+    assert chi2_pvalue(counts, p.double()) > CHI2_MIN_PVALUE   # lossless: the first token follows p
+
+
+def test_draft_outside_the_draft_vocabulary_is_a_zero_probability_error():
+    index = torch.tensor([-1, 0, 1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="draft_probs row 0"):
+        dspark_ops.verify(torch.randn(1, 2, 3), torch.tensor([[0]]), torch.tensor([[[0.5, 0.5]]]), draft_index=index)
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_every_cpu_isa_build_agrees(isa):
     code = textwrap.dedent("""
@@ -396,6 +453,24 @@ BAD_CALLS = {
                                                  min_p=-0.1)),
     "num_draft": ("num_draft", lambda: dspark_ops.verify(torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long),
                                                          num_draft=3)),
+    "index_shape": ("draft_index", lambda: dspark_ops.verify(torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long),
+                                                             torch.rand(2, 2, 3), draft_index=torch.zeros(4, dtype=torch.int32))),
+    "index_float": ("draft_index", lambda: dspark_ops.verify(torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long),
+                                                             torch.rand(2, 2, 3), draft_index=torch.zeros(5))),
+    "index_high": ("draft_index", lambda: dspark_ops.verify(torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long),
+                                                            torch.rand(2, 2, 3), draft_index=torch.full((5,), 3))),
+    "index_low": ("draft_index", lambda: dspark_ops.verify(torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long),
+                                                           torch.rand(2, 2, 3), draft_index=torch.full((5,), -2))),
+    "index_huge": ("draft_index", lambda: dspark_ops.verify(torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long),
+                                                            torch.rand(2, 2, 3), draft_index=torch.full((5,), -2**40))),
+    "index_not_one_to_one": ("draft_index", lambda: dspark_ops.verify(
+        torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long), torch.rand(2, 2, 3),
+        draft_index=torch.tensor([0, 1, 1, -1, 2], dtype=torch.int32))),
+    "index_no_probs": ("draft_index", lambda: dspark_ops.verify(torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long),
+                                                                draft_index=torch.zeros(5, dtype=torch.int32))),
+    "index_probs_shape": ("draft_probs", lambda: dspark_ops.verify(
+        torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long), torch.rand(2, 3, 3),
+        draft_index=torch.zeros(5, dtype=torch.int32))),
     "seed_shape": ("seed", lambda: dspark_ops.verify(torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long),
                                                      seed=torch.zeros(3, dtype=torch.long))),
 }
@@ -417,10 +492,10 @@ def test_raw_op_bad_input_raises_not_crashes():
         good = dict(num_draft=torch.full((B,), K, dtype=torch.int32), temperature=torch.ones(B),
                     top_k=torch.zeros(B, dtype=torch.int32), top_p=torch.ones(B), min_p=torch.zeros(B),
                     seed=torch.zeros(B, dtype=torch.long), offset=torch.zeros(B, dtype=torch.long))
-        def call(logits, drafts, probs=None, **over):
+        def call(logits, drafts, probs=None, index=None, **over):
             a = dict(good); a.update(over)
             return op(logits, drafts, probs, a["num_draft"], a["temperature"], a["top_k"], a["top_p"], a["min_p"],
-                      a["seed"], a["offset"])
+                      a["seed"], a["offset"], index)
         lg = torch.randn(B, K + 1, V)
         d = torch.zeros(B, K, dtype=torch.int32)
         cases = [
@@ -433,6 +508,13 @@ def test_raw_op_bad_input_raises_not_crashes():
             lambda: call(lg, d, seed=torch.zeros(B)),
             lambda: call(lg, d, top_k=torch.zeros(B + 1, dtype=torch.int32)),
             lambda: call(lg.transpose(1, 2), d),
+            lambda: call(lg, d, torch.rand(B, K, 3), torch.full((V,), 3, dtype=torch.int32)),
+            lambda: call(lg, d, torch.rand(B, K, 3), torch.full((V,), -9, dtype=torch.int32)),
+            lambda: call(lg, d, torch.rand(B, K, 3), torch.zeros(V, dtype=torch.long)),
+            lambda: call(lg, d, torch.rand(B, K, 3), torch.zeros(V + 1, dtype=torch.int32)),
+            lambda: call(lg, d, torch.rand(B, K, 3), torch.tensor([0, 0, -1, -1, -1], dtype=torch.int32)),
+            lambda: call(lg, d, None, torch.zeros(V, dtype=torch.int32)),
+            lambda: call(lg, d, torch.rand(B, K, 3)),
         ]
         for i, c in enumerate(cases):
             try:
@@ -470,17 +552,21 @@ def test_fake_tensor_shapes():
     assert tokens.shape == (4, 6) and tokens.dtype == torch.int32 and n.shape == (4,)
 
 
-def test_torch_compile_fullgraph():
-    def step(logits, drafts, probs, seed, offset):
-        tokens, n = dspark_ops.verify(logits, drafts, probs, seed=seed, offset=offset, top_p=0.9)
+@pytest.mark.parametrize("draft_vocabulary", [False, True], ids=["dense", "draft_index"])
+def test_torch_compile_fullgraph(draft_vocabulary):
+    def step(logits, drafts, probs, index, seed, offset):
+        tokens, n = dspark_ops.verify(logits, drafts, probs, draft_index=index, seed=seed, offset=offset, top_p=0.9)
         return tokens, n + 1
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     gen = torch.Generator().manual_seed(fresh_seed())
     logits, drafts, q = random_problem(4, 3, 50, gen=gen)
+    index = None
+    if draft_vocabulary:
+        index, q, _, drafts = random_draft_vocabulary(4, 3, 50, 20, gen=gen)
     seed, offset = torch.arange(4), torch.zeros(4, dtype=torch.long)
-    got = compiled(logits, drafts, q, seed, offset)
-    want = step(logits, drafts, q, seed, offset)
+    got = compiled(logits, drafts, q, index, seed, offset)
+    want = step(logits, drafts, q, index, seed, offset)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -504,6 +590,22 @@ def test_cuda_matches_cpu_token_for_token(dtype, filters):
     cpu = dspark_ops.verify(logits, drafts, q, **kw)
     kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     gpu = dspark_ops.verify(logits.cuda(), drafts.cuda(), q.cuda(), check=True, **kw_cuda)
+    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("filters", FILTERS[:3], ids=lambda f: str(f))
+def test_cuda_draft_index_matches_cpu_token_for_token(filters):
+    gen = torch.Generator().manual_seed(fresh_seed())
+    B, K, V, Vd = 64, 5, 32000, 4096
+    logits = torch.randn(B, K + 1, V, generator=gen) * 2
+    index, q, _, drafts = random_draft_vocabulary(B, K, V, Vd, gen=gen)
+    kw = dict(num_draft=torch.randint(0, K + 1, (B,), generator=gen), seed=torch.randint(0, 2**62, (B,), generator=gen),
+              offset=3, **filters)
+    cpu = dspark_ops.verify(logits, drafts, q, draft_index=index, **kw)
+    kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    gpu = dspark_ops.verify(logits.cuda(), drafts.cuda(), q.cuda(), draft_index=index.cuda(), check=True, **kw_cuda)
     assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
 
 

@@ -12,9 +12,13 @@ struct VerifyProblem {
   FloatCode logits_dtype = FloatCode::f32;
   index_t logits_stride_b = 0, logits_stride_k = 0;
   const int32_t* draft_tokens = nullptr;             // [B, K] contiguous
-  const void* draft_probs = nullptr;                 // [B, K, V] or null (one-hot drafts)
+  const void* draft_probs = nullptr;                 // [B, K, Vd] or null (one-hot drafts)
   FloatCode draft_probs_dtype = FloatCode::f32;
   index_t draft_probs_stride_b = 0, draft_probs_stride_k = 0;
+  // [V] or null (Vd = V): the column of draft_probs that holds target id v, -1 outside the draft
+  // vocabulary. Entries outside [0, Vd) read as probability 0, so no entry can read out of bounds.
+  const int32_t* draft_index = nullptr;
+  index_t draft_cols = 0;                            // Vd
   const int32_t* num_draft = nullptr;                // [B]
   const float* temperature = nullptr;                // [B]
   const int32_t* top_k = nullptr;                    // [B]
@@ -25,6 +29,22 @@ struct VerifyProblem {
   int32_t* tokens = nullptr;                         // [B, K+1] out
   int32_t* num_accepted = nullptr;                   // [B] out
   int32_t* row_error = nullptr;                      // [B] out (RowError)
+
+  template <typename Q>
+  DSPARK_HD const Q* draft_row(index_t b, index_t j) const {
+    return static_cast<const Q*>(draft_probs) + b * draft_probs_stride_b + j * draft_probs_stride_k;
+  }
+
+  // q(v): the probability that draft row `q` gave target id v.
+  template <typename Q>
+  DSPARK_HD float draft_prob(const Q* q, index_t v) const {
+    if (draft_index == nullptr) return to_float(q[v]);
+    // Branch-free (which ids are drafted is data: a mispredicted branch per id costs more than the read):
+    // an entry outside [0, Vd) reads column 0 and masks it to +0.
+    const int32_t c = draft_index[v];
+    const uint32_t in = static_cast<uint32_t>(c >= 0) & static_cast<uint32_t>(c < draft_cols);
+    return bits_float(float_bits(to_float(q[c * static_cast<int32_t>(in)])) & (0u - in));
+  }
 
   DSPARK_HD SamplingParams params(index_t b) const {
     return SamplingParams{temperature[b], top_k[b], top_p[b], min_p[b],

@@ -53,10 +53,14 @@ def _draw(masses: torch.Tensor, bits: int) -> int:
     return int(torch.searchsorted(torch.cumsum(masses, 0), u, right=True))
 
 
-def verify(target_logits, draft_tokens, draft_probs=None, *, num_draft=None, temperature=None, top_k=None,
-           top_p=None, min_p=None, seed=None, offset=None):
+def verify(target_logits, draft_tokens, draft_probs=None, *, draft_index=None, num_draft=None, temperature=None,
+           top_k=None, top_p=None, min_p=None, seed=None, offset=None):
     """Same contract as :func:`dspark_ops.verify`, one request and position at a time."""
     B, K1, V = target_logits.shape
+    if draft_index is not None:  # draft vocabulary columns -> [B, K, V], zero outside it
+        index = draft_index.long().cpu()
+        q = draft_probs.float().cpu()
+        draft_probs = torch.where(index >= 0, q[:, :, index.clamp(min=0)], torch.zeros(()))
     K = K1 - 1
     nd = _as_list(num_draft, B, K)
     temp, tk, tp, mp = (_as_list(temperature, B, 1.0), _as_list(top_k, B, 0), _as_list(top_p, B, 1.0),
