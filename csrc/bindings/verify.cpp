@@ -155,7 +155,7 @@ VerifyResult verify_cuda(const at::Tensor& target_logits, const at::Tensor& draf
                          const std::optional<at::Tensor>& draft_probs, const at::Tensor& num_draft,
                          const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
                          const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
-                        const std::optional<at::Tensor>& draft_index) {
+                         const std::optional<at::Tensor>& draft_index) {
   VerifyOutputs out;
   const VerifyProblem P = check_verify_args(target_logits, draft_tokens, draft_probs, num_draft, temperature,
                                             top_k, top_p, min_p, seed, offset, draft_index, &out);

@@ -132,10 +132,6 @@ inline uint64_t softmax_numerators_in_place(float* e, index_t n, float max, floa
   return total;
 }
 
-// Draws from the fixed-point distribution mass(v) (v in [0, n)) with total
-// `total`: the first v whose cumulative mass exceeds U. Whole chunks that
-// keep the running total <= U are skipped with vectorised (exact integer)
-// sums; the crossing chunk is scanned one token at a time.
 // Sum of mass(v) over [0, n), in lanes (integer sums: the order does not change the result).
 template <typename MassFn>
 uint64_t mass_total(index_t n, MassFn mass) {
@@ -149,6 +145,10 @@ uint64_t mass_total(index_t n, MassFn mass) {
   return total;
 }
 
+// Draws from the fixed-point distribution mass(v) (v in [0, n)) with total
+// `total`: the first v whose cumulative mass exceeds U. Whole chunks that
+// keep the running total <= U are skipped with vectorised (exact integer)
+// sums; the crossing chunk is scanned one token at a time.
 template <typename MassFn>
 index_t draw(index_t n, uint64_t total, uint64_t bits, MassFn mass) {
   constexpr index_t kChunk = 16 * kLanes;

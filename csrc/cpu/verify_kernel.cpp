@@ -15,15 +15,7 @@ namespace {
 
 // Fixed-point mass of the tokens with bits(e) >= floor_bits.
 uint64_t kept_mass(const float* e, index_t n, uint32_t floor_bits) {
-  uint64_t acc[kLanes] = {};
-  index_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l)
-      acc[l] += float_bits(e[i + l]) >= floor_bits ? mass_of(e[i + l]) : 0;
-  for (; i < n; ++i) acc[0] += float_bits(e[i]) >= floor_bits ? mass_of(e[i]) : 0;
-  uint64_t total = 0;
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
-  return total;
+  return mass_total(n, [&](index_t v) -> uint64_t { return float_bits(e[v]) >= floor_bits ? mass_of(e[v]) : 0; });
 }
 
 // Exact radix select (filters.h): the largest threshold t >= floor_bits such
