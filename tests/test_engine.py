@@ -420,6 +420,51 @@ def test_auto_draft_max_batch_weighs_the_step_costs_against_recent_acceptance():
     assert engine._drafting_pays(4)
 
 
+def test_auto_draft_max_batch_scales_a_profiled_table_by_the_measured_step_times():
+    """By hand: each kind of step's measured seconds over the table's (plus the verified rows' SPS cost)
+    is a running mean (plain over the first steps, then a 32-step window) that scales that kind's cost."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    drafter = random_drafter(target, seed, rank=4, confidence=True, block=4)
+    engine = SpeculativeEngine(target, drafter, max_batch=4, draft_max_batch="auto",
+                               sps_table=torch.tensor([0.0] + [100.0] * 40), step_cost_table=_costs(4, 1.0, lambda B: 2.0))
+    engine._observe(1.5, 1.0)
+    assert engine._step_costs(2) == (1.0, 2.0) and not engine._drafting_pays(2)
+    engine._observe_cost(2, False, 2.0)
+    engine._observe_cost(2, False, 4.0)       # plain steps run 3x the table
+    engine._observe_cost(2, True, 4.0)        # drafting steps 2x
+    assert engine._step_costs(2) == pytest.approx((3.0, 4.0)) and engine._step_costs(2, scaled=False) == (1.0, 2.0)
+    assert engine._drafting_pays(2)           # 1.5 * 3 > 4, where the table alone said 1.5 * 1 < 2
+    assert engine._explore_after(2) == 17     # (4 / 3 - 1) / 2%
+    for _ in range(200):                      # the window forgets: drafting steps now cost 4x the table
+        engine._observe_cost(2, True, 8.0)
+    assert engine._cost_scale[1] == pytest.approx(4.0, rel=1e-2) and not engine._drafting_pays(2)
+
+
+def test_auto_draft_max_batch_learns_what_its_steps_cost_on_cpu():
+    """A profiled table that understates both steps, the drafting one ten times more (as a profile at no
+    context understates steps over a long one), is corrected by the steps' measured times: a random
+    drafter then drafts only to keep measuring, and the greedy output equals plain decoding. A table
+    passed in is used as it is (reproducible choices)."""
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    drafter = random_drafter(target, seed, rank=4, confidence=True, block=4)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 95, (n,), generator=gen).tolist() for n in (6, 11)]
+    misleading = _costs(2, 1e-6, lambda B: 1e-7)
+    learning = SpeculativeEngine(target, drafter, max_batch=2, max_tokens=512, draft_max_batch="auto",
+                                 sps_table=torch.tensor([0.0] + [100.0] * 40))
+    learning.profile_step_costs = lambda: misleading.clone()
+    assert learning.generate(prompts, 100) == [plain_greedy(target, p, 100) for p in prompts], f"seed {seed}"
+    assert learning._learn_costs and min(learning._cost_seen) > 0 and min(learning._cost_scale) > 10
+    assert learning.stats.drafting_steps <= learning.stats.steps // 8, f"seed {seed}: {learning.stats}"
+    fixed = SpeculativeEngine(target, drafter, max_batch=2, max_tokens=512, draft_max_batch="auto",
+                              sps_table=torch.tensor([0.0] + [100.0] * 40), step_cost_table=misleading)
+    fixed.generate(prompts, 20)
+    assert not fixed._learn_costs and fixed._cost_scale == [1.0, 1.0]
+    assert fixed.stats.drafting_steps == fixed.stats.steps
+
+
 @pytest.mark.parametrize("kind", ["eagle", "dspark_sync"])
 def test_auto_draft_max_batch_stops_drafting_once_acceptance_does_not_pay(kind):
     """With drafting steps costing twice a plain one, a random drafter (tokens per step well under 2) drafts in

@@ -341,8 +341,10 @@ class SpeculativeEngine:
         steps under 2% of the plain steps' time). None: always draft.
       step_cost_table: [max_batch + 1, 2] seconds of a plain and of a drafting step over B
         requests (row B; rows of other batch sizes are ignored under CUDA graphs, which use their
-        bucket's row); profiled at the first decode step when None and draft_max_batch="auto".
-        Pass a stored one (``engine.step_cost_table``) to make the choices reproducible.
+        bucket's row); profiled at the first decode step when None and draft_max_batch="auto", and
+        then, on CPU, scaled by what the engine's steps really cost (a running mean per kind of
+        step: the profile attends to no context). A table passed here (such as a stored
+        ``engine.step_cost_table``) is used as it is, which makes the choices reproducible.
     """
 
     def __init__(self, target: LlamaModel, drafter: DSparkDrafter | Eagle3Drafter | None = None, *,
@@ -460,6 +462,12 @@ class SpeculativeEngine:
         # verified), and how many plain steps ran since the last drafting one.
         self._tau = self._verified = 0.0
         self._observed = self._plain_run = 0
+        # With a profiled table on CPU, what real steps cost against it, per kind (plain, drafting): the profile
+        # attends to no context and runs once, while attention over a growing context (more so with a drafting
+        # step's extra rows) and other load on the machine change the costs, and not by the same factor.
+        self._learn_costs = False
+        self._cost_scale = [1.0, 1.0]
+        self._cost_seen = [0, 0]
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.slots.freeze(0, *self._pad_pages)
@@ -525,6 +533,7 @@ class SpeculativeEngine:
         self._collect(self._lag, new)
         if self.running and self.draft_max_batch == "auto" and self.step_cost_table is None:
             self.step_cost_table = self.profile_step_costs()
+            self._learn_costs = self.device.type == "cpu"   # a CUDA step's host time is not its cost
         t0 = time.perf_counter()
         launched = bool(self.running)
         if launched:
@@ -629,7 +638,11 @@ class SpeculativeEngine:
         rows = self._bucket(B) if self.cuda_graphs else B
         drafting = self._drafts(rows)
         self._plain_run = 0 if drafting else self._plain_run + 1
-        self._enqueue(list(self.running), self._run_step(rows, drafting)[:B], decode=True, drafted=drafting)
+        t0 = time.perf_counter()
+        out = self._run_step(rows, drafting)
+        if self._learn_costs:   # on CPU the step has run to completion
+            self._observe_cost(rows, drafting, time.perf_counter() - t0)
+        self._enqueue(list(self.running), out[:B], decode=True, drafted=drafting)
 
     def _bucket(self, B: int) -> int:
         """The slots a CUDA graph runs for B requests: the next power of two (at most max_batch)."""
@@ -646,20 +659,37 @@ class SpeculativeEngine:
     def _drafting_pays(self, B: int) -> bool:
         """A drafting step is worth its cost when tau * plain_s > drafting_s: the drafts it verifies
         emit tau tokens per request (recent drafting steps' mean) where a plain step emits one.
-
-        Under fixed shapes the profiled drafting step already verifies every draft row. Eagerly its
-        profile verified the anchor alone (frozen slots), so the rows of ``verified`` drafts per request
-        are added from the SPS table. Uses past steps only, so the output stays lossless."""
-        plain_s, drafting_s = self.step_cost_table[B].tolist()
-        if not self.fixed_shapes:
-            rows = min(round(B * (1 + self._verified)), len(self._sps_host) - 1)
-            drafting_s += max(0.0, 1 / self._sps_host[rows] - 1 / self._sps_host[B])
+        Uses past steps only, so the output stays lossless."""
+        plain_s, drafting_s = self._step_costs(B)
         return self._tau * plain_s > drafting_s
 
     def _explore_after(self, B: int) -> int:
         """Plain steps in a row after which the next one drafts to measure (see _EXPLORE_OVERHEAD)."""
-        plain_s, drafting_s = self.step_cost_table[B].tolist()
+        plain_s, drafting_s = self._step_costs(B)
         return max(_EXPLORE_MIN_PLAIN, math.ceil((drafting_s / plain_s - 1) / _EXPLORE_OVERHEAD))
+
+    def _step_costs(self, B: int, *, scaled: bool = True) -> tuple[float, float]:
+        """Expected seconds of a plain and of a drafting step over B slots.
+
+        Under fixed shapes the profiled drafting step already verifies every draft row. Eagerly its
+        profile verified the anchor alone (frozen slots), so the rows of ``verified`` drafts per request
+        are added from the SPS table. ``scaled``: times what real steps cost against these (_observe_cost)."""
+        plain_s, drafting_s = self.step_cost_table[B].tolist()
+        if not self.fixed_shapes:
+            rows = min(round(B * (1 + self._verified)), len(self._sps_host) - 1)
+            drafting_s += max(0.0, 1 / self._sps_host[rows] - 1 / self._sps_host[B])
+        if not scaled:
+            return plain_s, drafting_s
+        return plain_s * self._cost_scale[0], drafting_s * self._cost_scale[1]
+
+    def _observe_cost(self, B: int, drafting: bool, seconds: float) -> None:
+        """Fold a step's measured time into its kind's cost scale (plain mean over the first steps, then a
+        32-step exponential window, as for tau)."""
+        k = int(drafting)
+        expected = self._step_costs(B, scaled=False)[k]
+        self._cost_seen[k] += 1
+        w = max(1 / self._cost_seen[k], 1 / 32)
+        self._cost_scale[k] += w * (seconds / expected - self._cost_scale[k])
 
     def _observe(self, tau: float, verified: float) -> None:
         """Fold a drafting step's per-request tokens and verified drafts into the running means (plain mean
