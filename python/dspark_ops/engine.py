@@ -69,6 +69,14 @@ _PAD_REQUEST = -(2**40)      # KV pages that padding slots of a CUDA-graph bucke
 # cost at most about 2% of the plain steps' time where drafting does not pay.
 _EXPLORE_MIN_PLAIN = 16
 _EXPLORE_OVERHEAD = 0.02
+# Auto's running means (tau, verified drafts, step-cost scales): a plain mean over the first observations, then an
+# exponential window of this many, since acceptance drifts with the text and costs with the context.
+_MEAN_WINDOW = 32
+
+
+def _mean_weight(observations: int) -> float:
+    """Weight of the newest of ``observations`` in a running mean (see _MEAN_WINDOW)."""
+    return max(1 / observations, 1 / _MEAN_WINDOW)
 
 
 @dataclasses.dataclass
@@ -683,19 +691,16 @@ class SpeculativeEngine:
         return plain_s * self._cost_scale[0], drafting_s * self._cost_scale[1]
 
     def _observe_cost(self, B: int, drafting: bool, seconds: float) -> None:
-        """Fold a step's measured time into its kind's cost scale (plain mean over the first steps, then a
-        32-step exponential window, as for tau)."""
+        """Fold a step's measured time into its kind's cost scale (a running mean, _MEAN_WINDOW)."""
         k = int(drafting)
         expected = self._step_costs(B, scaled=False)[k]
         self._cost_seen[k] += 1
-        w = max(1 / self._cost_seen[k], 1 / 32)
-        self._cost_scale[k] += w * (seconds / expected - self._cost_scale[k])
+        self._cost_scale[k] += _mean_weight(self._cost_seen[k]) * (seconds / expected - self._cost_scale[k])
 
     def _observe(self, tau: float, verified: float) -> None:
-        """Fold a drafting step's per-request tokens and verified drafts into the running means (plain mean
-        over the first steps, then a 32-step exponential window: the acceptance drifts with the text)."""
+        """Fold a drafting step's per-request tokens and verified drafts into the running means (_MEAN_WINDOW)."""
         self._observed += 1
-        w = max(1 / self._observed, 1 / 32)
+        w = _mean_weight(self._observed)
         self._tau += w * (tau - self._tau)
         self._verified += w * (verified - self._verified)
 
