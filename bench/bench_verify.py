@@ -26,6 +26,7 @@ import torch
 
 import dspark_ops
 from dspark_ops import reference
+from dspark_ops.draft_vocab import DraftVocab
 
 
 def timeit(fn, *, repeat: int, sync=lambda: None) -> float:
@@ -123,8 +124,7 @@ def draft_vocab_table(device, repeat, shapes):
         gen = torch.Generator().manual_seed(0)
         logits = torch.randn(B, K + 1, V, generator=gen) * 2
         ids = torch.sort(torch.randperm(V, generator=gen)[:Vd]).values
-        index = torch.full((V,), -1, dtype=torch.int32)
-        index[ids] = torch.arange(Vd, dtype=torch.int32)
+        index = DraftVocab(ids, V).index
         q = torch.softmax(logits[:, :K, ids] + 0.5 * torch.randn(B, K, Vd, generator=gen), -1)
         drafts = ids[torch.multinomial(q.reshape(-1, Vd), 1, generator=gen).reshape(B, K)]
         logits, q, drafts, index, ids = (t.to(device) for t in (logits, q, drafts, index, ids))

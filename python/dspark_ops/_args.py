@@ -55,10 +55,11 @@ def check_floating(t, name: str) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
-def token_ids_int32(t, name: str) -> torch.Tensor:
-    """Integer ids as int32 without letting a huge int64 id wrap into range."""
+def token_ids_int32(t, name: str, *, lowest_valid: int = 0) -> torch.Tensor:
+    """Integer ids as int32 without letting a huge int64 id wrap into range (values below ``lowest_valid``
+    stay below it, so the kernel still rejects them)."""
     if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor")
     if t.dtype != torch.int32:
-        t = t.clamp(-1, 2**31 - 1).to(torch.int32)
+        t = t.clamp(lowest_valid - 1, 2**31 - 1).to(torch.int32)
     return t.contiguous()

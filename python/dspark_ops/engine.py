@@ -1028,8 +1028,9 @@ class SpeculativeEngine:
         float64, row B (under CUDA graphs each bucket is timed and its rows share its figures).
 
         The steps run on frozen slots (every slot made padding, restored afterwards), so they cost what a
-        real step does except that they verify the anchor alone when run eagerly (``_drafting_pays`` adds
-        the verify rows from the SPS table) and attend to no context. The slot state and the phase timers are left as they were."""
+        real step does except that they verify the anchor alone when run eagerly (``_step_costs`` adds the
+        verify rows from the SPS table) and attend to no context (on CPU the engine scales them by what its
+        steps measure, ``_observe_cost``). The slot state and the phase timers are left as they were."""
         if self.drafter is None:
             raise ValueError("profile_step_costs needs a drafter")
         if self._pad_pages[0] is None:

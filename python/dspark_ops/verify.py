@@ -58,11 +58,7 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs:
     if draft_index is not None:
         if draft_probs is None:
             raise ValueError("draft_index maps draft_probs' columns, and no draft_probs was given")
-        if not isinstance(draft_index, torch.Tensor) or draft_index.is_floating_point() or draft_index.dtype == torch.bool:
-            raise TypeError("draft_index must be an integer tensor")
-        if draft_index.dtype != torch.int32:   # out-of-range entries stay out of range (-2 or 2^31 - 1)
-            draft_index = draft_index.clamp(-2, 2**31 - 1).to(torch.int32)
-        draft_index = draft_index.contiguous()
+        draft_index = token_ids_int32(draft_index, "draft_index", lowest_valid=-1)   # -1: no column
         if draft_index.shape != (V,):
             raise ValueError(f"draft_index must be [V] = [{V}], got {list(draft_index.shape)}")
         if draft_index.device != dev:
