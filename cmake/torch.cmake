@@ -23,3 +23,19 @@ set(DSPARK_TORCH_LIBRARIES c10 torch_cpu torch)
 # The CUDA wheels (installed beside torch, which may live in another venv) put the toolkit headers that ATen/cuda includes (cuBLAS, cuSPARSE) here.
 file(GLOB DSPARK_TORCH_CUDA_INCLUDE_DIRS ${DSPARK_SITE_PACKAGES}/nvidia/cu*/include)
 set(DSPARK_TORCH_CUDA_LIBRARIES c10_cuda torch_cuda)
+
+# OpenMP: at::parallel_for is header code, so an extension compiled without
+# OpenMP runs every parallel region on one thread, silently. Compile with
+# -fopenmp and link the runtime torch itself loads (torch/lib/libgomp.so.1 in
+# the Linux wheels; same soname as the system's): one thread pool, governed by
+# torch.set_num_threads. Elsewhere, CMake's OpenMP.
+file(GLOB DSPARK_TORCH_OPENMP_LIBRARY ${DSPARK_TORCH_DIR}/lib/libgomp.so*)
+if(DSPARK_TORCH_OPENMP_LIBRARY)
+  list(GET DSPARK_TORCH_OPENMP_LIBRARY 0 DSPARK_TORCH_OPENMP_LIBRARY)
+  set(DSPARK_OPENMP_COMPILE_FLAGS -fopenmp)
+  set(DSPARK_OPENMP_LINK ${DSPARK_TORCH_OPENMP_LIBRARY})
+else()
+  find_package(OpenMP REQUIRED COMPONENTS CXX)
+  set(DSPARK_OPENMP_COMPILE_FLAGS ${OpenMP_CXX_FLAGS})
+  set(DSPARK_OPENMP_LINK OpenMP::OpenMP_CXX)
+endif()

@@ -2,9 +2,14 @@
 // TORCH_LIBRARY_FRAGMENT in csrc/bindings/<family>.cpp; this file owns the
 // library itself, build information and the Python module entry point.
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <chrono>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 
 #include "dspark/cpu_isa.h"
 
@@ -21,6 +26,11 @@ std::string build_info() {
   s += "false, \"sanitize\": ";
 #endif
 #if defined(__SANITIZE_ADDRESS__)
+  s += "true, \"openmp\": ";
+#else
+  s += "false, \"openmp\": ";
+#endif
+#if defined(_OPENMP)
   s += "true}";
 #else
   s += "false}";
@@ -28,10 +38,28 @@ std::string build_info() {
   return s;
 }
 
+// How many OS threads run a parallel region of this library now: one item per
+// torch intra-op thread through the same at::parallel_for the CPU kernels use,
+// counting the distinct threads that ran an item. Built without OpenMP, the
+// region runs serially and this is 1 whatever torch.get_num_threads() says.
+int64_t parallel_threads() {
+  std::mutex mutex;
+  std::set<std::thread::id> seen;
+  const int64_t items = at::get_num_threads();
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    // Hold each item briefly so that one thread cannot run every item before the others start.
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    std::lock_guard<std::mutex> lock(mutex);
+    seen.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dspark, m) {
   m.def("build_info() -> str", &build_info);
+  m.def("parallel_threads() -> int", &parallel_threads);
 }
 
 // Importing dspark_ops._C runs the static registrations above; the module itself is empty.

@@ -25,6 +25,12 @@ ops = torch.ops.dspark
 
 
 @functools.lru_cache(maxsize=None)
-def build_info() -> dict:
-    """Version, compiled CUDA archs, CPU instruction set in use, sanitizer flag."""
+def _compiled_info() -> dict:
     return json.loads(ops.build_info())
+
+
+def build_info() -> dict:
+    """Version, compiled CUDA archs, CPU instruction set in use, sanitizer and OpenMP flags, and
+    ``cpu_threads``: how many threads a parallel region of the CPU kernels runs on right now
+    (measured inside the library; follows torch.set_num_threads)."""
+    return {**_compiled_info(), "cpu_threads": int(ops.parallel_threads())}

@@ -18,6 +18,8 @@ def _info(args) -> int:
     if info["cuda_archs"]:
         print("attention  tensor-core path " + ("built (CuTe)" if info.get("attention_tc") else
                                                 "not built (no CUTLASS headers): SIMT only"))
+    print(f"threads    CPU kernels run on {info['cpu_threads']} of torch's {torch.get_num_threads()} intra-op threads"
+          + ("" if info.get("openmp") else " (built without OpenMP: one thread)"))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
     print(f"GPU        {gpu}")
     if info.get("sanitize"):
