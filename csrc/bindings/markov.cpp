@@ -66,10 +66,15 @@ MarkovProblem check_markov_args(const at::Tensor& base_logits, const at::Tensor&
   P.w2 = w2.data_ptr();
 
   check_tensor(temperature, "temperature", device, at::kFloat, {B});
-  check_tensor(seed, "seed", device, at::kLong, {B});
+  // seed [B]: a seed per row (stream 0); [1]: one seed for the batch, row b drawing from stream b.
+  const bool batch_seed = seed.dim() == 1 && seed.size(0) == 1;
+  check_tensor(seed, "seed", device, at::kLong, {batch_seed ? 1 : B});
+  TORCH_CHECK(!batch_seed || B <= (int64_t{1} << 32), "markov_sample: a batch seed has streams for 2^32 rows, got B = ",
+              B);
   check_tensor(offset, "offset", device, at::kLong, {B});
   P.temperature = temperature.data_ptr<float>();
   P.seed = seed.data_ptr<int64_t>();
+  P.batch_seed = batch_seed;
   P.offset = offset.data_ptr<int64_t>();
 
   const bool with_confidence = conf_weight.has_value();
@@ -121,19 +126,21 @@ namespace {
 
 using MarkovResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// Per-row values the CPU path checks up front (the CUDA kernel checks them per row instead).
+// Per-row values the CPU path checks up front (the CUDA kernel checks them per row instead). Bad values raise
+// ValueError, as the Python wrapper's checks and check=True on CUDA do.
 void check_values_cpu(const MarkovProblem& P) {
   for (int64_t b = 0; b < P.batch; ++b) {
-    TORCH_CHECK(P.anchor[b] >= 0 && P.anchor[b] < P.prev_vocab, "markov_sample: anchor[", b, "] = ", P.anchor[b],
-                " is outside [0, ", P.prev_vocab, ") (the rows of w1)");
+    TORCH_CHECK_VALUE(P.anchor[b] >= 0 && P.anchor[b] < P.prev_vocab, "markov_sample: anchor[", b, "] = ",
+                      P.anchor[b], " is outside [0, ", P.prev_vocab, ") (the rows of w1)");
     const float t = P.temperature[b];
-    TORCH_CHECK(std::isfinite(t) && t >= 0.0f, "markov_sample: temperature[", b, "] = ", t,
-                " must be finite and >= 0");
+    TORCH_CHECK_VALUE(std::isfinite(t) && t >= 0.0f, "markov_sample: temperature[", b, "] = ", t,
+                      " must be finite and >= 0");
   }
   if (P.conf_weight != nullptr)
     for (int64_t k = 0; k < P.steps; ++k)
-      TORCH_CHECK(std::isfinite(P.conf_temperature[k]) && P.conf_temperature[k] > 0.0f,
-                  "markov_sample: conf_temperature[", k, "] = ", P.conf_temperature[k], " must be finite and > 0");
+      TORCH_CHECK_VALUE(std::isfinite(P.conf_temperature[k]) && P.conf_temperature[k] > 0.0f,
+                        "markov_sample: conf_temperature[", k, "] = ", P.conf_temperature[k],
+                        " must be finite and > 0");
 }
 
 MarkovResult markov_sample_cpu(const at::Tensor& base_logits, const at::Tensor& anchor, const at::Tensor& w1,
@@ -157,9 +164,12 @@ MarkovResult markov_sample_cpu(const at::Tensor& base_logits, const at::Tensor& 
     });
     at::parallel_for(0, P.batch, 1, [&](int64_t begin, int64_t end) { rows(P, k, begin, end); });
   }
-  for (int64_t b = 0; b < P.batch; ++b)
-    TORCH_CHECK(P.row_error[b] == kRowOk, "markov_sample: row ", b,
-                " has NaN or inf logits (base_logits, or w1/w2 through the Markov bias)");
+  for (int64_t b = 0; b < P.batch; ++b) {
+    TORCH_CHECK_VALUE(P.row_error[b] != kRowNonFiniteLogits, "markov_sample: row ", b,
+                      " has NaN or +inf logits (base_logits, or w1/w2 through the Markov bias)");
+    TORCH_CHECK_VALUE(P.row_error[b] != kRowAllMasked, "markov_sample: row ", b,
+                      " masks every id (-inf) at a step (base_logits, or w1/w2 through the Markov bias)");
+  }
   return {out.tokens, out.probs, out.confidence};
 }
 

@@ -69,7 +69,10 @@ VerifyProblem check_verify_args(const at::Tensor& target_logits, const at::Tenso
   check_tensor(top_k, "top_k", device, at::kInt, {B});
   check_tensor(top_p, "top_p", device, at::kFloat, {B});
   check_tensor(min_p, "min_p", device, at::kFloat, {B});
-  check_tensor(seed, "seed", device, at::kLong, {B});
+  // seed [B]: a seed per row (stream 0); [1]: one seed for the batch, row b drawing from stream b.
+  const bool batch_seed = seed.dim() == 1 && seed.size(0) == 1;
+  check_tensor(seed, "seed", device, at::kLong, {batch_seed ? 1 : B});
+  TORCH_CHECK(!batch_seed || B <= (int64_t{1} << 32), "verify: a batch seed has streams for 2^32 rows, got B = ", B);
   check_tensor(offset, "offset", device, at::kLong, {B});
   P.num_draft = num_draft.data_ptr<int32_t>();
   P.temperature = temperature.data_ptr<float>();
@@ -77,6 +80,7 @@ VerifyProblem check_verify_args(const at::Tensor& target_logits, const at::Tenso
   P.top_p = top_p.data_ptr<float>();
   P.min_p = min_p.data_ptr<float>();
   P.seed = seed.data_ptr<int64_t>();
+  P.batch_seed = batch_seed;
   P.offset = offset.data_ptr<int64_t>();
 
   const auto int_opts = target_logits.options().dtype(at::kInt);
@@ -91,18 +95,22 @@ VerifyProblem check_verify_args(const at::Tensor& target_logits, const at::Tenso
 
 namespace {
 
-void raise_row_error(int64_t row, int32_t err) {
+// Bad values raise ValueError, as the Python wrapper's checks and check=True on CUDA do.
+void raise_row_error(int64_t row, int32_t err, int64_t V) {
   switch (err) {
     case kRowNonFiniteLogits:
-      TORCH_CHECK(false, "verify: target_logits row ", row, " contains NaN or inf");
+      TORCH_CHECK_VALUE(false, "verify: target_logits row ", row, " contains NaN or +inf");
+    case kRowAllMasked:
+      TORCH_CHECK_VALUE(false, "verify: target_logits row ", row, " masks every id (-inf) at a position it verifies");
     case kRowDraftTokenOutOfRange:
-      TORCH_CHECK(false, "verify: draft_tokens row ", row, " holds a token id outside [0, V)");
+      TORCH_CHECK_VALUE(false, "verify: draft_tokens row ", row, " holds a token id outside [0, ", V,
+                        ") within its num_draft");
     case kRowZeroDraftProb:
-      TORCH_CHECK(false, "verify: draft_probs row ", row, " gives a drafted token probability 0 (or NaN)");
+      TORCH_CHECK_VALUE(false, "verify: draft_probs row ", row, " gives a drafted token probability 0 (or NaN)");
     case kRowBadParams:
-      TORCH_CHECK(false, "verify: row ", row,
-                  " has invalid parameters: need temperature >= 0 and finite, 0 < top_p <= 1, "
-                  "0 <= min_p <= 1, 0 <= num_draft <= K");
+      TORCH_CHECK_VALUE(false, "verify: row ", row,
+                        " has invalid parameters: need temperature >= 0 and finite, 0 < top_p <= 1, "
+                        "0 <= min_p <= 1, 0 <= num_draft <= K");
     default:
       break;
   }
@@ -123,11 +131,11 @@ VerifyResult verify_cpu(const at::Tensor& target_logits, const at::Tensor& draft
   std::vector<int32_t> draft_ids(P.draft_index != nullptr ? P.draft_cols : 0, -1);
   for (int64_t v = 0; P.draft_index != nullptr && v < P.vocab; ++v) {
     const int32_t c = P.draft_index[v];
-    TORCH_CHECK(c >= -1 && c < P.draft_cols, "verify: draft_index[", v, "] = ", c, " is outside [-1, ",
-                P.draft_cols, ") (the columns of draft_probs, -1: none)");
+    TORCH_CHECK_VALUE(c >= -1 && c < P.draft_cols, "verify: draft_index[", v, "] = ", c, " is outside [-1, ",
+                      P.draft_cols, ") (the columns of draft_probs, -1: none)");
     if (c < 0) continue;
-    TORCH_CHECK(draft_ids[c] < 0, "verify: draft_index maps target ids ", draft_ids[c], " and ", v,
-                " to the same column ", c);
+    TORCH_CHECK_VALUE(draft_ids[c] < 0, "verify: draft_index maps target ids ", draft_ids[c], " and ", v,
+                      " to the same column ", c);
     draft_ids[c] = static_cast<int32_t>(v);
   }
   auto* rows = DSPARK_ISA_DISPATCH(verify_rows);
@@ -135,7 +143,7 @@ VerifyResult verify_cpu(const at::Tensor& target_logits, const at::Tensor& draft
     std::vector<float> scratch(2 * static_cast<size_t>(P.vocab));
     rows(P, P.draft_index != nullptr ? draft_ids.data() : nullptr, begin, end, scratch.data());
   });
-  for (int64_t b = 0; b < P.batch; ++b) raise_row_error(b, P.row_error[b]);
+  for (int64_t b = 0; b < P.batch; ++b) raise_row_error(b, P.row_error[b], P.vocab);
   return {out.tokens, out.num_accepted};
 }
 

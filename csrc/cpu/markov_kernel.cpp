@@ -125,8 +125,8 @@ void sample_row(const MarkovProblem& P, index_t b, index_t k) {
   if (P.row_error[b] != kRowOk) return;
   float* z = P.z + b * V;
   const RowMax rm = row_max(z, V);
-  if (!rm.finite) {
-    P.row_error[b] = kRowNonFiniteLogits;
+  if (rm.error() != kRowOk) {
+    P.row_error[b] = rm.error();
     return;
   }
   if (P.confidence != nullptr)
@@ -141,7 +141,7 @@ void sample_row(const MarkovProblem& P, index_t b, index_t k) {
       for (index_t v = 0; v < V; ++v) q[v] = v == token ? 1.0f : 0.0f;
   } else {
     const uint64_t total = softmax_numerators_in_place(z, V, rm.max, 1.0f / temperature);
-    const uint64_t bits = markov_bits(static_cast<uint64_t>(P.seed[b]), static_cast<uint64_t>(P.offset[b]), k);
+    const uint64_t bits = markov_bits(P, b, k);
     token = draw(V, total, bits, [&](index_t v) { return mass_of(z[v]); });
     if (q != nullptr) {  // bound by writing the fresh [B, G, V] output, not by the conversions
       const double inv_total = 1.0 / static_cast<double>(total);

@@ -17,9 +17,11 @@ namespace {
 constexpr int kLanes = 16;
 
 struct RowMax {
-  float max;
+  float max;       // -inf when every id is masked
   index_t argmax;  // lowest index holding the max (greedy; ties to the lowest index)
-  bool finite;
+  bool any_error;  // a NaN or +inf logit (sampling.h: -inf masks its id)
+
+  RowError error() const { return logits_error(any_error, max); }
 };
 
 #if defined(__AVX512F__)
@@ -34,7 +36,7 @@ inline __m512 load16(const fp16_bits* x) {
 }
 #endif
 
-// Largest logit, its lowest index and whether every logit is finite, in one
+// Largest logit, its lowest index and whether any logit is NaN or +inf, in one
 // pass. Each lane keeps its first maximum (strict >), so the lowest index
 // among lanes holding the overall max is the first occurrence.
 template <typename T>
@@ -51,13 +53,16 @@ RowMax row_max(const T* x, index_t n) {
   __m512i vat = _mm512_setzero_si512();
   __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i step = _mm512_set1_epi32(kLanes), exp_mask = _mm512_set1_epi32(0x7F800000);
+  const __m512i neg_inf = _mm512_set1_epi32(static_cast<int32_t>(0xFF800000u));
   __mmask16 vbad = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const __m512 f = load16(x + i);
     const __mmask16 better = _mm512_cmp_ps_mask(f, vmx, _CMP_GT_OQ);
     vmx = _mm512_mask_mov_ps(vmx, better, f);
     vat = _mm512_mask_mov_epi32(vat, better, vidx);
-    vbad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(f), exp_mask), exp_mask);
+    const __m512i bits = _mm512_castps_si512(f);  // logit_is_error, 16 lanes at a time
+    vbad |= _mm512_mask_cmpneq_epi32_mask(_mm512_cmpeq_epi32_mask(_mm512_and_si512(bits, exp_mask), exp_mask),
+                                          bits, neg_inf);
     vidx = _mm512_add_epi32(vidx, step);
   }
   int32_t at32[kLanes];
@@ -74,21 +79,21 @@ RowMax row_max(const T* x, index_t n) {
       const bool better = f > mx[l];
       mx[l] = better ? f : mx[l];
       at[l] = better ? i + l : at[l];
-      bad[l] |= (float_bits(f) & 0x7F800000u) == 0x7F800000u;
+      bad[l] |= logit_is_error(f);
     }
   }
 #endif
-  RowMax r{-INFINITY, 0, true};
+  RowMax r{-INFINITY, 0, false};
   for (int l = 0; l < kLanes; ++l) {
     if (mx[l] > r.max || (mx[l] == r.max && at[l] < r.argmax)) { r.max = mx[l]; r.argmax = at[l]; }
-    r.finite = r.finite && bad[l] == 0;
+    r.any_error = r.any_error || bad[l] != 0;
   }
   for (; i < n; ++i) {  // tail indices exceed every lane's, so strict > keeps ties at the lane winner
     const float f = to_float(x[i]);
     if (f > r.max) { r.max = f; r.argmax = i; }
-    r.finite = r.finite && (float_bits(f) & 0x7F800000u) != 0x7F800000u;
+    r.any_error = r.any_error || logit_is_error(f);
   }
-  if (r.max == -INFINITY) r.argmax = 0;  // only reached with non-finite input (reported)
+  if (r.max == -INFINITY) r.argmax = 0;  // only reached when every id is masked (reported)
   return r;
 }
 

@@ -71,8 +71,9 @@ void verify_row(const VerifyProblem& P, const int32_t* draft_ids, index_t b, flo
   auto fail = [&](RowError err) { P.row_error[b] = err; };
 
   const SamplingParams sp = P.params(b);
+  const RowError bad_row = P.row_check(b, sp);
+  if (bad_row != kRowOk) return fail(bad_row);
   const index_t l = P.num_draft[b];
-  if (!params_valid(sp) || l < 0 || l > K) return fail(kRowBadParams);
   const int32_t* drafts = P.draft_tokens + b * K;
   const bool greedy = sp.temperature == 0.0f;
   const bool one_hot = P.draft_probs == nullptr;
@@ -80,10 +81,9 @@ void verify_row(const VerifyProblem& P, const int32_t* draft_ids, index_t b, flo
   for (index_t j = 0; j <= l; ++j) {
     const L* x = static_cast<const L*>(P.logits) + b * P.logits_stride_b + j * P.logits_stride_k;
     const RowMax rm = row_max(x, V);
-    if (!rm.finite) return fail(kRowNonFiniteLogits);
+    if (rm.error() != kRowOk) return fail(rm.error());
     const bool is_draft = j < l;
     const index_t xj = is_draft ? drafts[j] : 0;
-    if (is_draft && (xj < 0 || xj >= V)) return fail(kRowDraftTokenOutOfRange);
 
     if (greedy) {
       const index_t best = rm.argmax;
@@ -104,7 +104,7 @@ void verify_row(const VerifyProblem& P, const int32_t* draft_ids, index_t b, flo
       const Q* q_row = one_hot ? nullptr : P.draft_row<Q>(b, j);
       const float q = one_hot ? 1.0f : P.draft_prob(q_row, xj);
       if (!(q > 0.0f)) return fail(kRowZeroDraftProb);
-      const float u = uniform_open01(random_words(sp.seed, sp.offset, j, Purpose::kVerifyAccept).v[0]);
+      const float u = uniform_open01(random_words(sp.seed, sp.stream, sp.offset, j, Purpose::kVerifyAccept).v[0]);
       if (accept_draft(u, q, p_mass(xj), z)) { out[j] = static_cast<int32_t>(xj); continue; }
       // Rejected: draw from normalize(max(0, p - q)).
       auto resample = [&](auto q_at) -> index_t {
@@ -113,7 +113,7 @@ void verify_row(const VerifyProblem& P, const int32_t* draft_ids, index_t b, flo
           return residual_mass(p_mass(v), qm);
         };
         const uint64_t r_total = mass_total(V, residual);
-        const uint64_t bits = random_u64(random_words(sp.seed, sp.offset, j, Purpose::kVerifySample));
+        const uint64_t bits = random_u64(random_words(sp.seed, sp.stream, sp.offset, j, Purpose::kVerifySample));
         // r_total == 0 only through rounding (p(x) < q(x) implies some p_v > q_v): fall back to p.
         return r_total > 0 ? draw(V, r_total, bits, residual) : draw(V, z, bits, p_mass);
       };
@@ -130,7 +130,7 @@ void verify_row(const VerifyProblem& P, const int32_t* draft_ids, index_t b, flo
         token = resample([&](index_t v) { return q_dense[v]; });
       }
     } else {
-      const uint64_t bits = random_u64(random_words(sp.seed, sp.offset, j, Purpose::kVerifySample));
+      const uint64_t bits = random_u64(random_words(sp.seed, sp.stream, sp.offset, j, Purpose::kVerifySample));
       token = draw(V, z, bits, p_mass);
     }
     out[j] = static_cast<int32_t>(token);

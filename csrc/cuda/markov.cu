@@ -67,10 +67,12 @@ __global__ void __launch_bounds__(kThreads) markov_kernel(MarkovProblem P) {
       for (index_t i = 0; i < R; ++i) acc = fmaf(to_float(w1_row[i]), to_float(w2[i * V + v]), acc);
       z[v] = acc;
       mx = acc > mx ? acc : mx;
-      bad |= (float_bits(acc) & 0x7F800000u) == 0x7F800000u;
+      bad |= logit_is_error(acc);
     }
-    if (__syncthreads_or(bad)) return fail(kRowNonFiniteLogits);
+    const bool any_error = __syncthreads_or(bad);
     const float max = Ops::max(mx, sh.ops);
+    const RowError error = logits_error(any_error, max);
+    if (error != kRowOk) return fail(error);
 
     if (P.confidence != nullptr) {
       with_float_type(P.hidden_dtype, [&](auto h) { confidence_step<decltype(h), W>(P, b, k, w1_row, sh); });
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) markov_kernel(MarkovProblem P) {
         acc += mass_of(e);
       }
       const uint64_t total = Ops::sum(acc, sh.ops);
-      const uint64_t bits = markov_bits(static_cast<uint64_t>(P.seed[b]), static_cast<uint64_t>(P.offset[b]), k);
+      const uint64_t bits = markov_bits(P, b, k);
       token = Ops::draw(V, total, bits, [&](index_t v) { return mass_of(z[v]); }, sh.ops);
       if (q != nullptr) {
         const double inv_total = 1.0 / static_cast<double>(total);

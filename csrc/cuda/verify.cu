@@ -26,16 +26,18 @@ struct Shared {
 };
 
 template <typename T>
-__device__ float block_max(const T* x, index_t n, Shared& sh, bool* finite) {
+__device__ float block_max(const T* x, index_t n, Shared& sh, RowError* error) {
   float mx = -INFINITY;
   int bad = 0;
   for (index_t v = threadIdx.x; v < n; v += kThreads) {
     const float f = to_float(x[v]);
     mx = f > mx ? f : mx;
-    bad |= (float_bits(f) & 0x7F800000u) == 0x7F800000u;
+    bad |= logit_is_error(f);
   }
-  *finite = !__syncthreads_or(bad);
-  return Ops::max(mx, sh.ops);
+  const bool any_error = __syncthreads_or(bad);
+  const float max = Ops::max(mx, sh.ops);
+  *error = logits_error(any_error, max);
+  return max;
 }
 
 __device__ U64 block_sum(U64 v, Shared& sh) { return Ops::sum(v, sh.ops); }
@@ -104,8 +106,9 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyProblem P) {
   __syncthreads();
 
   const SamplingParams sp = P.params(b);
+  const RowError bad_row = P.row_check(b, sp);
+  if (bad_row != kRowOk) return finish(-1, bad_row);
   const index_t l = P.num_draft[b];
-  if (!params_valid(sp) || l < 0 || l > K) return finish(-1, kRowBadParams);
   const int32_t* drafts = P.draft_tokens + b * K;
   const bool greedy = sp.temperature == 0.0f;
   const bool one_hot = P.draft_probs == nullptr;
@@ -113,12 +116,11 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyProblem P) {
 
   for (index_t j = 0; j <= l; ++j) {
     const L* x = static_cast<const L*>(P.logits) + b * P.logits_stride_b + j * P.logits_stride_k;
-    bool finite;
-    const float max = block_max(x, V, sh, &finite);
-    if (!finite) return finish(-1, kRowNonFiniteLogits);
+    RowError error;
+    const float max = block_max(x, V, sh, &error);
+    if (error != kRowOk) return finish(-1, error);
     const bool is_draft = j < l;
     const index_t xj = is_draft ? drafts[j] : 0;
-    if (is_draft && (xj < 0 || xj >= V)) return finish(-1, kRowDraftTokenOutOfRange);
 
     if (greedy) {
       long long first = V;
@@ -156,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyProblem P) {
     if (is_draft) {
       const float qx = one_hot ? 1.0f : P.draft_prob(q, xj);
       if (!(qx > 0.0f)) return finish(-1, kRowZeroDraftProb);
-      const float u = uniform_open01(random_words(sp.seed, sp.offset, j, Purpose::kVerifyAccept).v[0]);
+      const float u = uniform_open01(random_words(sp.seed, sp.stream, sp.offset, j, Purpose::kVerifyAccept).v[0]);
       if (accept_draft(u, qx, p_mass(xj), z)) {
         if (threadIdx.x == 0) out[j] = static_cast<int32_t>(xj);
         __syncthreads();
@@ -169,10 +171,10 @@ __global__ void __launch_bounds__(kThreads) verify_kernel(VerifyProblem P) {
       U64 r_acc = 0;
       for (index_t v = threadIdx.x; v < V; v += kThreads) r_acc += residual(v);
       const uint64_t r_total = block_sum(r_acc, sh);
-      const uint64_t bits = random_u64(random_words(sp.seed, sp.offset, j, Purpose::kVerifySample));
+      const uint64_t bits = random_u64(random_words(sp.seed, sp.stream, sp.offset, j, Purpose::kVerifySample));
       token = r_total > 0 ? block_draw(V, r_total, bits, residual, sh) : block_draw(V, z, bits, p_mass, sh);
     } else {
-      const uint64_t bits = random_u64(random_words(sp.seed, sp.offset, j, Purpose::kVerifySample));
+      const uint64_t bits = random_u64(random_words(sp.seed, sp.stream, sp.offset, j, Purpose::kVerifySample));
       token = block_draw(V, z, bits, p_mass, sh);
     }
     if (threadIdx.x == 0) out[j] = static_cast<int32_t>(token);

@@ -37,6 +37,28 @@ def per_request(value, name: str, batch: int, device: torch.device, dtype: torch
     return value.to(dtype).contiguous()
 
 
+def seed_arg(value, batch: int, device: torch.device) -> torch.Tensor:
+    """The ``seed`` of a sampling op as its kernels take it: [1] for one seed shared by the batch (None, a
+    Python int, a 0-d or 1-element tensor; row b then draws from its own stream b), or [B] for a seed per row
+    (row b's result depends on its seed and offset only)."""
+    if value is None:
+        value = 0
+    if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
+        raise TypeError(f"seed must be an int or an integer tensor of shape [{batch}] or [1], "
+                        f"got {type(value).__name__}")
+    if not isinstance(value, torch.Tensor):
+        return torch.full((1,), value, dtype=torch.int64, device=device)
+    if value.is_floating_point() or value.dtype == torch.bool:
+        raise TypeError(f"seed must be an integer tensor, got {value.dtype}")
+    if value.numel() == 1 and value.dim() <= 1:
+        value = value.reshape(1)
+    elif value.shape != (batch,):
+        raise ValueError(f"seed must have shape [{batch}] (a seed per row) or [1] (one seed), got {list(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"seed is on {value.device} but the op runs on {device}")
+    return value.to(torch.int64).contiguous()
+
+
 def is_concrete_cpu(t: torch.Tensor) -> bool:
     """A real CPU tensor whose values can be read now (not fake, not being traced)."""
     from torch._subclasses.fake_tensor import FakeTensor

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ._args import check_floating, is_finite_nonneg, per_request, token_ids_int32
+from ._args import check_floating, is_finite_nonneg, per_request, seed_arg, token_ids_int32
 from ._ops import ops
 
 
@@ -40,9 +40,12 @@ def markov_sample(base_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Ten
     For k = 1..G (x_0 = anchor): z_k = base_logits[:, k-1] + w1[x_{k-1}] @ w2,
     q_k = softmax(z_k / T) (T = 0: one-hot argmax, ties to the lowest id),
     x_k ~ q_k. Tokens are drawn from the fixed-point masses of q_k with Philox
-    numbers keyed by (seed, offset, k) (purpose distinct from `verify`'s), so
-    the CPU and CUDA kernels draw the same tokens, and draft_probs is exactly
-    the distribution each token was drawn from: pass it to `verify`.
+    numbers keyed by (seed, stream, offset, k) (purpose distinct from
+    `verify`'s), so the CPU and CUDA kernels draw the same tokens, and
+    draft_probs is exactly the distribution each token was drawn from: pass it
+    to `verify`. A logit of -inf (in base_logits, or reached through the
+    Markov bias) masks its id: probability 0, never drawn; NaN, +inf, or every
+    id of a step masked are errors.
 
     Args:
       base_logits: [B, G, V] float32/bfloat16/float16 (the parallel stage's U_k), read in place.
@@ -57,10 +60,15 @@ def markov_sample(base_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Ten
       conf_bias: number, 1-element tensor, or [G] tensor (one bias per step: calibrated offsets folded in,
         see dspark_ops.calibrate.fold_offsets); default 0.
       conf_temperature: [G] or number, calibrated temperatures (dspark_ops.calibrate; default 1).
-      temperature, seed, offset: per request ([B] or number); defaults 1, 0, 0.
+      temperature, offset: per request ([B] or number); defaults 1, 0.
+      seed: one int (default 0) for the batch, every row drawing from its own
+        Philox stream (keyed by the seed and the row index), or a [B] tensor,
+        a seed per row: then a row's tokens depend only on its own seed and
+        offset, whatever else is in the batch (see `verify`).
       return_probs: also return the [B, G, V] draft distributions.
-      check: on CUDA, invalid rows (anchor out of range, bad temperature, NaN/inf logits)
-        get tokens -1 instead of raising (raising needs a host sync); check=True syncs and raises.
+      check: on CUDA, invalid rows (anchor out of range, bad temperature, NaN/+inf logits, a step with
+        every id masked) get tokens -1 instead of raising (raising needs a host sync); check=True syncs
+        and raises. Bad values raise ValueError (bad types TypeError) on either device.
 
     Returns:
       (tokens [B, G] int32, draft_probs [B, G, V] float32 or None, confidence [B, G] float32 or None)
@@ -114,12 +122,12 @@ def markov_sample(base_logits: torch.Tensor, anchor: torch.Tensor, w1: torch.Ten
         raise ValueError("hidden is only used by the confidence head: pass conf_weight too")
     temperature = per_request(temperature, "temperature", B, dev, torch.float32, 1.0, is_finite_nonneg,
                               "finite and >= 0")
-    seed = per_request(seed, "seed", B, dev, torch.int64, 0)
+    seed = seed_arg(seed, B, dev)
     offset = per_request(offset, "offset", B, dev, torch.int64, 0)
     tokens, probs, confidence = ops.markov_sample(base_logits, anchor, w1, w2, hidden, conf_weight, bias, temps,
                                                   temperature, seed, offset, bool(return_probs))
     if check and dev.type != "cpu" and B > 0 and bool((tokens[:, 0] < 0).any()):
         bad = int((tokens[:, 0] < 0).nonzero()[0, 0])
         raise ValueError(f"markov_sample: row {bad} is invalid (anchor outside [0, {w1.shape[0]}), bad temperature or "
-                         "conf_temperature, or NaN/inf logits)")
+                         "conf_temperature, NaN/+inf logits, or a step with every id masked)")
     return tokens, (probs if return_probs else None), (confidence if conf_weight is not None else None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._args import check_floating, is_finite_nonneg, per_request, token_ids_int32
+from ._args import check_floating, is_finite_nonneg, per_request, seed_arg, token_ids_int32
 from ._ops import ops
 
 
@@ -14,8 +14,13 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs:
 
     Args:
       target_logits: [B, K+1, V] float32/bfloat16/float16, read in place (row j
-        scores position j; row K is the bonus position).
-      draft_tokens: [B, K] integer ids.
+        scores position j; row K is the bonus position). -inf masks an id
+        (probability 0, as a grammar or an allowed-token list masks it): a
+        masked id is never emitted, a draft of one is always rejected, and the
+        filters see only the other ids. NaN, +inf, or every id of a position
+        the row verifies masked are errors.
+      draft_tokens: [B, K] integer ids; every id within the row's num_draft
+        must lie in [0, V), also past a rejection (checked before sampling).
       draft_probs: [B, K, V] the distribution each draft was sampled from, or
         None for one-hot drafts (accepted with probability p(x); on rejection
         the token is resampled from p with x removed).
@@ -29,13 +34,21 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs:
       temperature: 0 = greedy (ties to the lowest id); default 1.
       top_k (0 = off), top_p (1 = off), min_p (0 = off): target filters,
         applied in this order after temperature, then renormalised.
-      seed, offset: int64 per request. Random numbers are a pure function of
-        (seed, offset, position): advance `offset` (e.g. by 1 per step; in
-        place under CUDA graphs) to get fresh numbers.
-      check: on CUDA, invalid rows (NaN/inf logits, ids out of range, zero
-        draft probability, bad parameters) are marked num_accepted = -1 rather
-        than raising, since raising needs a host sync; check=True syncs and
-        raises. On CPU invalid input always raises.
+      seed: one int (default 0; or a 0-d / 1-element tensor) for the whole
+        batch, every row drawing from its own Philox stream (keyed by the seed
+        and the row index, as FlashInfer does), so duplicated rows sample
+        independently; or a [B] tensor, a seed per row, and then a row's
+        result depends only on its own seed and offset, whatever else is in
+        the batch (how the engine keeps requests reproducible).
+      offset: int64 [B] or number (default 0). Random numbers are a pure
+        function of (seed, stream, offset, position): advance `offset` (e.g.
+        by 1 per step; in place under CUDA graphs) to get fresh numbers.
+      check: on CUDA, invalid rows (NaN/+inf logits, a position with every id
+        masked, ids out of range, zero draft probability, bad parameters) are
+        marked num_accepted = -1 rather than raising, since raising needs a
+        host sync; check=True syncs and raises. On CPU invalid input always
+        raises. Bad values raise ValueError (bad types TypeError) on either
+        device.
 
     Returns:
       tokens [B, K+1] int32: the accepted drafts followed by one sampled token
@@ -83,12 +96,13 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs:
         per_request(top_k, "top_k", B, dev, torch.int32, 0, lambda v: v >= 0, ">= 0 (0 = off)"),
         per_request(top_p, "top_p", B, dev, torch.float32, 1.0, lambda v: 0 < v <= 1, "0 < top_p <= 1"),
         per_request(min_p, "min_p", B, dev, torch.float32, 0.0, lambda v: 0 <= v <= 1, "0 <= min_p <= 1"),
-        per_request(seed, "seed", B, dev, torch.int64, 0),
+        seed_arg(seed, B, dev),
         per_request(offset, "offset", B, dev, torch.int64, 0),
     )
     tokens, num_accepted = ops.verify(target_logits, draft_tokens, draft_probs, *args, draft_index)
     if check and dev.type != "cpu" and bool((num_accepted < 0).any()):
         bad = int((num_accepted < 0).nonzero()[0, 0])
-        raise ValueError(f"verify: row {bad} is invalid (NaN/inf in target_logits, a draft_tokens id outside "
-                         f"[0, {V}), a zero draft_probs entry for its token, or bad sampling parameters)")
+        raise ValueError(f"verify: row {bad} is invalid (NaN/+inf in target_logits or a position with every id "
+                         f"masked, a draft_tokens id outside [0, {V}), a zero draft_probs entry for its token, or "
+                         "bad sampling parameters)")
     return tokens, num_accepted

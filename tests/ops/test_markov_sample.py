@@ -65,7 +65,7 @@ def test_previous_tokens_from_a_larger_vocabulary(device):
     for a, b in zip(got, want):
         assert torch.equal(a.cpu(), b)
     assert int(want[0].max()) < K
-    with pytest.raises(RuntimeError, match=r"anchor\[1\] = 113 is outside \[0, 113\)"):
+    with pytest.raises(ValueError, match=r"anchor\[1\] = 113 is outside \[0, 113\)"):
         dspark_ops.markov_sample(U, torch.tensor([0, V_prev, 1, 2, 3]), w1, w2)
 
 
@@ -125,7 +125,9 @@ def test_bf16_weights_of_bf16_values_give_identical_results():
 
 
 def test_joint_distribution_chi_square():
-    """The empirical law of (x1, x2) and of (x2, x3) over seeded rows equals the Markov-conditioned softmaxes."""
+    """The empirical law of (x1, x2) and of (x2, x3) over seeded rows equals the Markov-conditioned softmaxes.
+    Chi-square over 36 pairs, N = 30000: false alarm < 1e-6 each; a bias moving 0.007 of probability between two
+    pairs of probability 1/36 is detected with probability 0.99."""
     gen = torch.Generator().manual_seed(fresh_seed())
     N, G, V, r, T = 30000, 3, 6, 2, 0.8
     U1, a1, w1, w2, _ = _problem(gen, 1, G, V, r, scale=1.0)
@@ -148,6 +150,67 @@ def test_joint_distribution_chi_square():
     torch.testing.assert_close(probs[:, 1].double(), p2[x[:, 0]], atol=1e-6, rtol=0)
 
 
+def _masked(U, gen):
+    """U with -inf on about a third of the ids of every step (at least one left)."""
+    mask = torch.rand(U.shape, generator=gen) < 0.35
+    mask.scatter_(-1, torch.randint(0, U.shape[-1], U.shape[:-1] + (1,), generator=gen), False)
+    return U.masked_fill(mask, float("-inf")), mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seed_kind", ["per_row", "batch"])
+def test_masked_ids_are_never_drawn_and_rows_match_alone(dtype, seed_kind):
+    """-inf base logits mask ids: they are never drawn (sampled or greedy), draft_probs is 0 there, and the kernel
+    equals the reference, with a seed per row or one seed for the batch. With a seed per row, every row equals
+    the row sampled alone with its own temperature and seed (a kernel reading another row's parameters fails)."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    B, G, V, r, H = 9, 4, 70, 5, 6
+    U, anchor, w1, w2, hidden = _problem(gen, B, G, V, r, H)
+    U, mask = _masked(U, gen)
+    U = U.to(dtype)
+    seeds = torch.randint(0, 2**62, (B,), generator=gen) if seed_kind == "per_row" else \
+        int(torch.randint(0, 2**62, (), generator=gen))
+    temperature = torch.where(torch.rand(B, generator=gen) < 0.3, 0.0, 0.3 + 1.4 * torch.rand(B, generator=gen))
+    kw = dict(hidden=hidden, conf_weight=torch.randn(H + r, generator=gen) * 0.3, temperature=temperature,
+              seed=seeds, offset=torch.randint(0, 2**40, (B,), generator=gen))
+    tokens, probs, conf = dspark_ops.markov_sample(U, anchor, w1, w2, **kw)
+    want = ref.markov_sample(U, anchor, w1, w2, **kw)
+    assert torch.equal(tokens, want[0]) and torch.equal(probs, want[1]) and torch.equal(conf, want[2]), f"seed {seed}"
+    drawn = mask.gather(2, tokens.long().unsqueeze(2))
+    assert not bool(drawn.any()) and bool((probs[mask] == 0).all()), f"seed {seed}"
+    if seed_kind == "per_row":
+        for b in range(B):
+            alone = dspark_ops.markov_sample(U[b:b + 1], anchor[b:b + 1], w1, w2, hidden=hidden[b:b + 1],
+                                             conf_weight=kw["conf_weight"], temperature=float(temperature[b]),
+                                             seed=int(seeds[b]), offset=int(kw["offset"][b]))
+            for a, w in zip(alone, (tokens, probs, conf)):
+                assert torch.equal(a[0], w[b]), f"seed {seed}, row {b}"
+
+
+def test_one_seed_gives_every_row_its_own_stream():
+    """seed as one number: 20000 copies of one row draw independently (their first two tokens follow the
+    Markov-conditioned softmaxes, chi-square), as the reference does; a [B] tensor of equal seeds gives equal
+    rows; row 0 of a batch seed is the row sampled alone with it. False alarm < 1e-6; a bias moving 0.0095 of
+    probability between two pairs of probability 0.04 is detected with probability 0.99."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    N, G, V, r, T = 20000, 2, 5, 3, 0.9
+    U1, a1, w1, w2, _ = _problem(gen, 1, G, V, r, scale=1.0)
+    U, anchor = U1.expand(N, G, V), a1.expand(N)
+    s = int(torch.randint(0, 2**62, (), generator=gen))
+    tokens, _, _ = dspark_ops.markov_sample(U, anchor, w1, w2, temperature=T, seed=s, offset=5)
+    assert torch.equal(tokens[:64], ref.markov_sample(U[:64], anchor[:64], w1, w2, temperature=T, seed=s, offset=5)[0])
+    p1 = _exact_step(U1[0, 0], w1, w2, int(a1[0]), T)
+    joint = p1[:, None] * torch.stack([_exact_step(U1[0, 1], w1, w2, x, T) for x in range(V)])
+    x = tokens.long()
+    assert chi2_pvalue(torch.bincount(x[:, 0] * V + x[:, 1], minlength=V * V), joint) > CHI2_MIN_PVALUE, f"seed {seed}"
+    same, _, _ = dspark_ops.markov_sample(U, anchor, w1, w2, temperature=T, seed=torch.full((N,), s), offset=5)
+    assert bool((same == same[0]).all()) and torch.equal(same[0], tokens[0])
+    alone, _, _ = dspark_ops.markov_sample(U[:1], anchor[:1], w1, w2, temperature=T, seed=torch.tensor(s), offset=5)
+    assert torch.equal(alone[0], tokens[0])
+
+
 def test_greedy_is_deterministic_argmax():
     gen = torch.Generator().manual_seed(fresh_seed())
     B, G, V, r = 5, 4, 90, 6
@@ -168,7 +231,9 @@ def test_greedy_is_deterministic_argmax():
 
 
 def test_rank_zero_is_independent_per_position():
-    """r = 0 (DFlash): each position samples softmax(U_k / T) alone; the anchor and earlier tokens do not matter."""
+    """r = 0 (DFlash): each position samples softmax(U_k / T) alone; the anchor and earlier tokens do not matter.
+    Chi-square over 25 pairs, N = 20000: false alarm < 1e-6; detects (probability 0.99) a bias moving 0.0095 of
+    probability between two pairs of probability 0.04."""
     gen = torch.Generator().manual_seed(fresh_seed())
     N, G, V, T = 20000, 2, 5, 1.2
     U1 = torch.randn(1, G, V, generator=gen)
@@ -212,7 +277,9 @@ def _target_logits(Tm: torch.Tensor, anchor: torch.Tensor, drafts: torch.Tensor)
 
 
 def test_lossless_end_to_end_with_verify():
-    """Draft with markov_sample, verify with verify: the first two emitted tokens follow the target's law."""
+    """Draft with markov_sample, verify with verify: the first two emitted tokens follow the target's law.
+    Chi-square over 25 pairs, N = 24000: false alarm < 1e-6; detects (probability 0.99) a bias moving 0.0087 of
+    probability between two pairs of probability 0.04."""
     gen = torch.Generator().manual_seed(fresh_seed())
     N, G, V = 24000, 3, 5
     Tm = torch.randn(V, V, generator=gen) * 1.2  # target: p_t(. | prev) = softmax(Tm[prev])
@@ -249,9 +316,9 @@ def test_bad_inputs():
         dspark_ops.markov_sample(U, anchor, w1[:-1], w2)
     with pytest.raises(TypeError, match="w1 and w2"):
         dspark_ops.markov_sample(U, anchor, w1, w2.half())
-    with pytest.raises(RuntimeError, match="anchor"):
+    with pytest.raises(ValueError, match=r"anchor\[1\] = 20 is outside \[0, 20\)"):
         dspark_ops.markov_sample(U, torch.tensor([0, 20]), w1, w2)
-    with pytest.raises(RuntimeError, match="anchor"):
+    with pytest.raises(ValueError, match=r"anchor\[0\] = -1 is outside"):
         dspark_ops.markov_sample(U, torch.tensor([-1, 0]), w1, w2)
     with pytest.raises(ValueError, match="anchor"):
         dspark_ops.markov_sample(U, anchor[:1], w1, w2)
@@ -261,15 +328,23 @@ def test_bad_inputs():
         dspark_ops.markov_sample(U, anchor, w1, w2, temperature=torch.tensor([1.0, float("nan")]))
     bad = U.clone()
     bad[1, 2, 3] = float("nan")
-    with pytest.raises(RuntimeError, match="row 1 has NaN or inf"):
+    with pytest.raises(ValueError, match=r"row 1 has NaN or \+inf"):
         dspark_ops.markov_sample(bad, anchor, w1, w2)
+    bad[1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"row 1 has NaN or \+inf"):
+        dspark_ops.markov_sample(bad, anchor, w1, w2, temperature=0.0)
+    bad[1, 2] = float("-inf")
+    with pytest.raises(ValueError, match="row 1 masks every id"):
+        dspark_ops.markov_sample(bad, anchor, w1, w2)
+    with pytest.raises(ValueError, match=r"seed must have shape \[2\] \(a seed per row\) or \[1\]"):
+        dspark_ops.markov_sample(U, anchor, w1, w2, seed=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="conf_weight"):
         dspark_ops.markov_sample(U, anchor, w1, w2, hidden=hidden, conf_weight=torch.randn(5))
     with pytest.raises(ValueError, match="hidden"):
         dspark_ops.markov_sample(U, anchor, w1, w2, hidden=hidden)
     with pytest.raises(ValueError, match="conf_temperature"):
         dspark_ops.markov_sample(U, anchor, w1, w2, conf_weight=torch.randn(4), conf_temperature=0.0)
-    with pytest.raises(RuntimeError, match="conf_temperature"):
+    with pytest.raises(ValueError, match=r"conf_temperature\[1\] = -1 must be finite and > 0"):
         dspark_ops.markov_sample(U, anchor, w1, w2, conf_weight=torch.randn(4),
                                  conf_temperature=torch.tensor([1.0, -1.0, 1.0]))
     with pytest.raises(TypeError, match="base_logits"):
@@ -313,6 +388,28 @@ def test_cuda_matches_cpu(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seed_kind", ["per_row", "batch"])
+def test_cuda_masked_logits_and_batch_seed_match_cpu(seed_kind):
+    """-inf masks, temperatures that differ per row (greedy rows among them), one seed for the batch or a seed
+    per row: the tokens, draft_probs and confidences of the CPU kernel."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    B, G, V, r, H = 6, 5, 3001, 8, 16
+    U, anchor, w1, w2, hidden = _problem(gen, B, G, V, r, H, torch.bfloat16)
+    U, _ = _masked(U, gen)
+    seeds = torch.randint(0, 2**62, (B,), generator=gen) if seed_kind == "per_row" else 12345
+    kw = dict(conf_weight=torch.randn(H + r, generator=gen) * 0.1, seed=seeds,
+              temperature=torch.tensor([1.0, 0.0, 0.6, 1.0, 2.0, 0.0]), offset=torch.randint(0, 9, (B,), generator=gen))
+    cpu = dspark_ops.markov_sample(U, anchor, w1, w2, hidden=hidden, **kw)
+    dev = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    gpu = dspark_ops.markov_sample(U.cuda(), anchor.cuda(), w1.cuda(), w2.cuda(), hidden=hidden.cuda(), check=True,
+                                   **dev)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu()), f"seed {seed}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_graph_capture_and_row_errors():
     gen = torch.Generator().manual_seed(fresh_seed())
     B, G, V, r = 4, 5, 2000, 8
@@ -335,3 +432,11 @@ def test_cuda_graph_capture_and_row_errors():
     assert bool((tokens[2] == -1).all()) and bool((tokens[[0, 1, 3]] >= 0).all())
     with pytest.raises(ValueError, match="row 2"):
         dspark_ops.markov_sample(U, bad_anchor, w1, w2, check=True)
+    masked = U.clone()
+    masked[1, 3] = float("-inf")      # every id of row 1's step 3 masked
+    masked[3, :, :V // 2] = float("-inf")   # half the ids of row 3: not an error
+    tokens, _, _ = dspark_ops.markov_sample(masked, anchor, w1, w2)
+    assert bool((tokens[1] == -1).all()) and bool((tokens[[0, 2, 3]] >= 0).all())
+    assert bool((tokens[3] >= V // 2).all())
+    with pytest.raises(ValueError, match="row 1"):
+        dspark_ops.markov_sample(masked, anchor, w1, w2, check=True)

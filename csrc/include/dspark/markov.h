@@ -6,7 +6,8 @@
 //   z_v   = fma chain over i = 0..r-1 of w1[x_prev, i] * w2[i, v], started from U[b, k, v]
 //   T = 0: token = first v with z_v = max z (q one-hot)
 //   T > 0: e_v = exp((z_v - max) / T), mass_v = mass_of(e_v), token = draw from
-//          the masses with Philox bits of (seed, offset, k, kMarkovSample);
+//          the masses with Philox bits of (seed, stream, offset, k, kMarkovSample);
+//   a z_v of -inf masks id v (probability 0); NaN / +inf, or every id masked, is a row error
 //          q_v = mass_v / sum(mass) (the distribution the token was drawn from)
 //   confidence_k = sigmoid((w . [hidden_k ; w1[x_prev]] + bias_k) / conf_temperature_k)
 //   (bias_k: one bias for every step, or one per step when calibrated offsets are folded in)
@@ -34,7 +35,8 @@ struct MarkovProblem {
   index_t conf_bias_stride = 0;                                        // 0: [1], 1: [G]
   const float* conf_temperature = nullptr;                             // [G]
   const float* temperature = nullptr;                                  // [B]
-  const int64_t* seed = nullptr;                                       // [B]
+  const int64_t* seed = nullptr;                                       // [B], or [1] with batch_seed
+  bool batch_seed = false;                                             // one seed: row b draws from stream b
   const int64_t* offset = nullptr;                                     // [B]
   float* z = nullptr;            // [B, V] scratch: logits, then softmax numerators, of the current step
   int32_t* tokens = nullptr;     // [B, G] out
@@ -60,9 +62,12 @@ DSPARK_HD bool markov_row_valid(const MarkovProblem& P, index_t b) {
 
 DSPARK_HD float markov_conf_bias(const MarkovProblem& P, index_t k) { return P.conf_bias[k * P.conf_bias_stride]; }
 
-// Philox bits choosing the token of step k.
-DSPARK_HD uint64_t markov_bits(uint64_t seed, uint64_t offset, index_t k) {
-  return random_u64(random_words(seed, offset, static_cast<uint32_t>(k), Purpose::kMarkovSample));
+// Philox bits choosing the token of step k of row b (philox.h: a batch seed gives each row its stream).
+DSPARK_HD uint64_t markov_bits(const MarkovProblem& P, index_t b, index_t k) {
+  const uint64_t seed = static_cast<uint64_t>(P.seed[P.batch_seed ? 0 : b]);
+  const uint32_t stream = P.batch_seed ? static_cast<uint32_t>(b) : 0u;
+  return random_u64(random_words(seed, stream, static_cast<uint64_t>(P.offset[b]), static_cast<uint32_t>(k),
+                                 Purpose::kMarkovSample));
 }
 
 // q_v as float: mass_v / Z through the double reciprocal (one multiply, one

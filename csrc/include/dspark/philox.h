@@ -1,9 +1,13 @@
 // Counter-based random numbers (Philox4x32-10, Salmon et al. 2011).
 //
 // Every random number in dspark_ops is a pure function of
-// (seed, offset, position, purpose, index): results do not depend on batch
-// composition, launch shape, thread count or device, and CUDA-graph replay
-// advances a stream by updating `offset` in place.
+// (seed, stream, offset, position, purpose), so results do not depend on launch
+// shape, thread count or device, and CUDA-graph replay draws fresh numbers by
+// updating `offset` in place. `stream` separates rows that share one seed: under
+// a batch seed row b draws from stream b (as FlashInfer keys its Philox
+// subsequence by row), so duplicated rows still sample independently; a row
+// with a seed of its own draws from stream 0, so its result depends on its
+// seed and offset only, not on the rest of the batch.
 #pragma once
 #include "dspark/common.h"
 
@@ -41,11 +45,10 @@ DSPARK_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t key0, uint32_t key1) {
   return ctr;
 }
 
-// The four words for (seed, offset, position, purpose, index).
-// position < 2^24 (a block position), index: a second coordinate (e.g. vocabulary chunk).
-DSPARK_HD Philox4 random_words(uint64_t seed, uint64_t offset, uint32_t position, Purpose purpose,
-                               uint32_t index = 0) {
-  const Philox4 ctr{{index, (static_cast<uint32_t>(purpose) << 24) | (position & 0xFFFFFFu),
+// The four words for (seed, stream, offset, position, purpose); position < 2^24 (a block position).
+DSPARK_HD Philox4 random_words(uint64_t seed, uint32_t stream, uint64_t offset, uint32_t position,
+                               Purpose purpose) {
+  const Philox4 ctr{{stream, (static_cast<uint32_t>(purpose) << 24) | (position & 0xFFFFFFu),
                      static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)}};
   return philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }

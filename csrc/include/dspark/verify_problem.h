@@ -24,7 +24,8 @@ struct VerifyProblem {
   const int32_t* top_k = nullptr;                    // [B]
   const float* top_p = nullptr;                      // [B]
   const float* min_p = nullptr;                      // [B]
-  const int64_t* seed = nullptr;                     // [B]
+  const int64_t* seed = nullptr;                     // [B], or [1] with batch_seed
+  bool batch_seed = false;                           // one seed for the batch: row b draws from stream b
   const int64_t* offset = nullptr;                   // [B]
   int32_t* tokens = nullptr;                         // [B, K+1] out
   int32_t* num_accepted = nullptr;                   // [B] out
@@ -48,7 +49,20 @@ struct VerifyProblem {
 
   DSPARK_HD SamplingParams params(index_t b) const {
     return SamplingParams{temperature[b], top_k[b], top_p[b], min_p[b],
-                          static_cast<uint64_t>(seed[b]), static_cast<uint64_t>(offset[b])};
+                          static_cast<uint64_t>(seed[batch_seed ? 0 : b]),
+                          batch_seed ? static_cast<uint32_t>(b) : 0u, static_cast<uint64_t>(offset[b])};
+  }
+
+  // Row b's parameters and the ids it drafts (every id within num_draft, checked before any sampling, so
+  // an id past the first rejection is an error too).
+  DSPARK_HD RowError row_check(index_t b, const SamplingParams& sp) const {
+    const index_t l = num_draft[b];
+    if (!params_valid(sp) || l < 0 || l > num_draft_max) return kRowBadParams;
+    for (index_t j = 0; j < l; ++j) {
+      const index_t x = draft_tokens[b * num_draft_max + j];
+      if (x < 0 || x >= vocab) return kRowDraftTokenOutOfRange;
+    }
+    return kRowOk;
   }
 };
 

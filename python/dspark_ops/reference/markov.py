@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .numerics import PURPOSE_MARKOV_SAMPLE, exp_nonpositive, fma32, mass_of, random_u64, random_words, scaled_draw, sigmoid
+from .numerics import (PURPOSE_MARKOV_SAMPLE, exp_nonpositive, fma32, mass_of, random_u64, random_words, scaled_draw,
+                       seeds_and_streams, sigmoid)
 from .verify import _as_list
 
 DOT_LANES = 16
@@ -34,7 +35,7 @@ def markov_sample(base_logits, anchor, w1, w2, *, hidden=None, conf_weight=None,
                   conf_temperature=None, temperature=None, seed=None, offset=None, return_probs=True):
     """Same contract as :func:`dspark_ops.markov_sample`, one request and step at a time."""
     B, G, V = base_logits.shape
-    temp, sd, off = _as_list(temperature, B, 1.0), _as_list(seed, B, 0), _as_list(offset, B, 0)
+    temp, streams, off = _as_list(temperature, B, 1.0), seeds_and_streams(seed, B), _as_list(offset, B, 0)
     conf_t = _as_list(conf_temperature, G, 1.0)
     bias = _as_list(conf_bias, G, 0.0)
     tokens = torch.empty(B, G, dtype=torch.int32)
@@ -44,7 +45,9 @@ def markov_sample(base_logits, anchor, w1, w2, *, hidden=None, conf_weight=None,
     for b in range(B):
         x = int(anchor[b])
         for k in range(G):
-            z = markov_logits(base_logits[b, k].cpu(), w1c[x], w2c)
+            z = markov_logits(base_logits[b, k].cpu(), w1c[x], w2c)   # -inf: a masked id, probability 0
+            if bool(z.isnan().any() | (z == float("inf")).any() | (z == float("-inf")).all()):
+                raise ValueError(f"row {b} has NaN or +inf logits, or masks every id (-inf) at step {k}")
             if confidence is not None:
                 h = hidden[b, k].cpu() if hidden is not None else torch.zeros(0)
                 confidence[b, k] = _confidence(h, w1c[x], conf_weight.cpu(), float(bias[k]), float(conf_t[k]))
@@ -56,7 +59,7 @@ def markov_sample(base_logits, anchor, w1, w2, *, hidden=None, conf_weight=None,
                 inv_t = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(temp[b], dtype=torch.float32)
                 mass = mass_of(exp_nonpositive((z - z.max()) * inv_t))
                 total = int(mass.sum())
-                u = scaled_draw(random_u64(random_words(sd[b], off[b], k, PURPOSE_MARKOV_SAMPLE)), total)
+                u = scaled_draw(random_u64(random_words(*streams[b], off[b], k, PURPOSE_MARKOV_SAMPLE)), total)
                 token = int(torch.searchsorted(torch.cumsum(mass, 0), u, right=True))  # first cum > u
                 q = (mass.double() * (1.0 / total)).float()
             if probs is not None:

@@ -27,11 +27,21 @@ def philox4x32_10(counter: tuple[int, int, int, int], key0: int, key1: int) -> t
     return c0, c1, c2, c3
 
 
-def random_words(seed: int, offset: int, position: int, purpose: int, index: int = 0) -> tuple[int, int, int, int]:
+def random_words(seed: int, stream: int, offset: int, position: int, purpose: int) -> tuple[int, int, int, int]:
+    """Philox words of (seed, stream, offset, position, purpose); stream: the row under a batch seed, else 0."""
     seed &= 2**64 - 1
     offset &= 2**64 - 1
-    counter = (index & MASK32, ((purpose << 24) | (position & 0xFFFFFF)) & MASK32, offset & MASK32, offset >> 32)
+    counter = (stream & MASK32, ((purpose << 24) | (position & 0xFFFFFF)) & MASK32, offset & MASK32, offset >> 32)
     return philox4x32_10(counter, seed & MASK32, seed >> 32)
+
+
+def seeds_and_streams(seed, batch: int) -> list[tuple[int, int]]:
+    """(seed, stream) of each row: one seed (None = 0, an int, a 1-element tensor) gives row b stream b; a [B]
+    tensor gives each row its own seed and stream 0."""
+    if isinstance(seed, torch.Tensor) and seed.numel() == batch and seed.dim() == 1 and batch != 1:
+        return [(int(s), 0) for s in seed.tolist()]
+    one = 0 if seed is None else int(seed.reshape(-1)[0]) if isinstance(seed, torch.Tensor) else int(seed)
+    return [(one, b) for b in range(batch)]
 
 
 def uniform_open01(bits: int) -> float:

@@ -6,7 +6,7 @@ import math
 import torch
 
 from .numerics import (PURPOSE_VERIFY_ACCEPT, PURPOSE_VERIFY_SAMPLE, exp_nonpositive, float_bits, mass_of,
-                       random_u64, random_words, scaled_draw, uniform_open01)
+                       random_u64, random_words, scaled_draw, seeds_and_streams, uniform_open01)
 
 
 def _as_list(value, batch: int, default):
@@ -21,7 +21,8 @@ def filtered_masses(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     """Fixed-point masses of the filtered target distribution at one position (int64 [V]).
 
     Temperature, then top-k, then top-p, then min-p, each a threshold on the
-    numerators e_v = exp((x_v - max) / T); ties at a threshold are kept.
+    numerators e_v = exp((x_v - max) / T); ties at a threshold are kept. A
+    logit of -inf (a masked id) has e_v = 0: mass 0, below every threshold.
     """
     x = logits.float()
     m = x.max()
@@ -65,12 +66,19 @@ def verify(target_logits, draft_tokens, draft_probs=None, *, draft_index=None, n
     nd = _as_list(num_draft, B, K)
     temp, tk, tp, mp = (_as_list(temperature, B, 1.0), _as_list(top_k, B, 0), _as_list(top_p, B, 1.0),
                         _as_list(min_p, B, 0.0))
-    sd, off = _as_list(seed, B, 0), _as_list(offset, B, 0)
+    streams, off = seeds_and_streams(seed, B), _as_list(offset, B, 0)
     tokens = torch.full((B, K1), -1, dtype=torch.int32)
     num_accepted = torch.zeros(B, dtype=torch.int32)
     for b in range(B):
+        sd, stream = streams[b]
+        if not all(0 <= int(x) < V for x in draft_tokens[b, :nd[b]]):  # every draft, before any sampling
+            raise ValueError(f"draft_tokens row {b} holds a token id outside [0, {V}) within its num_draft")
         for j in range(nd[b] + 1):
             logits = target_logits[b, j].float().cpu()
+            if bool(logits.isnan().any() | (logits == float("inf")).any()):
+                raise ValueError(f"target_logits row {b} contains NaN or +inf")
+            if bool((logits == float("-inf")).all()):
+                raise ValueError(f"target_logits row {b} masks every id (-inf) at a position it verifies")
             is_draft = j < nd[b]
             x = int(draft_tokens[b, j]) if is_draft else -1
             if temp[b] == 0.0:  # greedy: accept while the draft is the argmax
@@ -83,7 +91,7 @@ def verify(target_logits, draft_tokens, draft_probs=None, *, draft_index=None, n
                 break
             p = filtered_masses(logits, float(temp[b]), int(tk[b]), float(tp[b]), float(mp[b]))
             z = int(p.sum())
-            sample_bits = random_u64(random_words(sd[b], off[b], j, PURPOSE_VERIFY_SAMPLE))
+            sample_bits = random_u64(random_words(sd, stream, off[b], j, PURPOSE_VERIFY_SAMPLE))
             if not is_draft:  # bonus token from p
                 tokens[b, j] = _draw(p, sample_bits)
                 num_accepted[b] = j
@@ -93,7 +101,7 @@ def verify(target_logits, draft_tokens, draft_probs=None, *, draft_index=None, n
             else:
                 q = draft_probs[b, j].float().cpu()
                 q_x = float(q[x])
-            u = uniform_open01(random_words(sd[b], off[b], j, PURPOSE_VERIFY_ACCEPT)[0])
+            u = uniform_open01(random_words(sd, stream, off[b], j, PURPOSE_VERIFY_ACCEPT)[0])
             if u * q_x * z < int(p[x]):  # accept with probability min(1, p(x) / q(x))
                 tokens[b, j] = x
                 continue
