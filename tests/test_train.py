@@ -15,15 +15,12 @@ import torch
 
 import dspark_ops
 from dspark_ops.draft_vocab import DraftVocab
-from dspark_ops.models import DenseKVCache, LlamaConfig, LlamaModel, load_drafter
+from dspark_ops.models import DenseKVCache, LlamaConfig, LlamaModel, load_drafter, resolve_model
 from dspark_ops.train import (LossWeights, Sample, TargetFeatures, TrainConfig, Trainer, build_drafter,
                               drafter_losses, eagle3_ttt_logits, init_from_drafter, position_weights,
                               response_draft_vocab, soft_acceptance)
 from dspark_ops.train.calibration import calibrate_drafter, collect_confidence
 from randomness import fresh_seed
-
-REPO = Path(__file__).resolve().parents[1]
-SMOLLM = Path.home() / ".cache" / "dspark" / "smollm2-135m"
 
 
 def tiny_target(seed: int, vocab: int = 96, layers: int = 3, max_pos: int = 512) -> LlamaModel:
@@ -450,20 +447,39 @@ from dspark_ops.train import Trainer, build_drafter, init_distributed
 rank, world = init_distributed()
 assert world == 2
 target = tiny_target({seed})
-cfg = tiny_cfg(max_steps=3, seed=5)
-drafter = build_drafter(cfg, target)
-if rank == 1:   # different starting weights on purpose: DDP must broadcast rank 0's
-    with torch.no_grad():
-        for p in drafter.parameters():
-            p.add_(1.0)
-Trainer(cfg, target, drafter, random_samples({seed}), {out!r}, progress=False).train()
-torch.save(drafter.state_dict(), {out!r} + f"/rank{{rank}}.pt")
+samples = random_samples({seed}, n=6)     # 4 steps of 4 cross an epoch boundary
+cfg = tiny_cfg(max_steps=4, seed=5, save_every=2, warmup_steps=1)
+
+def drafter():
+    d = build_drafter(cfg, target)
+    if rank == 1:   # different starting weights on purpose: DDP must broadcast rank 0's
+        with torch.no_grad():
+            for p in d.parameters():
+                p.add_(1.0)
+    return d
+
+straight = drafter()
+Trainer(cfg, target, straight, samples, {out!r} + "/straight", progress=False).train()
+torch.save(straight.state_dict(), {out!r} + f"/straight_rank{{rank}}.pt")
+# Interrupted after step 3 (its checkpoint), then resumed by fresh trainers with another RNG state.
+Trainer(cfg, target, drafter(), samples, {out!r} + "/resumed", progress=False).train(stop_at=3)
+torch.manual_seed(1000 + rank)
+resumed = drafter()
+trainer = Trainer(cfg, target, resumed, samples, {out!r} + "/resumed", progress=False)
+assert trainer.load_checkpoint() and trainer.state.step == 3
+trainer.train()
+torch.save(resumed.state_dict(), {out!r} + f"/resumed_rank{{rank}}.pt")
 torch.distributed.barrier()   # tear gloo down together: a rank leaving while the other still runs can abort
 torch.distributed.destroy_process_group()
 """
 
 
-def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+def test_two_process_gloo_run_equals_one_process_and_resumes_exactly(tmp_path):
+    """torchrun with 2 gloo ranks, global batch 4 (2 sequences per rank): after 4 steps both ranks hold the
+    weights one process trains on the same global batches (rank 1 starts from other weights: DDP broadcasts
+    rank 0's; each rank takes its share of the batch with the anchors one process gives those sequences, and the
+    averaged gradient is that of the global batch's loss); a run interrupted after step 3 and resumed by fresh
+    trainers ends bit-identical to the straight one; rank 0 alone logs, the global batch's loss."""
     seed = fresh_seed() % 10000
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), seed=seed, out=str(tmp_path)))
@@ -471,12 +487,26 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(script)], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    init = build_drafter(tiny_cfg(max_steps=3, seed=5), tiny_target(seed)).state_dict()
+    a, b = torch.load(tmp_path / "straight_rank0.pt"), torch.load(tmp_path / "straight_rank1.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    for rank in (0, 1):
+        resumed = torch.load(tmp_path / f"resumed_rank{rank}.pt")
+        for k in a:
+            assert torch.equal(resumed[k], a[k]), (seed, rank, k)
+    target = tiny_target(seed)
+    cfg = tiny_cfg(max_steps=4, seed=5, save_every=2, warmup_steps=1)
+    alone = build_drafter(cfg, target)
+    init = {k: v.clone() for k, v in alone.state_dict().items()}
+    Trainer(cfg, target, alone, random_samples(seed, n=6), tmp_path / "alone", progress=False).train()
+    for k, v in alone.state_dict().items():
+        torch.testing.assert_close(a[k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"seed {seed}, {k}: {m}")
     assert any(not torch.equal(a[k], init[k]) for k in a)
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3   # rank 0 logs alone
+    logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in (tmp_path / "alone" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 4                                    # rank 0 logs alone
+    assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+    assert [r["tokens"] for r in logged] == [r["tokens"] for r in single]
 
 
 # ---- bad input
@@ -517,15 +547,21 @@ def test_bad_input_raises_clear_errors(tmp_path):
         Trainer(changed, target, build_drafter(changed, target), random_samples(0), tmp_path / "r").load_checkpoint()
 
 
-@pytest.mark.skipif(not (SMOLLM / "tokenizer.json").is_file(), reason="needs the smollm2-135m tokenizer")
-def test_cli_end_to_end_on_a_tiny_target(tmp_path):
-    """dspark train-draft (data from a prompt file, generated by the target) then dspark calibrate."""
+@pytest.fixture(scope="module")
+def smollm2_folder() -> Path:
+    """The smollm2-135m folder ($DSPARK_HOME or ~/.cache/dspark), fetched on first use like the other tests."""
+    return resolve_model("smollm2-135m")
+
+
+def test_cli_end_to_end_on_a_tiny_target(tmp_path, smollm2_folder):
+    """dspark train-draft (data from a prompt file, generated by the target) then dspark calibrate, with the
+    smollm2-135m tokenizer."""
     folder = tmp_path / "tiny"
     target = tiny_target(1, vocab=49152, layers=2, max_pos=256)
     target.config.eos_token_id = 2
     target.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((SMOLLM / name).read_bytes())
+        (folder / name).write_bytes((smollm2_folder / name).read_bytes())
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question number {i}: what is {i} + {i}?"}) + "\n"
                                for i in range(40)))

@@ -24,6 +24,7 @@ drop out of the CE (no draft can propose them); they still count in the TV.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,13 +54,14 @@ def soft_acceptance(draft_probs: torch.Tensor, target_probs: torch.Tensor) -> to
     return 1.0 - 0.5 * (draft_probs - target_probs).abs().sum(-1)
 
 
-def _weighted_mean(term: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (term * weight).sum() / weight.sum().clamp_min(1e-12)
+def _weighted_mean(term: torch.Tensor, weight: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    return (term * weight).sum() / total.clamp_min(1e-12)
 
 
 def drafter_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
                    valid: torch.Tensor, weights: LossWeights, conf_logits: torch.Tensor | None = None,
-                   target_lse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   target_lse: torch.Tensor | None = None,
+                   total_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Loss terms and their weighted sum ``"loss"``.
 
     draft_logits, target_logits [N, G, V]; labels [N, G] (ground-truth next
@@ -69,6 +71,11 @@ def drafter_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labe
     cover a draft vocabulary only (labels then index it, -1 outside). Also returns
     ``"accept"`` [G]: the mean soft acceptance per position (a training-time
     estimate of the per-position acceptance rate, no gradient).
+
+    Each term is a weighted mean over valid positions. ``total_weights`` maps
+    this batch's weight sums [CE's, the other terms'] to the sums to divide
+    by: under data parallelism, the sums over every rank's share of the global
+    batch, so that the ranks' terms add up to the global batch's.
     """
     if draft_logits.shape != target_logits.shape or draft_logits.dim() != 3:
         raise ValueError(f"draft_logits {list(draft_logits.shape)} and target_logits {list(target_logits.shape)} "
@@ -92,18 +99,20 @@ def drafter_losses(draft_logits: torch.Tensor, target_logits: torch.Tensor, labe
     out = {}
     drawable = valid & (labels >= 0)
     safe_labels = torch.where(drawable, labels, torch.zeros_like(labels))
-    out["ce"] = _weighted_mean(-logp_d.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1),
-                               pw * drawable.float())
+    w_ce = pw * drawable.float()
+    totals = torch.stack((w_ce.sum(), w.sum())).detach()
+    ce_total, total = total_weights(totals) if total_weights is not None else totals
+    out["ce"] = _weighted_mean(-logp_d.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1), w_ce, ce_total)
     need_tv = weights.tv > 0 or weights.conf > 0
     l1 = (logp_d.exp() - p_t).abs().sum(-1) + outside if need_tv else None
-    out["tv"] = _weighted_mean(l1, w) if need_tv else zero
+    out["tv"] = _weighted_mean(l1, w, total) if need_tv else zero
     if weights.conf > 0:
         label = (1.0 - 0.5 * l1).detach().clamp(0.0, 1.0)
         bce = F.binary_cross_entropy_with_logits(conf_logits.float(), label, reduction="none")
-        out["conf"] = _weighted_mean(bce, w)
+        out["conf"] = _weighted_mean(bce, w, total)
     else:
         out["conf"] = zero
-    out["soft_ce"] = _weighted_mean(-(p_t * logp_d).sum(-1), w) if weights.soft_ce > 0 else zero
+    out["soft_ce"] = _weighted_mean(-(p_t * logp_d).sum(-1), w, total) if weights.soft_ce > 0 else zero
     out["loss"] = (weights.ce * out["ce"] + weights.tv * out["tv"] + weights.conf * out["conf"]
                    + weights.soft_ce * out["soft_ce"])
     with torch.no_grad():

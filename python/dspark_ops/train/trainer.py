@@ -30,10 +30,17 @@ Variants (same data, same target layers, same anchors):
   soft cross-entropy against the target's distribution.
 
 Reproducibility: the data order of epoch e is a permutation seeded by
-(seed, e); the anchors of step s on rank r come from a generator seeded by
-(seed, s, r). A checkpoint stores the drafter, AdamW and scheduler states, the
-step (which fixes the data position) and the torch RNG state, so a resumed
-run takes exactly the steps the uninterrupted run would have taken.
+(seed, e); the anchors of step s come from a generator seeded by (seed, s),
+drawn for the whole global batch. A checkpoint stores the drafter, AdamW and
+scheduler states, the step (which fixes the data position) and the torch RNG
+state, so a resumed run takes exactly the steps the uninterrupted run would
+have taken.
+
+Data parallelism (torchrun, DDP): rank r takes sequences r, r + world, ... of
+each global batch with the anchors one process gives them, and every loss term
+is divided by the weight sums of the whole global batch (all-reduced), so the
+averaged gradient, and hence the update, is the one a single process takes on
+the same global batch.
 """
 from __future__ import annotations
 
@@ -206,9 +213,9 @@ class _StepModule(nn.Module):
 
     With a draft vocabulary ``vocab`` every logit covers its ids only (see the module docstring)."""
 
-    def __init__(self, drafter, variant: str, vocab: DraftVocab | None, distill: str = "tv"):
+    def __init__(self, drafter, variant: str, vocab: DraftVocab | None, distill: str = "tv", total_weights=None):
         super().__init__()
-        self.drafter, self.variant = drafter, variant
+        self.drafter, self.variant, self.total_weights = drafter, variant, total_weights
         self.weights = {"eagle3": EAGLE3_WEIGHTS, "dflash": DFLASH_WEIGHTS,
                         "dspark": DSPARK_KL_WEIGHTS if distill == "kl" else DSPARK_WEIGHTS}[variant]
         self.vocab_ids = self.to_draft = self.lm_head = self.w1_row = None
@@ -254,7 +261,7 @@ class _StepModule(nn.Module):
         return drafter_losses(logits.reshape(B * A, G, V), target_logits.reshape(B * A, G, V),
                               labels.reshape(B * A, G), valid.reshape(B * A, G), self.weights,
                               None if conf is None else conf.reshape(B * A, G),
-                              None if lse is None else lse.reshape(B * A, G))
+                              None if lse is None else lse.reshape(B * A, G), self.total_weights)
 
 
 class _RecordingAttention:
@@ -323,6 +330,13 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
+def _global_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the data-parallel ranks."""
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
 def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -374,7 +388,8 @@ class Trainer:
             drafter.draft_vocab = self.draft_vocab
             if getattr(drafter.config, "markov_rank", 0):   # W2 is trained for the draft ids only
                 drafter.config.markov_w2_draft_vocab_only = True
-        module = _StepModule(drafter, cfg.variant, self.draft_vocab, cfg.distill)
+        module = _StepModule(drafter, cfg.variant, self.draft_vocab, cfg.distill,
+                             _global_sum if self.world > 1 else None)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             module = DistributedDataParallel(module)
@@ -392,7 +407,7 @@ class Trainer:
     # ---- data
 
     def _batch_indices(self, step: int) -> list[int]:
-        """This rank's sample indices for ``step``: epoch permutations seeded by (seed, epoch), sharded by rank."""
+        """The sample indices of ``step``'s global batch: epoch permutations seeded by (seed, epoch)."""
         n, B = len(self.samples), self.cfg.batch_size
         perms, out = {}, []
         for i in range(step * B, (step + 1) * B):
@@ -400,7 +415,7 @@ class Trainer:
             if epoch not in perms:
                 perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch))
             out.append(int(perms[epoch][pos]))
-        return out[self.rank::self.world]
+        return out
 
     # ---- one step
 
@@ -409,18 +424,22 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.state.step
-        batch = [self.samples[i] for i in self._batch_indices(step)]
+        everyone = [self.samples[i] for i in self._batch_indices(step)]
+        _, all_lengths, all_prompt_lens = pack_batch(everyone, self.pad_id)
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4099)
+        shard = slice(self.rank, None, self.world)   # this rank's sequences, with the anchors of the global batch
+        anchors = sample_anchors(all_lengths, all_prompt_lens, cfg.anchors_per_seq, g)[shard]
+        batch = everyone[shard]
         ids, lengths, prompt_lens = pack_batch(batch, self.pad_id)
         dev = self.target.device
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4099 + self.rank)
-        anchors = sample_anchors(lengths, prompt_lens, cfg.anchors_per_seq, g).to(dev)
-        ids = ids.to(dev)
+        anchors, ids = anchors.to(dev), ids.to(dev)
         features, last_hidden, *lse = self.features.batch(batch, ids.shape[1])
         self.module.train()
         with self._autocast():
             terms = self.module(ids, features, last_hidden, lengths, anchors, lse[0] if self.draft_vocab else None)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        # The terms are this rank's share of the global batch's; DDP averages the ranks' gradients.
+        (terms["loss"] * self.world).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -429,10 +448,11 @@ class Trainer:
         rec["accept"] = [round(float(a), 4) for a in terms["accept"]]
         rec["grad_norm"] = float(grad_norm)
         rec["tokens"] = int(lengths.sum())
-        if self.world > 1:
-            t = torch.tensor([rec["loss"], rec["tokens"]], dtype=torch.float64)
+        if self.world > 1:   # the global batch's terms: the sum of the ranks' shares
+            keys = [k for k in ("loss", "ce", "tv", "conf", "soft_ce", "tokens") if k in rec]
+            t = torch.tensor([rec[k] for k in keys], dtype=torch.float64)
             dist.all_reduce(t)
-            rec["loss"], rec["tokens"] = float(t[0]) / self.world, int(t[1])
+            rec.update({k: float(v) for k, v in zip(keys, t.tolist())}, tokens=int(t[-1]))
         return rec
 
     # ---- loop
