@@ -76,38 +76,53 @@ class NearThreshold(Exception):
 MARGIN = 2.0**-16   # far above the 2^-21 error of a fixed-point numerator (sampling.h)
 
 
-def ideal_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """The exact filtered softmax of float32 logits (float64 arithmetic): e_v = exp((x_v - max) / T), top-k, then
-    top-p, then min-p as thresholds on e with ties kept, renormalised. Raises NearThreshold when a decision is
-    within MARGIN of its threshold."""
+def ideal_filter(logits: torch.Tensor, temperature, top_k, top_p, min_p, margin: float = MARGIN,
+                 relative: float = 0.0):
+    """The exact filtered softmax of rows of float32 logits [R, V] (float64 arithmetic), each row with its own
+    parameters (numbers or [R] tensors): e_v = exp((x_v - max) / T), top-k, then top-p, then min-p as thresholds
+    on e with ties kept, renormalised; T = 0 is the one-hot argmax (lowest id among ties). Returns the laws
+    [R, V] and which rows have a decision within ``margin`` + ``relative`` * value of its threshold (ambiguous:
+    kernels whose numbers differ by less may decide it either way)."""
+
+    def near(a, b):   # distinct, and closer than the margins (equal values tie and are kept together)
+        return (a != b) & ((a - b).abs() < margin + relative * torch.maximum(a.abs(), b.abs()))
+
     x = logits.double()
-    t = float(torch.tensor(temperature, dtype=torch.float32))
-    e = torch.exp((x - x.max()) / t)
-    keep = torch.ones_like(e, dtype=torch.bool)
-    V = e.numel()
-    if 0 < top_k < V:
-        s = torch.sort(e, descending=True).values
-        if 0 < float(s[top_k - 1] - s[top_k]) < MARGIN:
-            raise NearThreshold("top_k")
-        keep &= e >= s[top_k - 1]
-    if top_p < 1.0:
-        kept = torch.where(keep, e, torch.zeros_like(e))
-        want = float(torch.tensor(top_p, dtype=torch.float32)) * float(kept.sum())
-        s = torch.sort(kept, descending=True).values
-        cum = torch.cumsum(s, 0)
-        if bool(((cum - want).abs() < V * MARGIN).any()):
-            raise NearThreshold("top_p")
-        i = int((cum < want).sum())             # the first prefix whose mass reaches top_p
-        if i + 1 < V and 0 < float(s[i] - s[i + 1]) < MARGIN:
-            raise NearThreshold("top_p tie")
-        keep &= e >= s[i]
-    if min_p > 0.0:
-        m = float(torch.tensor(min_p, dtype=torch.float32))
-        if bool(((e - m).abs() < MARGIN).any()):
-            raise NearThreshold("min_p")
-        keep &= e >= m
-    p = torch.where(keep, e, torch.zeros_like(e))
-    return p / p.sum()
+    R, V = x.shape
+    col = lambda v, dt: torch.as_tensor(v, dtype=dt).expand(R).unsqueeze(1)  # noqa: E731
+    t = col(temperature, torch.float32).double()
+    k, top_p, min_p = col(top_k, torch.long), col(top_p, torch.float32).double(), col(min_p, torch.float32).double()
+    greedy = t == 0
+    e = torch.exp((x - x.max(1, keepdim=True).values) / torch.where(greedy, 1.0, t))
+    s = torch.sort(e, 1, descending=True).values
+    ambiguous = greedy & near(s[:, :1], s[:, 1:2])
+    use_k = (k > 0) & (k < V)
+    kth = s.gather(1, (k - 1).clamp(0, V - 1))
+    nxt = s.gather(1, k.clamp(0, V - 1))
+    ambiguous |= use_k & near(kth, nxt)
+    keep = ~use_k | (e >= kth)
+    use_p = top_p < 1.0
+    s = torch.sort(torch.where(keep, e, 0.0), 1, descending=True).values
+    cum = torch.cumsum(s, 1)
+    want = top_p * cum[:, -1:]
+    i = (cum < want).sum(1, keepdim=True).clamp(max=V - 1)     # the first prefix whose mass reaches top_p
+    boundary = near(s.gather(1, i), s.gather(1, (i + 1).clamp(max=V - 1)))
+    ambiguous |= use_p & (near(cum, want).any(1, keepdim=True) | boundary)
+    keep &= ~use_p | (e >= s.gather(1, i))
+    use_m = min_p > 0
+    ambiguous |= use_m & near(e, min_p).any(1, keepdim=True)
+    keep &= ~use_m | (e >= min_p)
+    first = torch.zeros_like(e).scatter_(1, x.argmax(1, keepdim=True), 1.0)
+    p = torch.where(greedy, first, torch.where(keep, e, 0.0))
+    return p / p.sum(1, keepdim=True), ambiguous.squeeze(1)
+
+
+def ideal_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """ideal_filter of one row of logits [V]; raises NearThreshold when a decision is ambiguous."""
+    p, ambiguous = ideal_filter(logits.unsqueeze(0), temperature, top_k, top_p, min_p)
+    if bool(ambiguous[0]):
+        raise NearThreshold(f"T={temperature}, top_k={top_k}, top_p={top_p}, min_p={min_p}")
+    return p[0]
 
 
 def bound(V: int, positions: int) -> float:
