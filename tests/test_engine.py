@@ -68,8 +68,9 @@ def sampled_law_test(engine: SpeculativeEngine, reference: LlamaModel, requests:
     computed by ``reference`` (a copy of the target the engine never rewired) with verify_law.ideal_filter:
     greedy requests emit the argmax, no token of probability 0 is emitted, and the sampled tokens are returned as
     two SequentialChi2 against their laws: by id, and by rank in their law (the most likely id is rank 0), which
-    sees biases that keep each id's overall frequency (drawing too greedily, or too flatly, in every context). Positions whose filter decisions lie within 0.1% of a threshold (the
-    engine's logits differ from the reference's by rounding) are left out, by their prefix only."""
+    sees biases that keep each id's overall frequency (drawing too greedily, or too flatly, in every context).
+    Positions whose filter decisions lie within 0.1% of a threshold (the engine's logits differ from the
+    reference's by rounding) are left out, by their prefix only."""
     V = reference.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, V, (int(torch.randint(1, 5, (), generator=gen)),), generator=gen).tolist()
@@ -232,8 +233,8 @@ def test_stop_tokens_and_streaming():
     prompt = [3, 1, 4, 1, 5]
     full = plain_greedy(target, prompt, 16)
     stop = full[5]
-    engine = with_oracle_drafts(SpeculativeEngine(target, build_drafter_from_target(target, num_layers=1, block_size=5)),
-                                {0: prompt}, {0: full}, seed)
+    engine = SpeculativeEngine(target, build_drafter_from_target(target, num_layers=1, block_size=5))
+    with_oracle_drafts(engine, {0: prompt}, {0: full}, seed)
     streamed = []
     for i, toks in engine.stream([prompt], max_new_tokens=16, stop_token_ids=[stop]):
         assert i == 0
@@ -366,11 +367,16 @@ def test_cuda_engine_greedy_equals_target_greedy(dtype):
     drafter = random_drafter(target, seed, rank=8, confidence=True).to("cuda", dtype)
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 95, (int(n),), generator=gen).tolist() for n in (5, 17, 9)]
-    engine = SpeculativeEngine(target, drafter, scheduler="sync", max_batch=3, max_tokens=512,
-                               sps_table=torch.tensor([0.0] + [100.0 / (1 + 0.05 * b) for b in range(1, 40)]))
-    outs = engine.generate(prompts, max_new_tokens=16)
     plain = SpeculativeEngine(target, None, max_batch=3, max_tokens=512).generate(prompts, max_new_tokens=16)
-    assert outs == plain, f"seed {seed}"
+    sps = torch.tensor([0.0] + [100.0 / (1 + 0.05 * b) for b in range(1, 40)])
+    graphed = SpeculativeEngine(target, drafter, scheduler="sync", max_batch=3, max_tokens=512, sps_table=sps)
+    assert graphed.generate(prompts, max_new_tokens=16) == plain, f"seed {seed}"
+    # Eagerly (the splice runs on the host at every step), with drafts accepted in part.
+    eager = SpeculativeEngine(target, drafter, scheduler="sync", max_batch=3, max_tokens=512, sps_table=sps,
+                              cuda_graphs=False)
+    with_oracle_drafts(eager, dict(enumerate(prompts)), dict(enumerate(plain)), seed)
+    assert eager.generate(prompts, max_new_tokens=16) == plain, f"seed {seed}"
+    assert accepted(eager) > 0, f"seed {seed}: no draft was accepted"
 
 
 def greedy_reference_steps(target: LlamaModel, drafter, prompt: list[int], n: int, block: int, propose):
@@ -758,15 +764,20 @@ def test_graph_code_path_on_cpu(kind):
         return SpeculativeEngine(target, d, scheduler=scheduler if d is not None else "fixed", max_batch=4,
                                  max_tokens=512, sps_table=sps, **(kw if d is not None else {}))
 
+    want = [plain_greedy(target, p, n) for p, n in zip(prompts, budgets)]
     for temperature in (0.0, 1.0) if scheduler == "fixed" and not kw else (0.0,):
-        graphed = graph_path_on_cpu(engine(drafter))
+        graphed, eager = graph_path_on_cpu(engine(drafter)), engine(drafter)
+        if temperature == 0.0 and drafter is not None:   # drafts accepted in part, on both paths
+            for e in (graphed, eager):
+                with_oracle_drafts(e, dict(enumerate(prompts)), dict(enumerate(want)), seed)
         out = _run_joining(graphed, prompts, budgets, temperature)
-        assert out == _run_joining(engine(drafter), prompts, budgets, temperature), f"seed {seed}, T {temperature}"
+        assert out == _run_joining(eager, prompts, budgets, temperature), f"seed {seed}, T {temperature}"
         assert {b for b, _ in graphed._graphs} <= {1, 2, 4} and len(graphed._graphs) >= 2
         pad = graphed.target_cache.num_pages - graphed.target_cache.num_free_pages
         assert pad == 1, "only the padding page stays reserved"
         if temperature == 0.0:
-            assert out == [plain_greedy(target, p, n) for p, n in zip(prompts, budgets)], f"seed {seed}"
+            assert out == want, f"seed {seed}"
+            assert drafter is None or accepted(graphed) > 0, f"seed {seed}: no draft was accepted"
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -121,6 +121,8 @@ def test_losses_over_a_draft_vocabulary_are_those_of_the_drafter_restricted_to_i
 
 
 def test_soft_label_is_the_acceptance_probability_of_speculative_sampling():
+    """soft_acceptance is sum(min(p_d, p_t)), and verify accepts drafts at that rate: 20000 rows within 5 standard
+    deviations (false alarm 6e-7; a rate off by 0.026 fails with probability 0.99)."""
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     V, n = 6, 20000

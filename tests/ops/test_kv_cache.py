@@ -293,8 +293,8 @@ def test_fuzz_append_attend_rollback_against_a_list_model(dtype):
             cu_q = torch.tensor(cu, dtype=torch.int32)
             for layer in range(L):
                 args = (q, cache.k_cache(layer), cache.v_cache(layer), table, lens, cu_q)
-                torch.testing.assert_close(dspark_ops.draft_block_attention(*args), reference.draft_block_attention(*args),
-                                           **TOLERANCES[dtype], msg=lambda m: f"seed {seed}, round {step}: {m}")
+                got, want = dspark_ops.draft_block_attention(*args), reference.draft_block_attention(*args)
+                torch.testing.assert_close(got, want, **TOLERANCES[dtype], msg=lambda m: f"seed {seed}, {step}: {m}")
         chain = bool(torch.rand((), generator=gen) < 0.3)   # accept_index None: the first entries stay in place
         accept = torch.zeros(len(ids), max(max(counts), 1), dtype=torch.int32)
         keep = []

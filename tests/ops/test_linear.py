@@ -226,54 +226,77 @@ _W = torch.randn(12, 8)
 _PW = dspark_ops.pack_linear_weight(_W)
 _PGU = dspark_ops.pack_linear_weight(torch.randn(12, 8), gate_up=True)
 
+# name: (exception type, pattern the message must match, call)
 BAD_CALLS = {
-    "unpacked weight": ("w_packed", lambda: dspark_ops.linear(_X, _W)),
-    "gate_up weight to linear": ("w_packed", lambda: dspark_ops.linear(_X, _PGU)),
-    "plain weight to silu_mul": ("w_gate_up_packed", lambda: dspark_ops.linear_silu_mul(_X, _PW)),
-    "x float64": ("x", lambda: dspark_ops.linear(_X.double(), _PW)),
-    "x bfloat16": ("x", lambda: dspark_ops.linear(_X.bfloat16(), _PW)),
-    "x in mismatch": ("x", lambda: dspark_ops.linear(torch.randn(2, 9), _PW)),
-    "x scalar": ("x", lambda: dspark_ops.linear(torch.tensor(1.0), _PW)),
-    "x not a tensor": ("x", lambda: dspark_ops.linear([1.0] * 8, _PW)),
-    "bias shape": ("bias", lambda: dspark_ops.linear(_X, _PW, torch.randn(11))),
-    "bias dtype": ("bias", lambda: dspark_ops.linear(_X, _PW, torch.randn(12).double())),
-    "residual shape": ("residual", lambda: dspark_ops.linear(_X, _PW, residual=torch.randn(2, 11))),
-    "residual dtype": ("residual", lambda: dspark_ops.linear(_X, _PW, residual=torch.randn(2, 12).half())),
-    "pack 1-D": ("w", lambda: dspark_ops.pack_linear_weight(torch.randn(8))),
-    "pack integer": ("w", lambda: dspark_ops.pack_linear_weight(torch.ones(4, 4, dtype=torch.int32))),
-    "pack dtype": ("dtype", lambda: dspark_ops.pack_linear_weight(_W, torch.float16)),
-    "pack odd gate_up": ("w", lambda: dspark_ops.pack_linear_weight(torch.randn(5, 8), gate_up=True)),
-    "pack no rows": ("w", lambda: dspark_ops.pack_linear_weight(torch.randn(0, 8))),
+    "unpacked weight": (TypeError, "w_packed must be a PackedLinear", lambda: dspark_ops.linear(_X, _W)),
+    "gate_up weight to linear": (ValueError, "w_packed was packed with gate_up=True",
+                                 lambda: dspark_ops.linear(_X, _PGU)),
+    "plain weight to silu_mul": (ValueError, "w_gate_up_packed was packed with gate_up=False",
+                                 lambda: dspark_ops.linear_silu_mul(_X, _PW)),
+    "x float64": (TypeError, "x must be float32, got torch.float64", lambda: dspark_ops.linear(_X.double(), _PW)),
+    "x bfloat16": (TypeError, "x must be float32, got torch.bfloat16", lambda: dspark_ops.linear(_X.bfloat16(), _PW)),
+    "x in mismatch": (ValueError, r"x must be \[\.\.\., 8\] \(the weight's in_features\), got \[2, 9\]",
+                      lambda: dspark_ops.linear(torch.randn(2, 9), _PW)),
+    "x scalar": (ValueError, r"x must be \[\.\.\., 8\].*got \[\]", lambda: dspark_ops.linear(torch.tensor(1.0), _PW)),
+    "x not a tensor": (TypeError, "x must be a tensor, got list", lambda: dspark_ops.linear([1.0] * 8, _PW)),
+    "bias shape": (ValueError, r"bias must be a float32 tensor of shape \[12\], got \(torch.float32, \[11\]\)",
+                   lambda: dspark_ops.linear(_X, _PW, torch.randn(11))),
+    "bias dtype": (ValueError, r"bias must be a float32 tensor.*got \(torch.float64",
+                   lambda: dspark_ops.linear(_X, _PW, torch.randn(12).double())),
+    "residual shape": (ValueError, r"residual must be a float32 tensor of shape \[2, 12\], got \(.*\[2, 11\]",
+                       lambda: dspark_ops.linear(_X, _PW, residual=torch.randn(2, 11))),
+    "residual dtype": (ValueError, r"residual must be a float32 tensor.*got \(torch.float16",
+                       lambda: dspark_ops.linear(_X, _PW, residual=torch.randn(2, 12).half())),
+    "pack 1-D": (ValueError, r"w must be \[out, in\], got shape \[8\]",
+                 lambda: dspark_ops.pack_linear_weight(torch.randn(8))),
+    "pack integer": (TypeError, "w must be a floating-point tensor, got torch.int32",
+                     lambda: dspark_ops.pack_linear_weight(torch.ones(4, 4, dtype=torch.int32))),
+    "pack dtype": (TypeError, "dtype must be torch.float32 or torch.bfloat16, got torch.float16",
+                   lambda: dspark_ops.pack_linear_weight(_W, torch.float16)),
+    "pack odd gate_up": (ValueError, "w must have an even number of rows",
+                         lambda: dspark_ops.pack_linear_weight(torch.randn(5, 8), gate_up=True)),
+    "pack no rows": (ValueError, "w must have at least one row",
+                     lambda: dspark_ops.pack_linear_weight(torch.randn(0, 8))),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD_CALLS))
 def test_bad_input_names_the_argument(name):
-    arg, call = BAD_CALLS[name]
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=arg):
+    exc, pattern, call = BAD_CALLS[name]
+    with pytest.raises(exc, match=pattern):
         call()
 
 
+# name: (pattern the message must match, call on torch.ops.dspark)
 RAW_BAD_CALLS = {
-    "2-D weight": lambda op: op.linear(_X, _W, 12),
-    "wrong out_features": lambda op: op.linear(_X, _PW.data, 40),
-    "zero out_features": lambda op: op.linear(_X, _PW.data, 0),
-    "in mismatch": lambda op: op.linear(torch.randn(2, 9), _PW.data, 12),
-    "non-contiguous weight": lambda op: op.linear(_X, _PW.data.transpose(0, 1), 12),
-    "float16 weight": lambda op: op.linear(_X, _PW.data.half(), 12),
-    "x float64": lambda op: op.linear(_X.double(), _PW.data, 12),
-    "bias shape": lambda op: op.linear(_X, _PW.data, 12, torch.randn(3)),
-    "residual shape": lambda op: op.linear(_X, _PW.data, 12, None, torch.randn(3, 12)),
-    "silu groups": lambda op: op.linear_silu_mul(_X, _PW.data, 40),
-    "silu 2-D weight": lambda op: op.linear_silu_mul(_X, _W, 6),
+    "2-D weight": (r"linear: w_packed must be a weight packed for CPU.*got shape \[12, 8\]",
+                   lambda op: op.linear(_X, _W, 12)),
+    "wrong out_features": ("linear: w_packed has 1 column groups but 40 output features need 2",
+                           lambda op: op.linear(_X, _PW.data, 40)),
+    "zero out_features": ("linear: out_features must be >= 1, got 0", lambda op: op.linear(_X, _PW.data, 0)),
+    "in mismatch": ("linear: w_packed has in_features 8 but x has 9",
+                    lambda op: op.linear(torch.randn(2, 9), _PW.data, 12)),
+    "non-contiguous weight": ("linear: w_packed must be contiguous",
+                              lambda op: op.linear(_X, _PW.data.transpose(1, 2).contiguous().transpose(1, 2), 12)),
+    "float16 weight": ("linear: w_packed must be float32 or bfloat16, got Half",
+                       lambda op: op.linear(_X, _PW.data.half(), 12)),
+    "x float64": ("linear: x must be float32, got Double", lambda op: op.linear(_X.double(), _PW.data, 12)),
+    "bias shape": (r"bias must have shape \[12\], got \[3\]", lambda op: op.linear(_X, _PW.data, 12, torch.randn(3))),
+    "residual shape": (r"linear: residual must have the output's shape \[2, 12\], got \[3, 12\]",
+                       lambda op: op.linear(_X, _PW.data, 12, None, torch.randn(3, 12))),
+    "silu groups": ("linear_silu_mul: w_packed has 1 column groups but 40 output features need 3",
+                    lambda op: op.linear_silu_mul(_X, _PW.data, 40)),
+    "silu 2-D weight": (r"linear_silu_mul: w_packed must be a weight packed for CPU.*got shape \[12, 8\]",
+                        lambda op: op.linear_silu_mul(_X, _W, 6)),
 }
 
 
 @pytest.mark.parametrize("name", list(RAW_BAD_CALLS))
 def test_raw_op_bad_input_raises(name):
-    """The registered ops check their own arguments (callers may bypass the wrapper)."""
-    with pytest.raises(RuntimeError, match="w_packed|x|bias|residual|out_features"):
-        RAW_BAD_CALLS[name](torch.ops.dspark)
+    """The registered ops check their own arguments (callers may bypass the wrapper), each naming what is wrong."""
+    pattern, call = RAW_BAD_CALLS[name]
+    with pytest.raises(RuntimeError, match=pattern):
+        call(torch.ops.dspark)
 
 
 # ---------------------------------------------------------------------------------------------
