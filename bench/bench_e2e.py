@@ -36,7 +36,7 @@ import torch
 from torch.autograd import DeviceType
 
 from dspark_ops.engine import SpeculativeEngine
-from dspark_ops.generate import parse_draft_max_batch, shipped_drafter
+from dspark_ops.generate import load_target as load_target_model, parse_draft_max_batch, shipped_drafter
 from dspark_ops.machine import at_threads, machine_header, thread_counts
 from dspark_ops.models import (LlamaConfig, LlamaModel, TextTokenizer, build_drafter_from_target, load_drafter,
                                resolve_model)
@@ -171,7 +171,7 @@ def load_target(args, dtype):
         return target, prompts, [], None
     path = resolve_model("smollm2-135m")
     tok = TextTokenizer(path)
-    target = LlamaModel.from_pretrained(path, dtype=dtype, device=args.device)
+    target = load_target_model(path, dtype, args.device)
     prompts = [tok.encode_chat(p) for p in PROMPTS[:count]]
     return target, prompts, [tok.eos_token_id, tok.tokenizer.token_to_id("<|im_end|>")], path
 
@@ -227,7 +227,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--forward-cost", action="store_true", help="only the target forward time by block size")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA (bfloat16 on CPU: "
+                    "bf16 weights computed in fp32)")
     ap.add_argument("--eagle", default=None, help="an EAGLE-3-style drafter folder to include")
     ap.add_argument("--random-weights", action="store_true",
                     help="SmolLM2-135M's shape with random weights and random prompts (no model files needed)")

@@ -130,3 +130,16 @@ def test_engine_reports_its_plans(monkeypatch):
     assert {"torch"} == {k for c in plans["target"]["choices"].values() for k in c.values()}
     out = engine.generate([[1, 2, 3]], max_new_tokens=4)
     assert len(out[0]) == 4
+
+
+def test_cpu_bfloat16_target_is_bf16_weights_computed_in_fp32(tmp_path, monkeypatch):
+    from dspark_ops.generate import load_target
+
+    monkeypatch.setenv("DSPARK_LINEAR_IMPL", "packed")
+    small_model(fresh_seed()).save_pretrained(tmp_path)
+    model = load_target(tmp_path, torch.bfloat16, "cpu")
+    assert model.dtype == torch.float32
+    w = model.layers[0].mlp.down_proj.weight
+    assert torch.equal(w, w.to(torch.bfloat16).float())
+    engine = SpeculativeEngine(model, None, max_batch=1, max_tokens=64)
+    assert all(key.endswith("bfloat16") for key in engine.linear_plans["target"]["choices"])
