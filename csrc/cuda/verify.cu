@@ -24,6 +24,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -37,6 +38,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kClusterRanks = 8;  // CTAs per cluster in the `clusters` launch (the portable maximum)
+constexpr int kMaxDevices = 64;
 using Ops = BlockOps<kThreads>;
 
 // What one position of one row decided: the draft was accepted, or the chain stops here emitting `token`,
@@ -373,13 +375,23 @@ Launch requested_launch() {
   return Launch::clusters;
 }
 
-// Whether this device runs the cluster kernels: compute capability 9.0+ and sm_90+ code in this build.
+// Whether the current device runs the cluster kernels: compute capability 9.0+ and sm_90+ code in this
+// build (asked once per device; no runtime call inside later calls, captured ones included).
 template <typename L, typename Q>
 bool clusters_available() {
-  if (at::cuda::getCurrentDeviceProperties()->major < 9) return false;
-  cudaFuncAttributes attrs;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, verify_position_kernel<kClusterRanks, L, Q>));
-  return attrs.binaryVersion >= 90;
+  static std::atomic<int8_t> known[kMaxDevices] = {};  // 0: not asked yet, 1: no, 2: yes
+  const int device = at::cuda::current_device();
+  TORCH_CHECK(device < kMaxDevices, "verify: device index ", device, " is past ", kMaxDevices);
+  if (known[device] == 0) {
+    bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9;
+    if (ok) {
+      cudaFuncAttributes attrs;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, verify_position_kernel<kClusterRanks, L, Q>));
+      ok = attrs.binaryVersion >= 90;
+    }
+    known[device] = ok ? 2 : 1;
+  }
+  return known[device] == 2;
 }
 
 template <typename L, typename Q>
