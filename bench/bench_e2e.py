@@ -17,7 +17,8 @@ graphs off and on, and each row adds the fraction of the decode time the
 device sits idle (torch.profiler: 1 - union of kernel/copy intervals / their
 span, in a second, profiled run). Without the model files (a machine with no
 network) --random-weights builds SmolLM2-135M's shape with random weights and
-random prompts: speeds and idle fractions hold, tau does not.
+random prompts: speeds and idle fractions hold, tau does not. --json PATH (on a
+GPU) writes the rows, the device and its clocks (bench/bench_json.py).
 
     python bench/bench_e2e.py --quick          # batch 1, 2 prompts, 48 tokens
     python bench/bench_e2e.py                  # batch 1 and 8, 128 tokens
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 
+from bench_json import Recorder, add_json_argument
 from dspark_ops.engine import SpeculativeEngine
 from dspark_ops.generate import parse_draft_max_batch, shipped_drafter
 from dspark_ops.models import (LlamaConfig, LlamaModel, TextTokenizer, build_drafter_from_target, load_drafter,
@@ -202,7 +204,7 @@ def engines_at(drafters, batch):
             if not isinstance(limit := kw.get("draft_max_batch"), int) or limit < batch]
 
 
-def gpu_main(args, target, prompts, stop, n, batches):
+def gpu_main(args, target, prompts, stop, n, batches, rec=None):
     """Plain and speculative engines with CUDA graphs off and on; tokens/s, tau, device idle fraction."""
     drafters = load_drafters(args, target)
     print(f"{torch.cuda.get_device_name()}, {n} new tokens, T=0, {str(target.dtype).removeprefix('torch.')}, "
@@ -219,6 +221,11 @@ def gpu_main(args, target, prompts, stop, n, batches):
                 idle = "n/a" if idle is None else f"{100 * idle:.1f}%"
                 print(f"| dspark engine, {name} | {batch} | {'on' if graphs else 'off'} | {tps:.1f} | "
                       f"{tps / base:.2f}x | {tau:.2f} | {idle} | {outs == plain} |", flush=True)
+                if rec is not None:
+                    rec.add("engine", system=name, batch=batch, cuda_graphs=graphs, new_tokens=n,
+                            dtype=str(target.dtype).removeprefix("torch."), random_weights=args.random_weights,
+                            tokens_per_s=tps, vs_plain_graphs_off=tps / base, tau=tau, device_idle=idle,
+                            greedy_equals_plain=outs == plain)
 
 
 def main():
@@ -236,16 +243,21 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="CPU batch sizes (default: 1 and 8)")
     ap.add_argument("--repeat", type=int, default=1, help="CPU: best tokens/s of this many runs per engine")
     ap.add_argument("--plot", default=str(Path(__file__).with_name("e2e_smollm2.png")))
+    add_json_argument(ap)
     args = ap.parse_args()
     n = 48 if args.quick else 128
     batches = args.batches or ([1] if args.quick else [1, 8])
     cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("no GPU visible")
+        return
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     target, prompts, stop, path = load_target(args, dtype)
     if args.forward_cost:
         return forward_cost(target)
     if cuda:
-        return gpu_main(args, target, prompts, stop, n, [1, 4] if args.quick else [1, 8])
+        return gpu_main(args, target, prompts, stop, n, [1, 4] if args.quick else [1, 8],
+                        Recorder(args.json, "bench_e2e"))
     drafters = load_drafters(args, target)
     print(f"threads {torch.get_num_threads()}, {n} new tokens, T=0, {str(dtype).removeprefix('torch.')}, "
           f"{len(prompts)} prompts")
