@@ -182,7 +182,7 @@ sanitizer_step() {
   local args=(-m pytest -q -rfEs -p no:cacheprovider -m cuda -k "not graph" -x)
   (( HAVE_TIMEOUT_PLUGIN )) && args+=(--timeout=180 --timeout-method=thread)
   run_step "$name" "$limit" "$need" "$SANLOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    compute-sanitizer --tool memcheck --error-exitcode 99 --target-processes all "$PY" "${args[@]}" "$file"
+    compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 50 --target-processes all "$PY" "${args[@]}" "$file"
   (( STEP_RC == -1 )) && return 0
   local errors
   errors=$(grep -h "ERROR SUMMARY" "$STEP_OUT" | tail -1)
