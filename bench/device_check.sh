@@ -194,8 +194,12 @@ sanitizer_step() {
   echo "dspark_ops device check, mode $MODE, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), budget ${BUDGET}s"
   echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | wc -l) changed files"
   echo "host: $(uname -srm), $(nproc) cores"
-  nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem \
-    --format=csv 2>&1 || echo "nvidia-smi: not available"
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem \
+      --format=csv
+  else
+    echo "nvidia-smi: not available"
+  fi
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, 'cuda', torch.version.cuda, '| GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none visible')"
   nvcc --version 2>&1 | tail -1 || true
   cmake --version 2>&1 | head -1 || true
