@@ -9,7 +9,8 @@ context {512, 4096}, block 8, bf16, page size 16, shuffled pages.
 GPU (when CUDA is available): both CUDA paths (SIMT and tensor-core, forced
 through DSPARK_ATTENTION_IMPL), their time and achieved bandwidth (K/V bytes
 read / time) against the device's copy bandwidth, and FlashInfer's
-BatchPrefillWithPagedKVCacheWrapper on the same shapes if importable.
+BatchPrefillWithPagedKVCacheWrapper on the same shapes if importable. --json PATH
+writes the GPU rows, the device and its clocks (bench/bench_json.py).
 
 CPU times are taken at 1 thread and at all of torch's threads (--threads), interleaved.
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 import dspark_ops
 from dspark_ops.machine import at_threads, machine_header, thread_counts
+from bench_json import Recorder, add_json_argument
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "qwen3-8b": (32, 8, 128)}
 PAGE_SIZE = 16
@@ -148,7 +150,7 @@ def with_impl(impl, fn):
     return run
 
 
-def gpu_table(cases, repeat, block):
+def gpu_table(cases, repeat, block, rec=None):
     sync = torch.cuda.synchronize
     big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(big)
@@ -184,6 +186,11 @@ def gpu_table(cases, repeat, block):
                 fi_cols = f"{fi} | -"
             print(f"| {name} | {B} | {ctx} | {simt * 1e6:.1f} | {tc_cols} | {100 * nbytes / simt / 1e9 / copy_bw:.0f}% | "
                   f"{fi_cols} |", flush=True)
+            if rec is not None:
+                rec.add("gpu", model=name, B=B, ctx=ctx, block=block, kv_bytes=nbytes, copy_GBps=copy_bw,
+                        simt_us=simt * 1e6, simt_kv_GBps=nbytes / simt / 1e9,
+                        tc_us=tc * 1e6 if tc_built else None, tc_kv_GBps=nbytes / tc / 1e9 if tc_built else None,
+                        flashinfer_us=ft * 1e6 if callable(fi) else fi)
     finally:
         if saved is None:
             os.environ.pop("DSPARK_ATTENTION_IMPL", None)
@@ -199,6 +206,7 @@ def main():
     ap.add_argument("--threads", default="1,all", help="CPU thread counts to time at (default: 1 and all)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="CPU time instead of wall time (with --threads 1: robust on a shared machine)")
+    add_json_argument(ap)
     args = ap.parse_args()
     threads = thread_counts(args.threads)
     print(machine_header())
@@ -214,7 +222,7 @@ def main():
             # --quick adds one large bandwidth-bound case (2 GB of K/V) to the two B = 8, ctx 4096 ones.
             gpu_cases = (cases + [("qwen3-8b", 32, 16384)] if args.quick
                          else cases + [(name, B, 16384) for name in SHAPES for B in (8, 64)])
-            gpu_table(gpu_cases, 20, args.block)
+            gpu_table(gpu_cases, 20, args.block, Recorder(args.json, "bench_attention"))
         else:
             print("no GPU visible")
         if args.gpu:

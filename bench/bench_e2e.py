@@ -18,7 +18,8 @@ graphs off and on, and each row adds the fraction of the decode time the
 device sits idle (torch.profiler: 1 - union of kernel/copy intervals / their
 span, in a second, profiled run). Without the model files (a machine with no
 network) --random-weights builds SmolLM2-135M's shape with random weights and
-random prompts: speeds and idle fractions hold, tau does not.
+random prompts: speeds and idle fractions hold, tau does not. --json PATH (on a
+GPU) writes the rows, the device and its clocks (bench/bench_json.py).
 
     python bench/bench_e2e.py --quick          # batch 1, 2 prompts, 48 tokens
     python bench/bench_e2e.py                  # batch 1 and 8, 128 tokens
@@ -35,6 +36,7 @@ import time
 import torch
 from torch.autograd import DeviceType
 
+from bench_json import Recorder, add_json_argument
 from dspark_ops.engine import SpeculativeEngine
 from dspark_ops.generate import load_target as load_target_model, parse_draft_max_batch, shipped_drafter
 from dspark_ops.machine import at_threads, machine_header, thread_counts
@@ -203,7 +205,7 @@ def engines_at(drafters, batch):
             if not isinstance(limit := kw.get("draft_max_batch"), int) or limit < batch]
 
 
-def gpu_main(args, target, prompts, stop, n, batches):
+def gpu_main(args, target, prompts, stop, n, batches, rec=None):
     """Plain and speculative engines with CUDA graphs off and on; tokens/s, tau, device idle fraction."""
     drafters = load_drafters(args, target)
     print(f"{torch.cuda.get_device_name()}, {n} new tokens, T=0, {str(target.dtype).removeprefix('torch.')}, "
@@ -220,6 +222,11 @@ def gpu_main(args, target, prompts, stop, n, batches):
                 idle = "n/a" if idle is None else f"{100 * idle:.1f}%"
                 print(f"| dspark engine, {name} | {batch} | {'on' if graphs else 'off'} | {tps:.1f} | "
                       f"{tps / base:.2f}x | {tau:.2f} | {idle} | {outs == plain} |", flush=True)
+                if rec is not None:
+                    rec.add("engine", system=name, batch=batch, cuda_graphs=graphs, new_tokens=n,
+                            dtype=str(target.dtype).removeprefix("torch."), random_weights=args.random_weights,
+                            tokens_per_s=tps, vs_plain_graphs_off=tps / base, tau=tau, device_idle=idle,
+                            greedy_equals_plain=outs == plain)
 
 
 def main():
@@ -239,17 +246,22 @@ def main():
     ap.add_argument("--repeat", type=int, default=1, help="CPU: best tokens/s of this many runs per engine")
     ap.add_argument("--threads", default="1,all", help="CPU thread counts to run at (default: 1 and all)")
     ap.add_argument("--plot", default=None, help="write a bar chart of the all-thread CPU rows to this PNG")
+    add_json_argument(ap)
     args = ap.parse_args()
     threads = thread_counts(args.threads)
     n = 48 if args.quick else 128
     batches = args.batches or ([1] if args.quick else [1, 8])
     cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("no GPU visible")
+        return
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     target, prompts, stop, path = load_target(args, dtype)
     if args.forward_cost:
         return forward_cost(target)
     if cuda:
-        return gpu_main(args, target, prompts, stop, n, [1, 4] if args.quick else [1, 8])
+        return gpu_main(args, target, prompts, stop, n, [1, 4] if args.quick else [1, 8],
+                        Recorder(args.json, "bench_e2e"))
     drafters = load_drafters(args, target)
     print(machine_header())
     print(f"{n} new tokens, T=0, {str(dtype).removeprefix('torch.')}, {len(prompts)} prompts; ratios against the "

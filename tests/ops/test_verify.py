@@ -574,11 +574,34 @@ def test_torch_compile_fullgraph(draft_vocabulary):
 # CUDA (skipped without a GPU).
 
 
+def cuda_launches() -> list[str]:
+    """The CUDA launch shapes of verify this GPU and build run (DSPARK_VERIFY_LAUNCH): the chain of positions
+    per row, all positions at once, and those in 8-CTA clusters over the vocabulary (sm_90 builds on sm_90+)."""
+    sm90 = torch.cuda.get_device_capability()[0] >= 9 and "90" in dspark_ops.build_info()["cuda_archs"].split(",")
+    return ["chain", "positions"] + (["clusters"] if sm90 else [])
+
+
+def verify_each_launch(monkeypatch, *args, **kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """verify's output under every launch shape, and with the automatic choice ("auto")."""
+    outs = {}
+    for launch in ["auto"] + cuda_launches():
+        monkeypatch.setenv("DSPARK_VERIFY_LAUNCH", launch)
+        tokens, n = dspark_ops.verify(*args, **kwargs)
+        outs[launch] = (tokens.cpu(), n.cpu())
+    monkeypatch.delenv("DSPARK_VERIFY_LAUNCH")
+    return outs
+
+
+def assert_each_launch_equals(outs, want, msg=""):
+    for launch, (tokens, n) in outs.items():
+        assert torch.equal(tokens, want[0]) and torch.equal(n, want[1]), f"{launch}: {msg}"
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("filters", FILTERS, ids=lambda f: str(f))
-def test_cuda_matches_cpu_token_for_token(dtype, filters):
+def test_cuda_matches_cpu_token_for_token(dtype, filters, monkeypatch):
     gen = torch.Generator().manual_seed(fresh_seed())
     B, K, V = 64, 5, 32000
     logits, drafts, q = random_problem(B, K, V, gen=gen, dtype=dtype)
@@ -589,8 +612,54 @@ def test_cuda_matches_cpu_token_for_token(dtype, filters):
               offset=7, **filters)
     cpu = dspark_ops.verify(logits, drafts, q, **kw)
     kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    gpu = dspark_ops.verify(logits.cuda(), drafts.cuda(), q.cuda(), check=True, **kw_cuda)
-    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+    outs = verify_each_launch(monkeypatch, logits.cuda(), drafts.cuda(), q.cuda(), check=True, **kw_cuda)
+    assert_each_launch_equals(outs, cpu)
+
+
+LARGE_VOCAB_FILTERS = [{}, {"temperature": 0.0}, {"temperature": 0.8, "top_k": 50, "top_p": 0.9, "min_p": 0.01}]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("ldtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("filters", LARGE_VOCAB_FILTERS, ids=lambda f: str(f))
+def test_cuda_half_draft_probs_and_a_152k_vocabulary_match_cpu(qdtype, ldtype, filters, monkeypatch):
+    """Qwen's V = 151936 with bf16 / fp16 draft probabilities read directly, at a small batch (where the
+    automatic launch spreads the vocabulary over CTAs): every launch shape gives the CPU's tokens."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    B, K, V = 6, 5, 151936
+    logits = (torch.randn(B, K + 1, V, generator=gen) * 3).to(ldtype)
+    q = torch.softmax(logits[:, :K].float() + 0.3 * torch.randn(B, K, V, generator=gen), -1).to(qdtype)
+    drafts = torch.multinomial(q.float().reshape(-1, V), 1, generator=gen).reshape(B, K)   # from q as stored
+    kw = dict(num_draft=torch.tensor([K, K, 3, 0, 1, K]), seed=torch.randint(0, 2**62, (B,), generator=gen),
+              offset=torch.randint(0, 2**40, (B,), generator=gen), **filters)
+    cpu = dspark_ops.verify(logits, drafts, q, **kw)
+    assert int(cpu[1].min()) >= 0
+    kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    outs = verify_each_launch(monkeypatch, logits.cuda(), drafts.cuda(), q.cuda(), **kw_cuda)
+    assert_each_launch_equals(outs, cpu, f"seed {seed}")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_launches_agree_on_a_large_batch(monkeypatch):
+    """A batch past the GPU's SM count (the automatic launch walks chains) with rows that stop early and rows
+    that reach the bonus position."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    B, K, V = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 3, 4, 4096
+    logits, drafts, q = random_problem(B, K, V, gen=gen)
+    q = torch.softmax(logits[:, :K] + 0.2 * torch.randn(B, K, V, generator=gen), -1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, K)
+    kw = dict(num_draft=torch.randint(0, K + 1, (B,), generator=gen), seed=torch.randint(0, 2**62, (B,), generator=gen),
+              temperature=torch.rand(B, generator=gen) * 1.5, top_p=0.95)
+    cpu = dspark_ops.verify(logits, drafts, q, **kw)
+    assert int(cpu[1].max()) == K and int(cpu[1].min()) == 0   # both ends of the chain occur
+    kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    outs = verify_each_launch(monkeypatch, logits.cuda(), drafts.cuda(), q.cuda(), **kw_cuda)
+    assert_each_launch_equals(outs, cpu, f"seed {seed}")
 
 
 @pytest.mark.cuda
@@ -611,13 +680,29 @@ def test_cuda_draft_index_matches_cpu_token_for_token(filters):
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_invalid_rows_are_marked_and_check_raises():
-    lg = torch.randn(3, 2, 10, device="cuda")
-    lg[1, 0, 3] = float("nan")
-    tokens, n = dspark_ops.verify(lg, torch.zeros(3, 1, dtype=torch.long, device="cuda"))
-    assert n.tolist()[1] == -1 and n.tolist()[0] >= 0
-    with pytest.raises(ValueError, match="row 1"):
-        dspark_ops.verify(lg, torch.zeros(3, 1, dtype=torch.long, device="cuda"), check=True)
+def test_cuda_invalid_rows_are_marked_and_check_raises(monkeypatch):
+    """Errors count only at positions the chain reaches, under every launch shape (the positions launch
+    computes every position and must ignore the ones past the first rejection)."""
+    V = 10
+    lg = torch.randn(5, 3, V)
+    best = lg.argmax(-1)
+    drafts = best[:, :2].clone()
+    lg[1, 0, 3] = float("nan")                 # row 1: NaN at position 0: an error
+    drafts[2, 0] = (best[2, 0] + 1) % V        # row 2: rejected at position 0 ...
+    lg[2, 1, 5] = float("nan")                 # ... so the NaN at position 1 is never reached
+    lg[3, 2, 0] = float("inf")                 # row 3: both drafts accepted, the bonus position is bad
+    drafts[4, 1] = V + 3                       # row 4: an id out of range at position 1, reached
+    for launch in ["auto"] + cuda_launches():
+        monkeypatch.setenv("DSPARK_VERIFY_LAUNCH", launch)
+        tokens, n = dspark_ops.verify(lg.cuda(), drafts.cuda(), temperature=0.0)
+        assert n.tolist() == [2, -1, 0, -1, -1], launch
+        assert tokens[0].tolist() == best[0].tolist() and tokens[2].tolist() == [int(best[2, 0]), -1, -1], launch
+        assert bool((tokens[[1, 3, 4]] == -1).all()), launch
+        with pytest.raises(ValueError, match="row 1"):
+            dspark_ops.verify(lg.cuda(), drafts.cuda(), temperature=0.0, check=True)
+    monkeypatch.setenv("DSPARK_VERIFY_LAUNCH", "sideways")
+    with pytest.raises(RuntimeError, match="DSPARK_VERIFY_LAUNCH must be"):
+        dspark_ops.verify(lg.cuda(), drafts.cuda())
 
 
 @pytest.mark.cuda
