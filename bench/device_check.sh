@@ -26,10 +26,10 @@ step build 300 $PY -m pip install --no-build-isolation --no-deps -e .
 step info 30 $PY -m dspark_ops.cli info
 step tc_path 30 $PY -c "import dspark_ops; print('attention tensor-core path built:', dspark_ops.build_info()['attention_tc'])"
 step cuda_tests 240 $PY -m pytest -q -m cuda tests -p no:cacheprovider
-step bench_verify 90 $PY bench/bench_verify.py --gpu --quick
-step bench_verify_draft_vocab 45 $PY bench/bench_verify.py --gpu --draft-vocab
-step bench_attention 90 $PY bench/bench_attention.py --gpu --quick
-step bench_drafter 60 $PY bench/bench_drafter.py --device cuda --quick
-step bench_drafter_bf16 60 $PY bench/bench_drafter.py --device cuda --quick --dtype bfloat16
-step bench_e2e 120 $PY bench/bench_e2e.py --device cuda --quick --random-weights
+step bench_verify 90 $PY -m dspark_ops.bench.verify --gpu --quick
+step bench_verify_draft_vocab 45 $PY -m dspark_ops.bench.verify --gpu --draft-vocab
+step bench_attention 90 $PY -m dspark_ops.bench.attention --gpu --quick
+step bench_drafter 60 $PY -m dspark_ops.bench.drafter --device cuda --quick
+step bench_drafter_bf16 60 $PY -m dspark_ops.bench.drafter --device cuda --quick --dtype bfloat16
+step bench_e2e 120 $PY -m dspark_ops.bench.e2e --device cuda --quick --random-weights
 echo "total $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"

@@ -38,14 +38,9 @@ def _info(args) -> int:
 
 def _bench(args) -> int:
     import runpy
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "bench" / f"bench_{args.what}.py"
-    if not script.exists():
-        print(f"dspark bench: no benchmark {script}", file=sys.stderr)
-        return 2
-    sys.argv = [str(script), *args.rest]
-    runpy.run_path(str(script), run_name="__main__")
+    sys.argv = [f"dspark bench {args.what}", *args.rest]
+    runpy.run_module(f"dspark_ops.bench.{args.what}", run_name="__main__")
     return 0
 
 
@@ -201,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="dspark", description="DSpark speculative decoding kernels and tools")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, compiled backends, visible GPU").set_defaults(func=_info)
-    b = sub.add_parser("bench", help="run a benchmark from bench/ (e.g. `dspark bench verify --quick`)")
-    b.add_argument("what")
+    from .bench import names as bench_names
+
+    b = sub.add_parser("bench", help="run a benchmark of dspark_ops.bench (e.g. `dspark bench verify --quick`)")
+    b.add_argument("what", choices=bench_names(), help="benchmark; its own options follow (--help lists them)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=_bench)
     f = sub.add_parser("fetch-model", help="download and convert a known model (e.g. `dspark fetch-model smollm2-135m`)")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
@@ -235,7 +234,7 @@ def main():
                          "or where the profiled step costs say drafting pays (auto, at every batch)")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="CPU batch sizes (default: 1 and 8)")
     ap.add_argument("--repeat", type=int, default=1, help="CPU: best tokens/s of this many runs per engine")
-    ap.add_argument("--plot", default=str(Path(__file__).with_name("e2e_smollm2.png")))
+    ap.add_argument("--plot", default="e2e_smollm2.png", help="bar chart (bench/e2e_smollm2.png in the repository)")
     args = ap.parse_args()
     n = 48 if args.quick else 128
     batches = args.batches or ([1] if args.quick else [1, 8])
