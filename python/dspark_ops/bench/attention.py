@@ -11,10 +11,10 @@ through DSPARK_ATTENTION_IMPL), their time and achieved bandwidth (K/V bytes
 read / time) against the device's copy bandwidth, and FlashInfer's
 BatchPrefillWithPagedKVCacheWrapper on the same shapes if importable.
 
-    python bench/bench_attention.py            # full CPU table (about a minute)
-    python bench/bench_attention.py --quick    # B = 8, context 4096 only
-    python bench/bench_attention.py --gpu      # GPU table only
-    python bench/bench_attention.py --threads 1 --cpu-time   # steadiest on a shared machine
+    dspark bench attention            # full CPU table (about a minute)
+    dspark bench attention --quick    # B = 8, context 4096 only
+    dspark bench attention --gpu      # GPU table only
+    dspark bench attention --threads 1 --cpu-time   # steadiest on a shared machine
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Drafter ops: markov_sample vs a plain PyTorch loop, and the confidence scheduler.
 
-    python bench/bench_drafter.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+    dspark bench drafter [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
 
 markov_sample: B in {1, 32}, G = 7, V in {49152, 151936}, r = 256. The
 baseline is the loop anyone would write (per block step: gather w1 rows,

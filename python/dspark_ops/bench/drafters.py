@@ -24,11 +24,11 @@ caches (the engine drives it too and drafts the same tokens; ``--speed`` times
 it there), all verified by the same ``dspark_ops.verify`` op, so tau means the
 same thing for all three.
 
-    python bench/bench_drafters.py --data-dir DATA --dspark DIR [--dflash DIR] [--eagle3 DIR] [--speed]
-    python bench/bench_drafters.py ... --quick      # 3 prompts per domain, 48 tokens
+    dspark bench drafters --data-dir DATA --dspark DIR [--dflash DIR] [--eagle3 DIR] [--speed]
+    dspark bench drafters ... --quick      # 3 prompts per domain, 48 tokens
     # one process per drafter (in parallel), then one table and plot:
-    python bench/bench_drafters.py --data-dir DATA --eagle3 DIR --json e.json   (etc.)
-    python bench/bench_drafters.py --combine d.json f.json e.json
+    dspark bench drafters --data-dir DATA --eagle3 DIR --json e.json   (etc.)
+    dspark bench drafters --combine d.json f.json e.json
 """
 from __future__ import annotations
 

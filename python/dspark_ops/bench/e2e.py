@@ -19,12 +19,12 @@ span, in a second, profiled run). Without the model files (a machine with no
 network) --random-weights builds SmolLM2-135M's shape with random weights and
 random prompts: speeds and idle fractions hold, tau does not.
 
-    python bench/bench_e2e.py --quick          # batch 1, 2 prompts, 48 tokens
-    python bench/bench_e2e.py                  # batch 1 and 8, 128 tokens
-    python bench/bench_e2e.py --eagle /path/to/eagle3/drafter
-    python bench/bench_e2e.py --batches 8 --repeat 5 --draft-max-batch 4   # plain steps past batch 4
-    python bench/bench_e2e.py --repeat 3 --draft-max-batch auto   # draft where the step costs say it pays
-    python bench/bench_e2e.py --device cuda --quick --random-weights
+    dspark bench e2e --quick          # batch 1, 2 prompts, 48 tokens
+    dspark bench e2e                  # batch 1 and 8, 128 tokens
+    dspark bench e2e --eagle /path/to/eagle3/drafter
+    dspark bench e2e --batches 8 --repeat 5 --draft-max-batch 4   # plain steps past batch 4
+    dspark bench e2e --repeat 3 --draft-max-batch auto   # draft where the step costs say it pays
+    dspark bench e2e --device cuda --quick --random-weights
 """
 from __future__ import annotations
 

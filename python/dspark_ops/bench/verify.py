@@ -12,9 +12,9 @@ Draft vocabulary (--draft-vocab): drafts over Vd of the V ids, verified through
 ``draft_index`` against the baseline of writing them out as [B, K, V] first
 (zero outside Vd, the input FlashInfer's and our dense path take).
 
-    python bench/bench_verify.py                # full CPU table (a few minutes)
-    python bench/bench_verify.py --quick        # one shape
-    python bench/bench_verify.py --draft-vocab  # draft_index vs writing q out over V
+    dspark bench verify                # full CPU table (a few minutes)
+    dspark bench verify --quick        # one shape
+    dspark bench verify --draft-vocab  # draft_index vs writing q out over V
 """
 from __future__ import annotations
 
