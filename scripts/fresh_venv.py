@@ -44,8 +44,9 @@ def top_level_entries(dist: md.Distribution) -> set[str]:
 def main() -> None:
     dest, names = Path(sys.argv[1]).resolve(), sys.argv[2:]
     subprocess.run([sys.executable, "-m", "venv", str(dest)], check=True)
-    dest_site = Path(subprocess.run([dest / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                    check=True, capture_output=True, text=True).stdout.strip())
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    dest_site = Path(subprocess.run([dest / "bin" / "python", "-c", purelib], check=True, capture_output=True,
+                                    text=True).stdout.strip())
     present = {canonicalize_name(d.metadata["Name"]) for d in md.distributions(path=[str(dest_site)])}
     for name, dist in sorted(closure(names).items()):
         if name in present:      # pip and setuptools of the new venv stay its own
