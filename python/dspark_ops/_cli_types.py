@@ -54,7 +54,6 @@ def float_in(low: float, high: float = math.inf, *, low_open: bool = False):
 
 nonnegative_float = float_in(0.0)
 positive_float = float_in(0.0, low_open=True)
-probability = float_in(0.0, 1.0)                 # min-p
 top_p = float_in(0.0, 1.0, low_open=True)
 
 
