@@ -9,11 +9,11 @@ from ._cli_types import (Parser, existing_dir, existing_file, missing_extra, mod
 
 
 def _info(args) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
     import dspark_ops
-
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         installed = version("dspark_ops")   # its local label names the torch build it was compiled against
@@ -33,6 +33,17 @@ def _info(args) -> int:
     print(f"GPU        {gpu}")
     if info.get("sanitize"):
         print("build      AddressSanitizer + UBSan")
+    from .linear_plan import ROW_BUCKETS, cached_choices, plan_path, requested_impl
+
+    mode = requested_impl()
+    print(f"linear     DSPARK_LINEAR_IMPL={mode}" + ("" if mode != "auto" else
+          f": packed kernel or torch's, timed per shape once per machine ({plan_path()})"))
+    for shape, kernels in sorted(cached_choices().items()):
+        print(f"           {shape:>28}: " + ", ".join(f"{r} rows {k}" for r, k in zip(ROW_BUCKETS, kernels)))
+    if getattr(args, "machine", False):
+        from .machine import machine_header
+
+        print(machine_header())
     return 0
 
 
@@ -195,7 +206,9 @@ def _calibrate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="dspark", description="DSpark speculative decoding kernels and tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="version, compiled backends, visible GPU").set_defaults(func=_info)
+    i = sub.add_parser("info", help="version, compiled backends, threads, linear kernel plan, visible GPU")
+    i.add_argument("--machine", action="store_true", help="also the CPU, caches and measured memory bandwidth")
+    i.set_defaults(func=_info)
     from .bench import names as bench_names
 
     b = sub.add_parser("bench", help="run a benchmark of dspark_ops.bench (e.g. `dspark bench verify --quick`)")

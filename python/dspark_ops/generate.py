@@ -48,7 +48,9 @@ def add_parser(sub) -> None:
     g.add_argument("--scheduler", default=None, choices=["fixed", "sync", "async"],
                    help="verify-length scheduler (default: sync when the drafter has a confidence head)")
     g.add_argument("--compare", action="store_true", help="also run plain decoding and print the speedup")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="model weights (on CPU bfloat16 weights are computed in fp32: about 1.5x faster than "
+                        "float32 at batch 1, a different model: its weights rounded)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the models run (auto: cuda when a GPU is visible)")
     g.add_argument("--eager", action="store_true", help="on CUDA: no CUDA graphs (the step runs eagerly)")
@@ -72,6 +74,22 @@ def check(args) -> str | None:
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: no CUDA GPU is visible to torch"
     return None
+
+
+def load_target(path, dtype: torch.dtype, device):
+    """The target model as the engine runs it.
+
+    On CPU, bfloat16 means bf16 weights computed in fp32: the model is the bf16 one (its weights rounded to
+    bf16), held in fp32 so that the packed linear kernel streams the weights as bf16 (half the bytes; widened
+    exactly) and everything else runs in fp32. Measured on SmolLM2-135M (AMD Zen 4, 2 threads, batch 1):
+    1.47x the fp32 model, while bf16 arithmetic through torch/oneDNN ran at 0.62x the fp32 model.
+    """
+    from .models import LlamaModel
+
+    model = LlamaModel.from_pretrained(path, dtype=dtype, device=device)
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+        model = model.float()
+    return model
 
 
 def parse_draft_max_batch(text: str) -> int | str:
@@ -138,12 +156,12 @@ def _report(label, engine, outputs, elapsed):
 
 
 def run(args) -> int:
-    from .models import LlamaModel, TextTokenizer, build_drafter_from_target, load_drafter, resolve_model
+    from .models import TextTokenizer, build_drafter_from_target, load_drafter, resolve_model
 
     try:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         path = resolve_model(args.model, dtype=getattr(torch, args.dtype))
-        target = LlamaModel.from_pretrained(path, dtype=getattr(torch, args.dtype), device=device)
+        target = load_target(path, getattr(torch, args.dtype), device)
         tokenizer = TextTokenizer(path)
         drafter = None
         if args.self_drafter is not None:

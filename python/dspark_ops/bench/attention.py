@@ -11,6 +11,8 @@ through DSPARK_ATTENTION_IMPL), their time and achieved bandwidth (K/V bytes
 read / time) against the device's copy bandwidth, and FlashInfer's
 BatchPrefillWithPagedKVCacheWrapper on the same shapes if importable.
 
+CPU times are taken at 1 thread and at all of torch's threads (--threads), interleaved.
+
     dspark bench attention            # full CPU table (about a minute)
     dspark bench attention --quick    # B = 8, context 4096 only
     dspark bench attention --gpu      # GPU table only
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import dspark_ops
+from dspark_ops.machine import at_threads, machine_header, thread_counts
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "qwen3-8b": (32, 8, 128)}
 PAGE_SIZE = 16
@@ -46,16 +49,19 @@ def timeit(fn, *, repeat: int, sync=lambda: None) -> float:
 CLOCK = time.perf_counter  # --cpu-time: time.process_time (CPU time of all threads: immune to waiting)
 
 
-def interleaved(fns, repeat: int) -> list[float]:
-    """Best time of each function, the functions taking turns (after one warm-up call each)."""
+def interleaved(fns, repeat: int, threads: list[int]) -> dict[tuple[int, int], float]:
+    """{(function index, threads): best time}, the functions and thread counts taking turns (after one
+    warm-up call each)."""
     for fn in fns:
         fn()
-    best = [float("inf")] * len(fns)
+    best = {(i, n): float("inf") for i in range(len(fns)) for n in threads}
     for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            t0 = CLOCK()
-            fn()
-            best[i] = min(best[i], CLOCK() - t0)
+        for n in threads:
+            with at_threads(n):
+                for i, fn in enumerate(fns):
+                    t0 = CLOCK()
+                    fn()
+                    best[(i, n)] = min(best[(i, n)], CLOCK() - t0)
     return best
 
 
@@ -90,11 +96,10 @@ def kv_bytes(k_cache, B, ctx) -> int:
     return 2 * B * ctx * Hkv * D * k_cache.element_size()
 
 
-def cpu_table(cases, repeat, block):
-    print(f"threads: {torch.get_num_threads()}, cpu isa: {dspark_ops.build_info()['cpu_isa']}, bf16, "
-          f"page size {PAGE_SIZE}, block {block}, clock: {CLOCK.__name__}")
-    print("| model | B | ctx | op ms | gather+SDPA ms | speed-up | KV copy floor ms | op/floor | op GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def cpu_table(cases, repeat, block, threads):
+    print(f"bf16, page size {PAGE_SIZE}, block {block}, clock: {CLOCK.__name__}")
+    print("| model | B | ctx | threads | op ms | gather+SDPA ms | speed-up | KV copy floor ms | op/floor | op GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, B, ctx in cases:
         Hq, Hkv, D = SHAPES[name]
         q, kc, vc, pt, sl, cu = make(Hq, Hkv, D, B, ctx, block)
@@ -105,12 +110,14 @@ def cpu_table(cases, repeat, block):
         flat = torch.empty(kv_bytes(kc, B, ctx), dtype=torch.uint8)
         dst = torch.empty_like(flat)
         # Interleaved, best of `repeat` each: load from other tenants of the machine hits all three alike.
-        op, base, floor = interleaved([lambda: dspark_ops.draft_block_attention(q, kc, vc, pt, sl, cu),
-                                       lambda: gather_sdpa(q, kc, vc, pt, ctx, block),
-                                       lambda: dst.copy_(flat)], repeat)
+        t = interleaved([lambda: dspark_ops.draft_block_attention(q, kc, vc, pt, sl, cu),
+                         lambda: gather_sdpa(q, kc, vc, pt, ctx, block),
+                         lambda: dst.copy_(flat)], repeat, threads)
         flops = 4 * B * block * Hq * ctx * D  # QK^T and PV, 2 flops per multiply-add
-        print(f"| {name} | {B} | {ctx} | {op * 1e3:.2f} | {base * 1e3:.2f} | {base / op:.2f}x | "
-              f"{floor * 1e3:.2f} | {op / floor:.1f} | {flops / op / 1e9:.0f} |", flush=True)
+        for n in threads:
+            op, base, floor = t[(0, n)], t[(1, n)], t[(2, n)]
+            print(f"| {name} | {B} | {ctx} | {n} | {op * 1e3:.2f} | {base * 1e3:.2f} | {base / op:.2f}x | "
+                  f"{floor * 1e3:.2f} | {op / floor:.1f} | {flops / op / 1e9:.0f} |", flush=True)
 
 
 def flashinfer_runner(q, kc, vc, pt, sl, cu, block):
@@ -189,12 +196,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="B = 8, context 4096 only, few repeats")
     ap.add_argument("--gpu", action="store_true", help="GPU table only")
     ap.add_argument("--block", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    ap.add_argument("--threads", default="1,all", help="CPU thread counts to time at (default: 1 and all)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="CPU time instead of wall time (with --threads 1: robust on a shared machine)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = thread_counts(args.threads)
+    print(machine_header())
     if args.cpu_time:
         global CLOCK
         CLOCK = time.process_time
@@ -212,7 +219,7 @@ def main():
             print("no GPU visible")
         if args.gpu:
             return
-    cpu_table(cases, repeat, args.block)
+    cpu_table(cases, repeat, args.block, threads)
 
 
 if __name__ == "__main__":

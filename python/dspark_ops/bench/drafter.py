@@ -9,7 +9,8 @@ time of torch's own [B, r] @ [r, V] matmul (the product no implementation can
 skip, at the BLAS library's speed) and the compute floor 2 B r V G FLOPs at
 the --peak-gflops rate (default: 2 cores x 2 FMA pipes x 16 lanes x 2 FLOPs x
 3 GHz = 384). schedule_verify_lengths / plan_capacity at R = 256,
-G = 7 (goal on CPU: under 200 us per call, Python wrapper included).
+G = 7 (goal on CPU: under 200 us per call, Python wrapper included). On CPU the kernel, the loop
+and the matmul are timed at 1 thread and at all of torch's threads (--threads).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import time
 import torch
 
 import dspark_ops
+from dspark_ops.machine import at_threads, machine_header, thread_counts
 
 
 def timed(fn, device, iters: int, warmup: int = 1) -> float:
@@ -55,9 +57,9 @@ def torch_loop(U, anchor, w1, w2, temperature):
     return torch.stack(tokens, 1), torch.stack(probs, 1)
 
 
-def bench_markov(device, dtype, quick: bool, peak_gflops: float):
+def bench_markov(device, dtype, quick: bool, peak_gflops: float, threads: list[int]):
     print(f"## markov_sample ({device.type}, {dtype}), G = 7, r = 256, T = 1, draft_probs returned")
-    print(f"{'B':>3} {'V':>7} | {'kernel ms':>10} {'torch loop ms':>14} {'speed-up':>9} | "
+    print(f"{'B':>3} {'V':>7} {'thr':>3} | {'kernel ms':>10} {'torch loop ms':>14} {'speed-up':>9} | "
           f"{'torch matmul ms':>15} {'kernel/matmul':>13} | {'FLOP floor ms':>13}")
     G, r = 7, 256
     iters = 1 if quick else 5
@@ -69,16 +71,18 @@ def bench_markov(device, dtype, quick: bool, peak_gflops: float):
             U = torch.randn(B, G, V, generator=gen).to(device, dtype)
             anchor = torch.randint(0, V, (B,), generator=gen).to(device)
             seed = torch.arange(B, device=device)
-            kernel = timed(lambda: dspark_ops.markov_sample(U, anchor, w1, w2, seed=seed), device, iters)
-            loop = timed(lambda: torch_loop(U, anchor, w1, w2, 1.0), device, iters)
             rows = w1[anchor.long()]
-            matmul = G * timed(lambda: rows @ w2, device, max(iters, 3))
             flop_floor = 2 * B * r * V * G / (peak_gflops * 1e9)
-            print(f"{B:>3} {V:>7} | {kernel * 1e3:>10.2f} {loop * 1e3:>14.2f} {loop / kernel:>8.1f}x | "
-                  f"{matmul * 1e3:>15.2f} {kernel / matmul:>12.2f}x | {flop_floor * 1e3:>13.2f}")
+            for n in threads:
+                with at_threads(n):
+                    kernel = timed(lambda: dspark_ops.markov_sample(U, anchor, w1, w2, seed=seed), device, iters)
+                    loop = timed(lambda: torch_loop(U, anchor, w1, w2, 1.0), device, iters)
+                    matmul = G * timed(lambda: rows @ w2, device, max(iters, 3))
+                print(f"{B:>3} {V:>7} {n:>3} | {kernel * 1e3:>10.2f} {loop * 1e3:>14.2f} {loop / kernel:>8.1f}x | "
+                      f"{matmul * 1e3:>15.2f} {kernel / matmul:>12.2f}x | {flop_floor * 1e3:>13.2f}")
 
 
-def bench_schedule(device, quick: bool):
+def bench_schedule(device, quick: bool, threads: list[int]):
     print(f"## scheduler ({device.type}), R = 256, G = 7, Python wrapper included")
     gen = torch.Generator().manual_seed(1)
     R, G = 256, 7
@@ -92,9 +96,12 @@ def bench_schedule(device, quick: bool):
              ("schedule_verify_lengths async", lambda: dspark_ops.schedule_verify_lengths(conf, sps, mode="async",
                                                                                          capacity=cap))]
     for name, fn in cases:
-        t = timed(fn, device, iters, warmup=20)
+        times = []
+        for n in threads:
+            with at_threads(n):
+                times.append(f"{timed(fn, device, iters, warmup=20) * 1e6:8.1f} us ({n} thr)")
         goal = "  (goal < 200 us)" if device.type == "cpu" and "sync" in name else ""
-        print(f"{name:<32} {t * 1e6:8.1f} us{goal}")
+        print(f"{name:<32} {', '.join(times)}{goal}")
 
 
 def main():
@@ -103,11 +110,13 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--peak-gflops", type=float, default=384.0, help="fp32 FMA peak of the device, for the floor")
+    parser.add_argument("--threads", default="1,all", help="CPU thread counts to time at (default: 1 and all)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dspark_ops {dspark_ops.build_info()}")
-    bench_markov(device, getattr(torch, args.dtype), args.quick, args.peak_gflops)
-    bench_schedule(device, args.quick)
+    threads = thread_counts(args.threads) if device.type == "cpu" else [torch.get_num_threads()]
+    print(machine_header())
+    bench_markov(device, getattr(torch, args.dtype), args.quick, args.peak_gflops, threads)
+    bench_schedule(device, args.quick, threads)
 
 
 if __name__ == "__main__":

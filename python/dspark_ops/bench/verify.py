@@ -12,6 +12,8 @@ Draft vocabulary (--draft-vocab): drafts over Vd of the V ids, verified through
 ``draft_index`` against the baseline of writing them out as [B, K, V] first
 (zero outside Vd, the input FlashInfer's and our dense path take).
 
+CPU times are taken at 1 thread and at all of torch's threads (--threads).
+
     dspark bench verify                # full CPU table (a few minutes)
     dspark bench verify --quick        # one shape
     dspark bench verify --draft-vocab  # draft_index vs writing q out over V
@@ -27,6 +29,7 @@ import torch
 import dspark_ops
 from dspark_ops import reference
 from dspark_ops.draft_vocab import DraftVocab
+from dspark_ops.machine import at_threads, machine_header, thread_counts
 
 
 def timeit(fn, *, repeat: int, sync=lambda: None) -> float:
@@ -54,28 +57,36 @@ def make(B, K, V, scenario, device="cpu", dtype=torch.float32, greedy=False):
     return logits.to(device), drafts.to(device), q.to(device)
 
 
-def cpu_table(shapes, repeat, with_reference):
-    print(f"threads: {torch.get_num_threads()}, cpu isa: {dspark_ops.build_info()['cpu_isa']}")
-    print("| B | K | V | mode | drafts | op ms | floor | floor ms | op/floor | reference ms | ref/op |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def cpu_table(shapes, repeat, with_reference, threads):
+    top = threads[-1]
+    print("| B | K | V | mode | drafts | " + " | ".join(f"op ms {n} thr" for n in threads)
+          + f" | floor | floor ms {top} thr | op/floor | reference ms | ref/op |")
+    print("|---|---|---|---|---|" + "---|" * len(threads) + "---|---|---|---|---|")
     for B, K, V in shapes:
         for mode, kw, floor_name in [("T=1, top_p=0.9", dict(temperature=1.0, top_p=0.9), "logsumexp"),
                                      ("greedy", dict(temperature=0.0), "amax")]:
             for scenario in ["random", "target"]:
                 logits, drafts, q = make(B, K, V, scenario, greedy=floor_name == "amax")
                 seeds = torch.arange(B)
-                op = timeit(lambda: dspark_ops.verify(logits, drafts, q, seed=seeds, **kw), repeat=repeat)
+                ops = {}
+                for n in threads:
+                    with at_threads(n):
+                        ops[n] = timeit(lambda: dspark_ops.verify(logits, drafts, q, seed=seeds, **kw),
+                                        repeat=repeat)
+                op = ops[top]
                 floor_fn = (lambda: torch.logsumexp(logits, -1)) if floor_name == "logsumexp" else (
                     lambda: logits.amax(-1))
-                floor = timeit(floor_fn, repeat=repeat)
+                with at_threads(top):
+                    floor = timeit(floor_fn, repeat=repeat)
                 ref = ""
                 if with_reference:
                     r = timeit(lambda: reference.verify(logits, drafts, q, seed=seeds, **kw), repeat=1)
                     ref = f"{r * 1e3:.0f} | {r / op:.0f}x"
                 else:
                     ref = "- | -"
-                print(f"| {B} | {K} | {V} | {mode} | {scenario} | {op * 1e3:.2f} | {floor_name} | "
-                      f"{floor * 1e3:.2f} | {op / floor:.2f} | {ref} |", flush=True)
+                print(f"| {B} | {K} | {V} | {mode} | {scenario} | "
+                      + " | ".join(f"{ops[n] * 1e3:.2f}" for n in threads)
+                      + f" | {floor_name} | {floor * 1e3:.2f} | {op / floor:.2f} | {ref} |", flush=True)
 
 
 def gpu_table(shapes, repeat):
@@ -150,7 +161,10 @@ def main():
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference column")
     ap.add_argument("--gpu", action="store_true", help="GPU table only")
     ap.add_argument("--draft-vocab", action="store_true", help="draft_index against writing q out over V")
+    ap.add_argument("--threads", default="1,all", help="CPU thread counts to time at (default: 1 and all)")
     args = ap.parse_args()
+    threads = thread_counts(args.threads)
+    print(machine_header())
     if args.draft_vocab:   # SmolLM2's shapes (its shipped 4096-id draft vocabulary), then a 128K-id target
         shapes = [(B, 6, 49152, 4096) for B in (1, 8, 32)] + [(B, 6, 128256, 32768) for B in (8, 32)]
         if not args.gpu:
@@ -169,7 +183,7 @@ def main():
             print("no GPU visible")
         if args.gpu:
             return
-    cpu_table(shapes, repeat, with_reference=not args.no_reference and not args.quick)
+    cpu_table(shapes, repeat, with_reference=not args.no_reference and not args.quick, threads=threads)
 
 
 if __name__ == "__main__":
