@@ -265,10 +265,10 @@ if (( BUILT )); then
   pytest_step test_train 90 20 90 tests/test_train.py
 
 # ---- benchmarks ---------------------------------------------------------------------------------------------
-  bench_step bench_verify 90 30 bench/bench_verify.py --gpu --quick
-  bench_step bench_attention 90 30 bench/bench_attention.py --gpu --quick
-  bench_step bench_drafter 60 20 bench/bench_drafter.py --device cuda --quick
-  bench_step bench_e2e 150 60 bench/bench_e2e.py --device cuda --quick --random-weights
+  bench_step bench_verify 90 30 -m dspark_ops.bench.verify --gpu --quick
+  bench_step bench_attention 90 30 -m dspark_ops.bench.attention --gpu --quick
+  bench_step bench_drafter 60 20 -m dspark_ops.bench.drafter --device cuda --quick
+  bench_step bench_e2e 150 60 -m dspark_ops.bench.e2e --device cuda --quick --random-weights
 
 # ---- compute-sanitizer over the op tests, with the time that is left ---------------------------------------
   sanitizer_step memcheck_verify 150 40 tests/ops/test_verify.py

@@ -3,7 +3,7 @@
     python bench/device_check_report.py junit FILE.xml        -> "passed=P failed=F errors=E skipped=S"
     python bench/device_check_report.py merge OUT.json A.json B.json ...
 
-``merge`` gathers the benchmark JSON files (one per benchmark, see bench/bench_json.py) into one file keyed
+``merge`` gathers the benchmark JSON files (one per benchmark, see dspark_ops/bench/_record.py) into one file keyed
 by file name; the script calls it again after every benchmark, so a run cut short still returns what it
 measured.
 """

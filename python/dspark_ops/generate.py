@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ._cli_types import existing_dir, model_name_or_dir, non_empty, positive_int
+
 # Trained drafters shipped with the package (or found in a source checkout), by target name.
 SHIPPED_DRAFTERS = {"smollm2-135m": "smollm2-135m-dspark"}
 
@@ -25,13 +27,15 @@ def shipped_drafter(model: str) -> Path | None:
 
 def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate text with a target model, speculative by default")
-    g.add_argument("--model", default="smollm2-135m", help="known model name or a Hugging Face folder")
+    g.add_argument("--model", default="smollm2-135m", type=model_name_or_dir,
+                   help="known model name or a Hugging Face folder")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--drafter", default=None, help="drafter folder (default: the shipped one for --model)")
-    src.add_argument("--self-drafter", type=int, metavar="LAYERS", default=None,
+    src.add_argument("--drafter", default=None, type=existing_dir,
+                     help="drafter folder (default: the shipped one for --model)")
+    src.add_argument("--self-drafter", type=positive_int, metavar="LAYERS", default=None,
                      help="draft with a copy of the target's first LAYERS layers (no training needed)")
     src.add_argument("--no-spec", action="store_true", help="plain autoregressive decoding only")
-    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--prompt", action="append", type=non_empty, help="prompt text (repeat for a batch)")
     g.add_argument("--raw", action="store_true", help="use the prompt as plain text, not a chat message")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -39,7 +43,8 @@ def add_parser(sub) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--block-size", type=int, default=None, help="drafted tokens per step (default: the drafter's)")
+    g.add_argument("--block-size", type=positive_int, default=None,
+                   help="drafted tokens per step (default: the drafter's)")
     g.add_argument("--scheduler", default=None, choices=["fixed", "sync", "async"],
                    help="verify-length scheduler (default: sync when the drafter has a confidence head)")
     g.add_argument("--compare", action="store_true", help="also run plain decoding and print the speedup")
@@ -54,7 +59,21 @@ def add_parser(sub) -> None:
     g.add_argument("--draft-max-batch", type=parse_draft_max_batch, default=None, metavar="N|auto",
                    help="draft only while at most N prompts run, larger batches decode plainly; auto: draft when "
                         "the profiled step costs and recent acceptance say it pays (default: always draft)")
-    g.set_defaults(func=run)
+    g.set_defaults(func=run, check=check)
+
+
+def check(args) -> str | None:
+    """What is wrong with the arguments as a whole, before any model loads (None: nothing)."""
+    from .engine import SamplingParams
+
+    try:
+        SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.min_p, args.seed).check()
+    except ValueError as e:   # "top_p must be ..." -> "--top-p must be ..."
+        name, _, rule = str(e).partition(" ")
+        return f"--{name.replace('_', '-')} {rule}"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA GPU is visible to torch"
+    return None
 
 
 def load_target(path, dtype: torch.dtype, device):
@@ -78,9 +97,12 @@ def parse_draft_max_batch(text: str) -> int | str:
     if text == "auto":
         return text
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'auto', got {value}")
+    return value
 
 
 def _engine_for(target, drafter, args):
@@ -138,8 +160,6 @@ def run(args) -> int:
 
     try:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is visible to torch")
         path = resolve_model(args.model, dtype=getattr(torch, args.dtype))
         target = load_target(path, getattr(torch, args.dtype), device)
         tokenizer = TextTokenizer(path)
@@ -161,8 +181,12 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"dspark generate: {e}", file=sys.stderr)
         return 2
+    try:   # the engine checks every request (e.g. prompt + --max-new-tokens past its KV cache) before decoding
+        outputs, elapsed = _run_engine(engine, prompts, args, tokenizer, stop, show=True)
+    except ValueError as e:
+        print(f"dspark generate: {e}", file=sys.stderr)
+        return 2
     label = "plain" if drafter is None else "speculative"
-    outputs, elapsed = _run_engine(engine, prompts, args, tokenizer, stop, show=True)
     _report(label, engine, outputs, elapsed)
     if args.compare and drafter is not None:
         plain = _engine_for(target, None, args)

@@ -1,6 +1,6 @@
 """Drafter ops: markov_sample vs a plain PyTorch loop, and the confidence scheduler.
 
-    python bench/bench_drafter.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+    dspark bench drafter [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
 
 markov_sample: B in {1, 32}, G = 7, V in {49152, 151936}, r = 256. The
 baseline is the loop anyone would write (per block step: gather w1 rows,
@@ -11,7 +11,7 @@ the --peak-gflops rate (default: 2 cores x 2 FMA pipes x 16 lanes x 2 FLOPs x
 3 GHz = 384). schedule_verify_lengths / plan_capacity at R = 256,
 G = 7 (goal on CPU: under 200 us per call, Python wrapper included). On CPU the kernel, the loop
 and the matmul are timed at 1 thread and at all of torch's threads (--threads).
---json PATH (on a GPU) writes the rows, the device and its clocks (bench/bench_json.py).
+--json PATH (on a GPU) writes the rows, the device and its clocks (dspark_ops/bench/_record.py).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 import dspark_ops
 from dspark_ops.machine import at_threads, machine_header, thread_counts
-from bench_json import Recorder, add_json_argument
+from ._record import Recorder, add_json_argument
 
 
 def timed(fn, device, iters: int, warmup: int = 1) -> float:

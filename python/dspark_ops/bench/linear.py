@@ -21,10 +21,10 @@ bandwidth; M = 8 at most 1.3x the time of M = 1.
 
 Every time is taken at 1 thread and at all of torch's threads (--threads), interleaved.
 
-  python bench/bench_linear.py            # full table (a few minutes; ~2.5 GB of memory)
-  python bench/bench_linear.py --quick    # SmolLM2 shapes, M in {1, 8, 16}
-  python bench/bench_linear.py --threads 1 --clock cpu
-  python bench/bench_linear.py --forward-only
+  dspark bench linear            # full table (a few minutes; ~2.5 GB of memory)
+  dspark bench linear --quick    # SmolLM2 shapes, M in {1, 8, 16}
+  dspark bench linear --threads 1 --clock cpu
+  dspark bench linear --forward-only
 """
 from __future__ import annotations
 

@@ -10,14 +10,14 @@ GPU (when CUDA is available): both CUDA paths (SIMT and tensor-core, forced
 through DSPARK_ATTENTION_IMPL), their time and achieved bandwidth (K/V bytes
 read / time) against the device's copy bandwidth, and FlashInfer's
 BatchPrefillWithPagedKVCacheWrapper on the same shapes if importable. --json PATH
-writes the GPU rows, the device and its clocks (bench/bench_json.py).
+writes the GPU rows, the device and its clocks (dspark_ops/bench/_record.py).
 
 CPU times are taken at 1 thread and at all of torch's threads (--threads), interleaved.
 
-    python bench/bench_attention.py            # full CPU table (about a minute)
-    python bench/bench_attention.py --quick    # B = 8, context 4096 only
-    python bench/bench_attention.py --gpu      # GPU table only
-    python bench/bench_attention.py --threads 1 --cpu-time   # steadiest on a shared machine
+    dspark bench attention            # full CPU table (about a minute)
+    dspark bench attention --quick    # B = 8, context 4096 only
+    dspark bench attention --gpu      # GPU table only
+    dspark bench attention --threads 1 --cpu-time   # steadiest on a shared machine
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import dspark_ops
 from dspark_ops.machine import at_threads, machine_header, thread_counts
-from bench_json import Recorder, add_json_argument
+from ._record import Recorder, add_json_argument
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "qwen3-8b": (32, 8, 128)}
 PAGE_SIZE = 16

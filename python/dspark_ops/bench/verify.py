@@ -10,16 +10,16 @@ GPU (when CUDA is available): time and achieved bandwidth (logit bytes read /
 time) and FlashInfer's chain_speculative_sampling on the same shapes if importable;
 then each CUDA launch shape of the op (DSPARK_VERIFY_LAUNCH) at small and large
 batch, CUDA-event timed, against FlashInfer. --json PATH writes the GPU rows, the
-device and its clocks (bench/bench_json.py).
+device and its clocks (dspark_ops/bench/_record.py).
 Draft vocabulary (--draft-vocab): drafts over Vd of the V ids, verified through
 ``draft_index`` against the baseline of writing them out as [B, K, V] first
 (zero outside Vd, the input FlashInfer's and our dense path take).
 
 CPU times are taken at 1 thread and at all of torch's threads (--threads).
 
-    python bench/bench_verify.py                # full CPU table (a few minutes)
-    python bench/bench_verify.py --quick        # one shape
-    python bench/bench_verify.py --draft-vocab  # draft_index vs writing q out over V
+    dspark bench verify                # full CPU table (a few minutes)
+    dspark bench verify --quick        # one shape
+    dspark bench verify --draft-vocab  # draft_index vs writing q out over V
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import dspark_ops
 from dspark_ops import reference
 from dspark_ops.draft_vocab import DraftVocab
 from dspark_ops.machine import at_threads, machine_header, thread_counts
-from bench_json import Recorder, add_json_argument, event_time
+from ._record import Recorder, add_json_argument, event_time
 
 
 def timeit(fn, *, repeat: int, sync=lambda: None) -> float:

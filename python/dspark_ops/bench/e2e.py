@@ -19,14 +19,14 @@ device sits idle (torch.profiler: 1 - union of kernel/copy intervals / their
 span, in a second, profiled run). Without the model files (a machine with no
 network) --random-weights builds SmolLM2-135M's shape with random weights and
 random prompts: speeds and idle fractions hold, tau does not. --json PATH (on a
-GPU) writes the rows, the device and its clocks (bench/bench_json.py).
+GPU) writes the rows, the device and its clocks (dspark_ops/bench/_record.py).
 
-    python bench/bench_e2e.py --quick          # batch 1, 2 prompts, 48 tokens
-    python bench/bench_e2e.py                  # batch 1 and 8, 128 tokens
-    python bench/bench_e2e.py --eagle /path/to/eagle3/drafter
-    python bench/bench_e2e.py --batches 8 --repeat 5 --draft-max-batch 4   # plain steps past batch 4
-    python bench/bench_e2e.py --repeat 3 --draft-max-batch auto   # draft where the step costs say it pays
-    python bench/bench_e2e.py --device cuda --quick --random-weights
+    dspark bench e2e --quick          # batch 1, 2 prompts, 48 tokens
+    dspark bench e2e                  # batch 1 and 8, 128 tokens
+    dspark bench e2e --eagle /path/to/eagle3/drafter
+    dspark bench e2e --batches 8 --repeat 5 --draft-max-batch 4   # plain steps past batch 4
+    dspark bench e2e --repeat 3 --draft-max-batch auto   # draft where the step costs say it pays
+    dspark bench e2e --device cuda --quick --random-weights
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import time
 import torch
 from torch.autograd import DeviceType
 
-from bench_json import Recorder, add_json_argument
+from ._record import Recorder, add_json_argument
 from dspark_ops.engine import SpeculativeEngine
 from dspark_ops.generate import load_target as load_target_model, parse_draft_max_batch, shipped_drafter
 from dspark_ops.machine import at_threads, machine_header, thread_counts
