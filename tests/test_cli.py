@@ -6,6 +6,7 @@ Every case runs in-process through ``cli.main`` (the same parser and checks, fas
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -126,3 +127,16 @@ def test_request_past_the_kv_cache_is_one_line():
     done = run_dspark("generate", "--no-spec", "--max-new-tokens", "5000", "--prompt", "Hi")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "max_new_tokens (5000) does not fit" in _one_line(done.stderr)
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback():
+    """`dspark info | head -1`: the reader is gone before the output is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dspark_ops.cli", "info"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+    assert res.returncode == 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ._cli_types import (Parser, existing_dir, existing_file, missing_extra, model_name, model_name_or_dir,
@@ -323,7 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     problem = args.check(args) if hasattr(args, "check") else None
     if problem:
         parser.exit(2, f"dspark {args.command}: error: {problem}\n")
-    return args.func(args)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:   # `dspark info | head`: the reader left; no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
