@@ -13,4 +13,4 @@ if ! python -c "import sys; from dspark_ops.generate import shipped_drafter; sys
 fi
 dspark generate --model smollm2-135m "${DRAFTER_ARGS[@]}" --compare --max-new-tokens 96 \
   --prompt "Write a short Python function that returns the n-th Fibonacci number, and explain it."
-python bench/bench_verify.py --quick
+dspark bench verify --quick

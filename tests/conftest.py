@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# The CPU projections run the packed kernel everywhere in tests (deterministic kernels, no timing at engine
+# start); tests/test_linear_plan.py covers the measured choice (auto).
+os.environ.setdefault("DSPARK_LINEAR_IMPL", "packed")
 
 from randomness import fresh_seed
 

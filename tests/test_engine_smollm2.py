@@ -102,8 +102,10 @@ def test_generate_cli_draft_max_batch(smollm2, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "(identical output)" in err, err
-    assert main(["generate", "--prompt", PROMPTS[0], "--self-drafter", "2", "--draft-max-batch", "0"]) == 2
-    assert "draft_max_batch must be an int >= 1 or 'auto'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:   # rejected by the parser, before any model loads
+        main(["generate", "--prompt", PROMPTS[0], "--self-drafter", "2", "--draft-max-batch", "0"])
+    assert stop.value.code == 2
+    assert "--draft-max-batch: must be an integer >= 1 or 'auto'" in capsys.readouterr().err
     rc = main(["generate", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "10",
                "--self-drafter", "2", "--draft-max-batch", "auto", "--compare"])
     err = capsys.readouterr().err
@@ -120,5 +122,6 @@ def test_generate_cli_device_choice(smollm2, capsys):
 
     assert main(["generate", "--prompt", PROMPTS[1], "--max-new-tokens", "4", "--device", "cpu", "--no-spec"]) == 0
     if not torch.cuda.is_available():
-        assert main(["generate", "--prompt", PROMPTS[1], "--max-new-tokens", "4", "--device", "cuda"]) == 2
-        assert "--device cuda: no CUDA GPU" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as stop:
+            main(["generate", "--prompt", PROMPTS[1], "--max-new-tokens", "4", "--device", "cuda"])
+        assert stop.value.code == 2 and "--device cuda: no CUDA GPU" in capsys.readouterr().err

@@ -44,8 +44,9 @@ def test_unknown_name_and_missing_files(tmp_path, capsys):
         fetch_model("gpt-5", home=tmp_path)
     with pytest.raises(ValueError, match="neither a model folder nor a known model name"):
         resolve_model("gpt-5", home=tmp_path)
-    assert cli.main(["fetch-model", "gpt-5", "--home", str(tmp_path)]) == 2
-    assert "unknown model 'gpt-5'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:   # rejected by the parser
+        cli.main(["fetch-model", "gpt-5", "--home", str(tmp_path)])
+    assert stop.value.code == 2 and "unknown model 'gpt-5'" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="dspark fetch-model smollm2-135m"):
         resolve_model(NAME, home=tmp_path, fetch=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -17,6 +17,10 @@
 #include <vector>
 
 #include "checks.h"
+
+#if defined(DSPARK_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#endif
 #include "dspark/cpu_isa.h"
 #include "dspark/linear_problem.h"
 
@@ -165,6 +169,7 @@ int64_t weight_rows(int64_t out_features, LinearEpilogue epilogue) {
 at::Tensor linear_cuda_impl(const char* op, const at::Tensor& x, const at::Tensor& w_packed, int64_t out_features,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                             LinearEpilogue epilogue) {
+  const c10::cuda::CUDAGuard guard(x.device());
   const std::vector<int64_t> out_shape = output_shape(op, x, out_features);
   check_common(op, x, w_packed, bias, residual, out_shape, out_features);
   TORCH_CHECK(w_packed.dim() == 2, op,

@@ -12,6 +12,10 @@
 #include <vector>
 
 #include "checks.h"
+
+#if defined(DSPARK_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#endif
 #include "dspark/cpu_isa.h"
 
 DSPARK_DECLARE_ISA_FN(void, markov_logits,
@@ -194,6 +198,7 @@ MarkovResult markov_sample_cuda(const at::Tensor& base_logits, const at::Tensor&
                                 const std::optional<at::Tensor>& conf_bias,
                                 const std::optional<at::Tensor>& conf_temperature, const at::Tensor& temperature,
                                 const at::Tensor& seed, const at::Tensor& offset, bool return_probs) {
+  const c10::cuda::CUDAGuard guard(base_logits.device());  // the tensors' device and its current stream
   MarkovOutputs out;
   const MarkovProblem P = check_markov_args(base_logits, anchor, w1, w2, hidden, conf_weight, conf_bias,
                                             conf_temperature, temperature, seed, offset, return_probs, &out);

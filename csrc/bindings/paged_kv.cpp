@@ -7,15 +7,21 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/fill.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <vector>
 
 #include "checks.h"
+
+#if defined(DSPARK_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#endif
 #include "dspark/cpu_isa.h"
 #include "dspark/paged_kv_cpu.h"
 
@@ -383,10 +389,12 @@ void check_block_attention_op(const at::Tensor& page_table, const at::Tensor& se
 at::Tensor block_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& page_table, const at::Tensor& seq_lens, const at::Tensor& cu_q_lens,
                                 bool causal, std::optional<double> scale, int64_t max_block_rows) {
+  const c10::cuda::CUDAGuard guard(q.device());  // the tensors' device, its stream and its properties
   at::Tensor out;
   const BlockAttentionProblem P = check_block_attention_args(q, k_cache, v_cache, page_table, seq_lens, cu_q_lens,
                                                              causal, scale, max_block_rows, &out);
   // Index values are checked in the kernel (a bad request's rows become NaN): raising would need a host sync.
+  if (P.kv.batch == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());  // T rows, no request
   block_attention_cuda_launch(P, q);
   return out;
 }
@@ -420,6 +428,7 @@ void check_append_op(const at::Tensor& slot_mapping, int64_t num_slots) {
 #if defined(DSPARK_WITH_CUDA)
 void append_kv_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& slot_mapping) {
+  const c10::cuda::CUDAGuard guard(k_cache.device());
   // Slots outside [0, num_slots) are skipped in the kernel (check=True in python raises instead).
   append_kv_cuda_launch(check_append_args(k, v, k_cache, v_cache, slot_mapping));
 }
@@ -485,6 +494,7 @@ void check_rollback_op(const at::Tensor& page_table, const at::Tensor& seq_lens,
 void kv_rollback_cuda(at::TensorList k_caches, at::TensorList v_caches, const at::Tensor& page_table,
                       const at::Tensor& seq_lens, const at::Tensor& block_start,
                       const std::optional<at::Tensor>& accept_index, const at::Tensor& num_accepted) {
+  const c10::cuda::CUDAGuard guard(page_table.device());
   RollbackArgs args;
   check_rollback_args(k_caches.vec(), v_caches.vec(), page_table, seq_lens, block_start, accept_index, num_accepted,
                       &args);

@@ -9,6 +9,10 @@
 #include <vector>
 
 #include "checks.h"
+
+#if defined(DSPARK_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#endif
 #include "dspark/cpu_isa.h"
 
 DSPARK_DECLARE_ISA_FN(int32_t, schedule_run, (const dspark::ScheduleProblem& P, uint64_t* keys))
@@ -76,6 +80,7 @@ at::Tensor run(const char* op, const at::Tensor& confidence, const at::Tensor& s
 #if defined(DSPARK_WITH_CUDA)
   TORCH_CHECK(P.requests * P.steps <= kScheduleCudaMaxCandidates, op, ": confidence [R, G] needs R * G <= ",
               kScheduleCudaMaxCandidates, " on CUDA (one CTA ranks all candidates), got ", confidence.sizes());
+  const c10::cuda::CUDAGuard guard(confidence.device());  // the tensors' device and its current stream
   // Invalid values cannot raise without a host sync: the output reads -1 (see the python wrapper).
   schedule_cuda_launch(P);
   return out;

@@ -9,6 +9,10 @@
 #include <vector>
 
 #include "checks.h"
+
+#if defined(DSPARK_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#endif
 #include "dspark/cpu_isa.h"
 
 DSPARK_DECLARE_ISA_FN(void, verify_rows,
@@ -164,6 +168,8 @@ VerifyResult verify_cuda(const at::Tensor& target_logits, const at::Tensor& draf
                          const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
                          const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
                          const std::optional<at::Tensor>& draft_index) {
+  // Launch on the tensors' device and its current stream, whatever device is current.
+  const c10::cuda::CUDAGuard guard(target_logits.device());
   VerifyOutputs out;
   const VerifyProblem P = check_verify_args(target_logits, draft_tokens, draft_probs, num_draft, temperature,
                                             top_k, top_p, min_p, seed, offset, draft_index, &out);

@@ -61,17 +61,22 @@ struct BlockOps {
     return out;
   }
 
-  // First v (in [0, n)) whose cumulative mass exceeds U = scaled_draw(bits, total),
-  // scanning the vocabulary in tiles of kThreads (thread t holds v = tile start + t).
+  // First v (in [0, n)) whose cumulative mass exceeds U = scaled_draw(bits, total).
   template <typename MassFn>
   static __device__ index_t draw(index_t n, uint64_t total, uint64_t bits, MassFn mass, Storage& sh) {
-    const U64 u = scaled_draw(bits, total);
+    return draw_at(0, n, scaled_draw(bits, total), mass, sh);
+  }
+
+  // First v in [lo, hi) whose cumulative mass (from lo) exceeds u, scanning in tiles of kThreads (thread t
+  // holds v = tile start + t); u must be below the slice's total mass.
+  template <typename MassFn>
+  static __device__ index_t draw_at(index_t lo, index_t hi, uint64_t u, MassFn mass, Storage& sh) {
     U64 running = 0;
     if (threadIdx.x == 0) sh.i = -1;
     __syncthreads();
-    for (index_t start = 0; start < n; start += kThreads) {
+    for (index_t start = lo; start < hi; start += kThreads) {
       const index_t v = start + threadIdx.x;
-      const U64 m = v < n ? static_cast<U64>(mass(v)) : 0;
+      const U64 m = v < hi ? static_cast<U64>(mass(v)) : 0;
       U64 incl, tile_total;
       cub::BlockScan<U64, kThreads>(sh.cub.scan).InclusiveSum(m, incl, tile_total);
       if (m > 0 && running + incl > u && running + incl - m <= u) sh.i = v;
@@ -81,7 +86,7 @@ struct BlockOps {
     }
     const index_t out = sh.i;
     __syncthreads();
-    return out >= 0 ? out : n - 1;  // n - 1 only if `total` were not the exact sum
+    return out >= 0 ? out : hi - 1;  // hi - 1 only if u were not below the slice's exact total
   }
 };
 

@@ -3,13 +3,13 @@
 // (paged_attention_tc.cu): tensor cores for fp16/bf16 with head dim 64/128 on
 // sm_80+, this kernel otherwise and as the correctness baseline.
 //
-// Grid (split, kv head, request). A CTA serves every query row of its
-// request's block for the whole GQA group (up to kWarpRows x warps rows per
-// pass, 64 with 16 warps; larger groups take more passes), so each K/V tile is
-// read from global memory once per block. The request's KV range is cut into
-// gridDim.x contiguous splits on the device (from seq_lens), so the host
-// never reads device data: the launch shape depends only on tensor shapes,
-// which keeps the op graph-capturable. Each tile of kTile positions is
+// Grid (row chunk x split, kv head, request). A CTA serves up to kWarpRows x
+// warps query rows of its request's block for the whole GQA group (64 with 16
+// warps) in one pass, so each K/V tile is read from global memory once per
+// CTA; longer blocks (prefill) take more row chunks, i.e. more CTAs, not more
+// passes. The request's KV range is cut into contiguous splits on the device
+// (from seq_lens), so the host never reads device data: the launch shape
+// depends only on tensor shapes, which keeps the op graph-capturable. Each tile of kTile positions is
 // staged in shared memory as fp32; warp w owns rows, lane j scores position
 // j, and the output dims are spread over the lanes for the P.V product.
 // With more than one split, partial (m, l, o) go to a workspace and a second
@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "../bindings/paged_kv.h"
 #include "dspark/convert.h"
@@ -64,7 +65,7 @@ constexpr int smem_floats(int rows) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kMaxWarps * 32)
-    block_attention_kernel(BlockAttentionProblem P, SplitWorkspace ws) {
+    block_attention_kernel(BlockAttentionProblem P, SplitPlan plan, SplitWorkspace ws) {
   extern __shared__ float4 smem4[];  // float4: 16-byte aligned
   float* smem = reinterpret_cast<float*>(smem4);
   constexpr int kCols = D / 32;     // output dims per lane
@@ -77,22 +78,22 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   float* v_s = k_s + kTile * kKStride;              // [kTile][D]
   __shared__ index_t slot_s[kTile];
 
-  const index_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const index_t splits = gridDim.x;
+  const index_t h = blockIdx.y, b = blockIdx.z;
   const PagedLayout& kv = P.kv;
   const index_t G = P.group(), Hq = P.num_q_heads, Hkv = kv.num_kv_heads;
 
-  const SplitRange range = split_range(P, b, split, splits, kTile);
+  const SplitRange range = split_range<T>(P, plan, ws, kTile);
   if (range.n == 0) return;
   const index_t row0 = range.row0, n = range.n, len = range.len, begin = range.begin, end = range.end;
+  const index_t split = range.split, splits = plan.splits;
   const bool bad = range.bad;
 
-  const index_t R = n * G;
+  const index_t R = range.rows_end;  // this CTA's rows are [rows_begin, R) (one pass: chunk_rows = rows_per_pass)
   const T* kc = static_cast<const T*>(P.k_cache);
   const T* vc = static_cast<const T*>(P.v_cache);
   const T* q = static_cast<const T*>(P.q);
 
-  for (index_t pass0 = 0; pass0 < R; pass0 += rows_per_pass) {
+  for (index_t pass0 = range.rows_begin; pass0 < R; pass0 += rows_per_pass) {
     __syncthreads();  // the previous pass no longer reads q_s
     // Queries of this pass, scaled; rows past R are zero.
     for (index_t e = threadIdx.x; e < rows_per_pass * D; e += blockDim.x) {
@@ -209,6 +210,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 }
 
 // One warp per (token, query head): out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s.
+// A NaN max in any split marks the row invalid (split_range writes it into split 0 alone, and the splits
+// after a NaN are not read).
 template <typename T, int D>
 __global__ void combine_splits_kernel(BlockAttentionProblem P, SplitWorkspace ws, int splits) {
   constexpr int kCols = D / 32;
@@ -216,10 +219,16 @@ __global__ void combine_splits_kernel(BlockAttentionProblem P, SplitWorkspace ws
   const int lane = threadIdx.x % 32;
   const index_t rows = P.num_tokens * P.num_q_heads;
   if (row >= rows) return;
+  T* out = static_cast<T*>(P.out) + row * D;
   float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, ws.ml[(s * rows + row) * 2]);
-  for (int s = 0; s < splits; ++s) {  // NaN marks an invalid request (fmaxf would drop it)
-    if (isnan(ws.ml[(s * rows + row) * 2])) mx = NAN;
+  for (int s = 0; s < splits; ++s) {
+    const float ms = ws.ml[(s * rows + row) * 2];
+    if (isnan(ms)) {
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) store_float(out + lane + 32 * c, NAN);
+      return;
+    }
+    mx = fmaxf(mx, ms);
   }
   const float safe = mx == -INFINITY ? 0.0f : mx;
   float total = 0.0f, acc[kCols] = {};
@@ -232,8 +241,7 @@ __global__ void combine_splits_kernel(BlockAttentionProblem P, SplitWorkspace ws
 #pragma unroll
     for (int c = 0; c < kCols; ++c) acc[c] = fmaf(w, ws.o[at * D + lane + 32 * c], acc[c]);
   }
-  T* out = static_cast<T*>(P.out) + row * D;
-  const float inv = isnan(mx) ? NAN : 1.0f / total;
+  const float inv = 1.0f / total;
 #pragma unroll
   for (int c = 0; c < kCols; ++c) store_float(out + lane + 32 * c, acc[c] * inv);
 }
@@ -249,7 +257,7 @@ void launch(const BlockAttentionProblem& P, const at::Tensor& like, cudaStream_t
   const size_t smem = smem_floats<D>(warps * kWarpRows) * sizeof(float);
   TORCH_CHECK(smem <= budget, "draft_block_attention: head_dim ", D,
               " needs more shared memory than this GPU offers");
-  launch_split_kv(block_attention_kernel<T, D>, P, like, warps * 32, smem, stream);
+  launch_split_kv(block_attention_kernel<T, D>, P, like, warps * 32, smem, warps * kWarpRows, stream);
 }
 
 template <typename T>
@@ -308,27 +316,40 @@ bool tensor_core_fits(const BlockAttentionProblem& P) {
 
 }  // namespace
 
-int choose_splits(const BlockAttentionProblem& P) {
+SplitPlan plan_split_kv(const BlockAttentionProblem& P, index_t chunk_rows) {
   constexpr index_t kMaxSplits = 32;
   constexpr index_t kMinSplitLen = 256;  // positions: shorter splits cost more in combining than they save
-  const index_t ctas = P.kv.batch * P.kv.num_kv_heads;
+  constexpr index_t kMaxWorkspaceBytes = index_t{64} << 20;
+  SplitPlan plan;
+  plan.chunk_rows = chunk_rows;
+  const index_t rows = std::min<index_t>(P.max_block_rows, P.num_tokens) * P.group();  // most rows a request has
+  plan.row_chunks = std::max<index_t>(1, (rows + chunk_rows - 1) / chunk_rows);
+  const index_t ctas = P.kv.batch * P.kv.num_kv_heads * plan.row_chunks;
   const index_t by_len = std::max<index_t>(1, P.kv.capacity() / kMinSplitLen);
   const index_t want = (2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount + ctas - 1) / ctas;
-  return static_cast<int>(std::clamp<index_t>(std::min(want, by_len), 1, kMaxSplits));
+  const index_t split_bytes = P.num_tokens * P.num_q_heads * (P.kv.head_dim + 2) * static_cast<index_t>(sizeof(float));
+  const index_t by_workspace = std::max<index_t>(1, kMaxWorkspaceBytes / std::max<index_t>(1, split_bytes));
+  plan.splits = std::clamp<index_t>(std::min({want, by_len, by_workspace}), 1, kMaxSplits);
+  TORCH_CHECK(plan.splits * plan.row_chunks <= std::numeric_limits<int32_t>::max(),
+              "draft_block_attention: too many query rows per request for one launch (max_block_rows = ",
+              P.max_block_rows, ")");
+  return plan;
 }
 
-SplitWorkspace make_split_workspace(const BlockAttentionProblem& P, int splits, const at::Tensor& like,
+SplitWorkspace make_split_workspace(const BlockAttentionProblem& P, const SplitPlan& plan, const at::Tensor& like,
                                     at::Tensor* holder) {
   SplitWorkspace ws;
-  if (splits <= 1) return ws;
+  if (plan.splits <= 1) return ws;
   const index_t rows = P.num_tokens * P.num_q_heads, D = P.kv.head_dim;
-  *holder = at::empty({static_cast<int64_t>(splits) * rows * (D + 2)}, like.options().dtype(at::kFloat));
+  *holder = at::empty({plan.splits * rows * (D + 2)}, like.options().dtype(at::kFloat));
   ws.o = holder->data_ptr<float>();
-  ws.ml = ws.o + static_cast<index_t>(splits) * rows * D;
+  ws.ml = ws.o + plan.splits * rows * D;
   return ws;
 }
 
-void combine_splits(const BlockAttentionProblem& P, const SplitWorkspace& ws, int splits, cudaStream_t stream) {
+void combine_splits(const BlockAttentionProblem& P, const SplitWorkspace& ws, const SplitPlan& plan,
+                    cudaStream_t stream) {
+  const int splits = static_cast<int>(plan.splits);
   with_float_type(P.dtype, [&](auto t) { launch_combine_dim<decltype(t)>(P, ws, splits, stream); });
 }
 
@@ -343,7 +364,7 @@ void block_attention_cuda_launch(const BlockAttentionProblem& P, const at::Tenso
               "capability 8.0 or newer and a build with the CUTLASS/CuTe headers (dspark info); got ",
               P.dtype == FloatCode::f32 ? "float32" : P.dtype == FloatCode::bf16 ? "bfloat16" : "float16",
               ", head_dim ", P.kv.head_dim);
-  if (P.num_tokens == 0 || P.kv.batch == 0) return;
+  if (P.num_tokens == 0 || P.kv.batch == 0) return;  // no rows, or no request (the binding fills NaN rows)
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 #if defined(DSPARK_WITH_CUTE)
   if (tc && impl != Impl::simt) {

@@ -4,14 +4,13 @@
 // CUTLASS/CuTe headers are found (cmake/cutlass.cmake); the SIMT kernel in
 // paged_attention.cu is the fallback and the correctness baseline.
 //
-// Same grid, split of the KV range and workspace as the SIMT kernel
-// (paged_attention.cuh): CTA (split, kv head, request) serves every query row
-// of the request's block for the whole GQA group, R = n_b x G rows, so each K/V
-// tile is read from global memory once per block.
+// Same grid, split of the KV range, metadata checks and workspace as the SIMT
+// kernel (paged_attention.cuh): CTA (row chunk x split, kv head, request)
+// serves up to 64 of the request's R = n_b x G query rows (the whole GQA group
+// of each block row), so each K/V tile is read from global memory once per
+// CTA; R > 64 (G = 8 with n_b > 8, or a prefill) takes more row chunks.
 //
-// Work per CTA (4 warps): the R rows are cut into 16-row MMA tiles, up to 4 per
-// pass (R > 64, i.e. G = 8 with n_b > 8 or longer blocks, takes more passes,
-// each reading the split's K/V again).
+// Work per CTA (4 warps): its rows are cut into 16-row MMA tiles, up to 4.
 // KV tiles of 64 positions are gathered from their pages into shared memory
 // with cp.async, two stages deep so the next tile's loads overlap this tile's
 // math. Warp w takes row tile w % row_tiles and a 64 / kv_groups-position slice
@@ -138,7 +137,7 @@ __device__ __forceinline__ void load_kv_tile(const BlockAttentionProblem& P, ind
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32)
-    block_attention_tc_kernel(BlockAttentionProblem P, SplitWorkspace ws) {
+    block_attention_tc_kernel(BlockAttentionProblem P, SplitPlan plan, SplitWorkspace ws) {
   constexpr int kStride = smem_stride<D>();
   constexpr int kKSteps = D / 16;  // k16 steps of Q K^T
   constexpr int kDTiles = D / 8;   // n8 tiles of O
@@ -155,14 +154,16 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
 
-  const index_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, splits = gridDim.x;
+  const index_t h = blockIdx.y, b = blockIdx.z;
   const index_t G = P.group(), Hq = P.num_q_heads;
-  const SplitRange range = split_range(P, b, split, splits, kTileN);
+  const SplitRange range = split_range<T>(P, plan, ws, kTileN);
   if (range.n == 0) return;
-  const index_t R = range.n * G;
-  // Row tiles per pass from this request's rows: a short block (e.g. one decode row) leaves the warps
-  // free to split every KV tile between them instead of idling.
-  const int row_tiles = R <= kRowTile ? 1 : R <= 2 * kRowTile ? 2 : kWarps;
+  const index_t split = range.split, splits = plan.splits;
+  const index_t R = range.rows_end;  // this CTA's rows are [rows_begin, R): one pass (chunk_rows = 64)
+  // Row tiles from this CTA's rows: a short block (e.g. one decode row) leaves the warps free to split
+  // every KV tile between them instead of idling.
+  const index_t rows = R - range.rows_begin;
+  const int row_tiles = rows <= kRowTile ? 1 : rows <= 2 * kRowTile ? 2 : kWarps;
   const int kv_groups = kWarps / row_tiles;
   const int wr = warp % row_tiles, wk = warp / row_tiles;  // this warp's row tile and KV slice
   const int slice = kTileN / kv_groups;                     // 16, 32 or 64 positions
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* q = static_cast<const T*>(P.q);
   const int rows_per_pass = row_tiles * kRowTile;
 
-  for (index_t pass0 = 0; pass0 < R; pass0 += rows_per_pass) {
+  for (index_t pass0 = range.rows_begin; pass0 < R; pass0 += rows_per_pass) {
     __syncthreads();  // the previous pass no longer reads q_s or the merge area
     // Positions past the last one any row of this pass sees are skipped (long causal blocks).
     const index_t pass_last_row = min(pass0 + rows_per_pass, R) - 1;
@@ -390,7 +391,7 @@ void launch(const BlockAttentionProblem& P, const at::Tensor& like, cudaStream_t
   constexpr size_t smem = smem_bytes<D>();
   static_assert(kWarps * kRowTile * (D + 2) * sizeof(float) <= 2 * kStages * kTileN * smem_stride<D>() * 2,
                 "the merge area must fit in the K/V stages");
-  launch_split_kv(block_attention_tc_kernel<T, D>, P, like, kWarps * 32, smem, stream);
+  launch_split_kv(block_attention_tc_kernel<T, D>, P, like, kWarps * 32, smem, kWarps * kRowTile, stream);
 }
 
 template <typename T>

@@ -94,11 +94,13 @@ def draft_block_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         Raise it for longer blocks such as prefill: the kernels handle any
         length (the CPU one in chunks of 16 rows, skipping masked positions),
         but they are tuned for short blocks over long contexts.
-      check: on CUDA, a request with invalid indices (n_b > max_block_rows, non-monotone
-        cu_q_lens, seq_lens < n_b or past the page table, page ids outside
-        [0, num_pages)) gets NaN output rows instead of an exception (no host
-        sync); check=True validates on the host first and raises. On CPU
-        invalid indices always raise.
+      check: on CUDA, a request with invalid indices (n_b > max_block_rows,
+        seq_lens < n_b or past the page table, page ids outside [0, num_pages))
+        gets NaN output rows instead of an exception (no host sync), and
+        cu_q_lens that does not cut [0, T) into blocks (cu_q_lens[0] != 0, a
+        decrease, or cu_q_lens[-1] != T) makes every output row NaN;
+        check=True validates on the host first and raises. On CPU invalid
+        indices always raise.
 
     Returns:
       out [T, Hq, D] in q's dtype.

@@ -57,6 +57,7 @@ import torch
 from . import kv_rollback, markov_sample, plan_capacity, profile_sps, schedule_verify_lengths, verify
 from .calibrate import fold_offsets
 from .kv_cache import OutOfPagesError, PagedKVCache
+from .linear_plan import pack_linear_layers, storage_dtype
 from .models.attention import PagedAttention
 from .models.drafter import DSparkDrafter, Eagle3Drafter
 from .models.llama import LlamaModel
@@ -162,57 +163,6 @@ class EngineStats:
 
 def _grow(counts: list[int], n: int) -> None:
     counts.extend([0] * (n - len(counts)))
-
-
-def storage_dtype(w: torch.Tensor) -> torch.dtype:
-    """bfloat16 when every value of fp32 ``w`` is a bfloat16 number (a drafter loaded from a bf16 checkpoint),
-    else w's dtype: the kernels widen bf16 to fp32 exactly, so the results are bit-identical for half the bytes."""
-    if w.dtype == torch.float32 and torch.equal(w.detach().to(torch.bfloat16).float(), w.detach()):
-        return torch.bfloat16
-    return w.dtype
-
-
-def pack_linear_layers(model: torch.nn.Module, extra: Sequence[torch.Tensor] = ()) -> None:
-    """Route ``model``'s projections (and the ``extra`` weights passed to its hook) through
-    ``dspark_ops.linear`` on weights packed once (CPU).
-
-    The small-block kernel reads the weights once for a whole block of up to
-    linear.MAX_ROWS rows, which is what makes verifying a block cost about one
-    decode step; the MLP's gate/up product uses the fused silu(gate) * up epilogue.
-    """
-    from .linear import MAX_ROWS, linear, linear_silu_mul, pack_linear_weight
-
-    def pack(w, gate_up=False):
-        return pack_linear_weight(w.detach(), storage_dtype(w), gate_up=gate_up)
-
-    gate_up = {id(p): pack(p, gate_up=True) for name, p in model.named_parameters()
-               if name.endswith("gate_up_proj.weight")}
-    packed = {id(p): pack(p) for name, p in model.named_parameters()
-              if p.dim() == 2 and name.endswith(".weight") and "embed_tokens" not in name and id(p) not in gate_up}
-    heads = (model.lm_head_weight,) if hasattr(model, "lm_head_weight") else ()
-    for w in (*heads, *extra):
-        packed.setdefault(id(w), pack(w))
-
-    def small_block(x):  # tall inputs (long prompts) are what MKL's matmul is good at, on the original weight
-        return x.dtype == torch.float32 and x.numel() <= MAX_ROWS * x.shape[-1]
-
-    def fn(x, weight, bias):
-        p = packed.get(id(weight))
-        if p is None or not small_block(x):
-            return torch.nn.functional.linear(x, weight, bias)
-        return linear(x, p, bias)
-
-    def silu_mul_fn(x, weight, bias):
-        p = gate_up.get(id(weight))
-        if p is None or bias is not None or not small_block(x):
-            gate, up = torch.nn.functional.linear(x, weight, bias).chunk(2, dim=-1)
-            return torch.nn.functional.silu(gate) * up
-        return linear_silu_mul(x, p)
-
-    model.linear_impl.fn = fn
-    model.linear_impl.silu_mul_fn = silu_mul_fn
-
-
 
 
 @dataclasses.dataclass
@@ -422,10 +372,13 @@ class SpeculativeEngine:
         self._vocab = None if vocab is None else vocab.to(self.device)
         # The drafter scores its draft vocabulary's rows of the LM head (None: the target's whole head).
         self._draft_head = None if vocab is None else vocab.lm_head(target.lm_head_weight.detach())
+        # The kernel each CPU projection runs (packed small-block or torch's), per shape and row count.
+        self.linear_plans: dict[str, dict] = {}
         if packed_linear:
-            pack_linear_layers(target)
+            self.linear_plans["target"] = pack_linear_layers(target).summary()
             if drafter is not None:
-                pack_linear_layers(drafter, extra=() if vocab is None else (self._draft_head,))
+                self.linear_plans["drafter"] = pack_linear_layers(
+                    drafter, extra=() if vocab is None else (self._draft_head,)).summary()
         markov = drafter.markov_weights() if isinstance(drafter, DSparkDrafter) else None
         if markov is None:
             markov = (torch.zeros(V, 0, dtype=target.dtype), torch.zeros(0, V, dtype=target.dtype))

@@ -421,6 +421,77 @@ def test_cuda_invalid_request_gives_nan_rows_and_check_raises():
     assert torch.isnan(out[2:]).all() and torch.isfinite(out[:2]).all()
 
 
+def _impls_available():
+    return ["simt", "tc"] if TC_READY else ["simt"]
+
+
+def _stale_output(g, **kwargs):
+    """Runs a valid call of g's shape and frees its output, so the caching allocator hands the next output of
+    that shape finite stale values: a row the op leaves unwritten then shows as finite, not as NaN."""
+    out = dspark_ops.draft_block_attention(*g.args(), **kwargs)
+    assert torch.isfinite(out).all()
+    del out
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("long_context", [False, True], ids=["one_split", "kv_splits"])
+def test_cuda_cu_q_lens_that_does_not_cover_the_rows_gives_nan_everywhere_and_check_raises(long_context,
+                                                                                             monkeypatch):
+    """cu_q_lens ending before T, decreasing, or not starting at 0: no row may keep stale memory (with KV
+    splits the combine step would read workspace rows nobody wrote), so every row is NaN; check=True raises
+    naming cu_q_lens."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    lens = [3000, 2500, 4000] if long_context else [10, 20, 9]
+    g = _cuda(random_problem(gen, block_rows=[2, 4, 3], seq_lens=lens, num_kv_heads=2, group=2, head_dim=64,
+                             page_size=16, dtype=torch.bfloat16))
+    bad = {"short": [0, 2, 6, 8], "decreasing": [0, 5, 2, 9], "offset": [1, 3, 7, 9]}
+    for impl in _impls_available():
+        monkeypatch.setenv("DSPARK_ATTENTION_IMPL", impl)
+        for name, cu in bad.items():
+            cu = torch.tensor(cu, dtype=torch.int32, device="cuda")
+            _stale_output(g)
+            out = dspark_ops.draft_block_attention(g.q, g.k_cache, g.v_cache, g.page_table, g.seq_lens, cu)
+            assert torch.isnan(out).all(), f"{impl}, {name}: rows left unwritten or computed"
+            with pytest.raises(ValueError, match="cu_q_lens"):
+                dspark_ops.draft_block_attention(g.q, g.k_cache, g.v_cache, g.page_table, g.seq_lens, cu, check=True)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_block_longer_than_max_block_rows_is_nan_in_every_row():
+    """A request whose block exceeds max_block_rows gets NaN in all its rows (the grid is sized for
+    max_block_rows, the rows past it too); the other requests are computed."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    g = _cuda(random_problem(gen, block_rows=[2, 20, 3], seq_lens=[10, 40, 3000], num_kv_heads=2, group=2,
+                             head_dim=64, page_size=16, dtype=torch.bfloat16))
+    _stale_output(g, max_block_rows=20)
+    out = dspark_ops.draft_block_attention(*g.args(), max_block_rows=16)
+    assert torch.isnan(out[2:22]).all()
+    assert torch.isfinite(out[:2]).all() and torch.isfinite(out[22:]).all()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_prefill_rows_spread_over_ctas(monkeypatch):
+    """Prefill-sized blocks (n_b x G in the thousands: many row chunks, no KV split needed) on both paths, with
+    a decode-sized request beside them, against the reference; no row unwritten."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    p = random_problem(gen, block_rows=[700, 1, 300, 0], seq_lens=[700, 3000, 2100, 50], num_kv_heads=2, group=3,
+                       head_dim=128, page_size=16, dtype=torch.bfloat16)
+    g = _cuda(p)
+    for impl in _impls_available():
+        monkeypatch.setenv("DSPARK_ATTENTION_IMPL", impl)
+        for causal in (True, False):
+            with poisoned_empty():
+                got = dspark_ops.draft_block_attention(*g.args(), causal=causal, max_block_rows=700)
+            want = reference.draft_block_attention(*p.args(), causal=causal)
+            assert torch.isfinite(got.float()).all(), f"seed {seed}: {impl}: unwritten rows"
+            torch.testing.assert_close(got.cpu().float(), want.float(), **TOLERANCES[torch.bfloat16],
+                                       msg=lambda m: f"seed {seed}: {impl}, causal {causal}: {m}")
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("impl", ["simt", "tc"])

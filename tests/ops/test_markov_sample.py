@@ -370,7 +370,7 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_matches_cpu(dtype):
     gen = torch.Generator().manual_seed(fresh_seed())
     B, G, V, r, H = 5, 7, 3001, 16, 32

@@ -815,11 +815,34 @@ def test_torch_compile_fullgraph(draft_vocabulary):
 # CUDA (skipped without a GPU).
 
 
+def cuda_launches() -> list[str]:
+    """The CUDA launch shapes of verify this GPU and build run (DSPARK_VERIFY_LAUNCH): the chain of positions
+    per row, all positions at once, and those in 8-CTA clusters over the vocabulary (sm_90 builds on sm_90+)."""
+    sm90 = torch.cuda.get_device_capability()[0] >= 9 and "90" in dspark_ops.build_info()["cuda_archs"].split(",")
+    return ["chain", "positions"] + (["clusters"] if sm90 else [])
+
+
+def verify_each_launch(monkeypatch, *args, **kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """verify's output under every launch shape, and with the automatic choice ("auto")."""
+    outs = {}
+    for launch in ["auto"] + cuda_launches():
+        monkeypatch.setenv("DSPARK_VERIFY_LAUNCH", launch)
+        tokens, n = dspark_ops.verify(*args, **kwargs)
+        outs[launch] = (tokens.cpu(), n.cpu())
+    monkeypatch.delenv("DSPARK_VERIFY_LAUNCH")
+    return outs
+
+
+def assert_each_launch_equals(outs, want, msg=""):
+    for launch, (tokens, n) in outs.items():
+        assert torch.equal(tokens, want[0]) and torch.equal(n, want[1]), f"{launch}: {msg}"
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("filters", FILTERS, ids=lambda f: str(f))
-def test_cuda_matches_cpu_token_for_token(dtype, filters):
+def test_cuda_matches_cpu_token_for_token(dtype, filters, monkeypatch):
     gen = torch.Generator().manual_seed(fresh_seed())
     B, K, V = 64, 5, 32000
     logits, drafts, q = random_problem(B, K, V, gen=gen, dtype=dtype)
@@ -830,8 +853,54 @@ def test_cuda_matches_cpu_token_for_token(dtype, filters):
               offset=7, **filters)
     cpu = dspark_ops.verify(logits, drafts, q, **kw)
     kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    gpu = dspark_ops.verify(logits.cuda(), drafts.cuda(), q.cuda(), check=True, **kw_cuda)
-    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+    outs = verify_each_launch(monkeypatch, logits.cuda(), drafts.cuda(), q.cuda(), check=True, **kw_cuda)
+    assert_each_launch_equals(outs, cpu)
+
+
+LARGE_VOCAB_FILTERS = [{}, {"temperature": 0.0}, {"temperature": 0.8, "top_k": 50, "top_p": 0.9, "min_p": 0.01}]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("ldtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("filters", LARGE_VOCAB_FILTERS, ids=lambda f: str(f))
+def test_cuda_half_draft_probs_and_a_152k_vocabulary_match_cpu(qdtype, ldtype, filters, monkeypatch):
+    """Qwen's V = 151936 with bf16 / fp16 draft probabilities read directly, at a small batch (where the
+    automatic launch spreads the vocabulary over CTAs): every launch shape gives the CPU's tokens."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    B, K, V = 6, 5, 151936
+    logits = (torch.randn(B, K + 1, V, generator=gen) * 3).to(ldtype)
+    q = torch.softmax(logits[:, :K].float() + 0.3 * torch.randn(B, K, V, generator=gen), -1).to(qdtype)
+    drafts = torch.multinomial(q.float().reshape(-1, V), 1, generator=gen).reshape(B, K)   # from q as stored
+    kw = dict(num_draft=torch.tensor([K, K, 3, 0, 1, K]), seed=torch.randint(0, 2**62, (B,), generator=gen),
+              offset=torch.randint(0, 2**40, (B,), generator=gen), **filters)
+    cpu = dspark_ops.verify(logits, drafts, q, **kw)
+    assert int(cpu[1].min()) >= 0
+    kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    outs = verify_each_launch(monkeypatch, logits.cuda(), drafts.cuda(), q.cuda(), **kw_cuda)
+    assert_each_launch_equals(outs, cpu, f"seed {seed}")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_launches_agree_on_a_large_batch(monkeypatch):
+    """A batch past the GPU's SM count (the automatic launch walks chains) with rows that stop early and rows
+    that reach the bonus position."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    B, K, V = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 3, 4, 4096
+    logits, drafts, q = random_problem(B, K, V, gen=gen)
+    q = torch.softmax(logits[:, :K] + 0.2 * torch.randn(B, K, V, generator=gen), -1)
+    drafts = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, K)
+    kw = dict(num_draft=torch.randint(0, K + 1, (B,), generator=gen), seed=torch.randint(0, 2**62, (B,), generator=gen),
+              temperature=torch.rand(B, generator=gen) * 1.5, top_p=0.95)
+    cpu = dspark_ops.verify(logits, drafts, q, **kw)
+    assert int(cpu[1].max()) == K and int(cpu[1].min()) == 0   # both ends of the chain occur
+    kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    outs = verify_each_launch(monkeypatch, logits.cuda(), drafts.cuda(), q.cuda(), **kw_cuda)
+    assert_each_launch_equals(outs, cpu, f"seed {seed}")
 
 
 @pytest.mark.cuda
@@ -854,12 +923,12 @@ def test_cuda_draft_index_matches_cpu_token_for_token(filters):
 @needs_cuda
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("seed_kind", ["per_row", "batch"])
-def test_cuda_per_row_parameters_and_masked_logits_match_cpu(dtype, seed_kind):
+def test_cuda_per_row_parameters_and_masked_logits_match_cpu(dtype, seed_kind, monkeypatch):
     """Parameters that differ per row (greedy and sampled rows mixed), -inf masks (drafts of masked ids included),
-    one seed for the batch or a seed per row: the same tokens as the CPU kernel."""
+    one seed for the batch or a seed per row: the same tokens as the CPU kernel under every launch shape."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    B, K, V = 64, 5, 5000
+    B, K, V = 48, 5, 9000
     logits, _, _ = random_problem(B, K, V, gen=gen, probs=False)
     logits, mask = random_mask(logits, gen)
     q = torch.softmax(logits[:, :K].float().nan_to_num(neginf=-30.0) + 0.1 * torch.randn(B, K, V, generator=gen), -1)
@@ -870,37 +939,52 @@ def test_cuda_per_row_parameters_and_masked_logits_match_cpu(dtype, seed_kind):
         torch.randint(0, 2**62, (B,), generator=gen)
     kw = dict(num_draft=torch.randint(0, K + 1, (B,), generator=gen), seed=seeds,
               offset=torch.randint(0, 2**40, (B,), generator=gen), **row_params(B, V, gen))
-    cpu = dspark_ops.verify(logits, drafts, q, **kw)
     kw_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    gpu = dspark_ops.verify(logits.cuda(), drafts.cuda(), q.cuda(), check=True, **kw_cuda)
-    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1]), f"seed {seed}"
-    one_hot = dspark_ops.verify(logits, drafts, **kw)
-    gpu = dspark_ops.verify(logits.cuda(), drafts.cuda(), check=True, **kw_cuda)
-    assert torch.equal(gpu[0].cpu(), one_hot[0]) and torch.equal(gpu[1].cpu(), one_hot[1]), f"seed {seed}"
+    for probs in (q, None):
+        cpu = dspark_ops.verify(logits, drafts, probs, **kw)
+        gpu = verify_each_launch(monkeypatch, logits.cuda(), drafts.cuda(), None if probs is None else probs.cuda(),
+                                 check=True, **kw_cuda)
+        assert_each_launch_equals(gpu, cpu, f"seed {seed}")
 
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_invalid_rows_are_marked_and_check_raises():
-    """NaN, +inf, a position with every id masked, an id out of range past the first rejection: the row reads
-    num_accepted = -1 and tokens -1, the other rows are sampled, and check=True raises ValueError naming the row."""
-    lg = torch.randn(6, 3, 10, device="cuda")
-    lg[1, 0, 3] = float("nan")
-    lg[2, 0, 4] = float("inf")
-    lg[3, 1] = float("-inf")
-    lg[4, 0, :] = -9.0
-    lg[4, 0, 7] = 9.0
-    lg[5, 0, :5] = float("-inf")       # masked ids only: not an error
-    drafts = torch.zeros(6, 2, dtype=torch.long, device="cuda")
-    drafts[3, 0] = int(lg[3, 0].argmax())   # accepted (greedy), so position 1 is read
-    drafts[4] = torch.tensor([2, 10])        # rejected at position 0; the id 10 is still an error
-    tokens, n = dspark_ops.verify(lg, drafts, temperature=0.0)
-    assert n[1:5].tolist() == [-1] * 4 and int(n[0]) >= 0 and int(n[5]) == 0
-    assert bool((tokens[1:5] == -1).all()) and int(tokens[5, 0]) >= 5
-    with pytest.raises(ValueError, match="row 1"):
-        dspark_ops.verify(lg, drafts, temperature=0.0, check=True)
-    with pytest.raises(ValueError, match="row 4"):
-        dspark_ops.verify(lg[4:], drafts[4:], temperature=0.0, check=True)
+def test_cuda_invalid_rows_are_marked_and_check_raises(monkeypatch):
+    """Logit errors count only at positions the chain reaches, under every launch shape (the positions launch
+    computes every position and must ignore the ones past the first rejection); a position with every id masked
+    is such an error, ids merely masked are not; a drafted id out of range is an error wherever it lies within
+    num_draft (checked before sampling, like the CPU)."""
+    V = 10
+    lg = torch.randn(9, 3, V)
+    best = lg.argmax(-1)
+    drafts = best[:, :2].clone()
+    lg[1, 0, 3] = float("nan")                 # row 1: NaN at position 0: an error
+    drafts[2, 0] = (best[2, 0] + 1) % V        # row 2: rejected at position 0 ...
+    lg[2, 1, 5] = float("nan")                 # ... so the NaN at position 1 is never reached
+    lg[3, 2, 0] = float("inf")                 # row 3: both drafts accepted, the bonus position is bad
+    drafts[4, 1] = V + 3                       # row 4: an id out of range at position 1, reached
+    lg[5, 1] = float("-inf")                   # row 5: position 1 reached with every id masked
+    lg[6, :, :5] = float("-inf")               # row 6: half the ids masked: fine
+    drafts[6] = lg[6, :2].argmax(-1)
+    drafts[7, 0] = (best[7, 0] + 1) % V        # row 7: rejected at position 0, an id out of range after it
+    drafts[7, 1] = -1
+    drafts[8, 0] = (best[8, 0] + 1) % V        # row 8: rejected at position 0, every id of position 1 masked
+    lg[8, 1] = float("-inf")
+    valid = [0, 2, 6, 8]
+    want = dspark_ops.verify(lg[valid], drafts[valid], temperature=0.0)
+    for launch in ["auto"] + cuda_launches():
+        monkeypatch.setenv("DSPARK_VERIFY_LAUNCH", launch)
+        tokens, n = dspark_ops.verify(lg.cuda(), drafts.cuda(), temperature=0.0)
+        assert n.tolist() == [2, -1, 0, -1, -1, -1, 2, -1, 0], launch
+        assert torch.equal(tokens[valid].cpu(), want[0]) and int(tokens[6, 2]) >= 5, launch
+        assert bool((tokens[[1, 3, 4, 5, 7]] == -1).all()), launch
+        with pytest.raises(ValueError, match="row 1"):
+            dspark_ops.verify(lg.cuda(), drafts.cuda(), temperature=0.0, check=True)
+        with pytest.raises(ValueError, match="row 0"):
+            dspark_ops.verify(lg[7:].cuda(), drafts[7:].cuda(), temperature=0.0, check=True)
+    monkeypatch.setenv("DSPARK_VERIFY_LAUNCH", "sideways")
+    with pytest.raises(RuntimeError, match="DSPARK_VERIFY_LAUNCH must be"):
+        dspark_ops.verify(lg.cuda(), drafts.cuda())
 
 
 @pytest.mark.cuda

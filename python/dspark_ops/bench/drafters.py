@@ -24,11 +24,11 @@ caches (the engine drives it too and drafts the same tokens; ``--speed`` times
 it there), all verified by the same ``dspark_ops.verify`` op, so tau means the
 same thing for all three.
 
-    python bench/bench_drafters.py --data-dir DATA --dspark DIR [--dflash DIR] [--eagle3 DIR] [--speed]
-    python bench/bench_drafters.py ... --quick      # 3 prompts per domain, 48 tokens
+    dspark bench drafters --data-dir DATA --dspark DIR [--dflash DIR] [--eagle3 DIR] [--speed]
+    dspark bench drafters ... --quick      # 3 prompts per domain, 48 tokens
     # one process per drafter (in parallel), then one table and plot:
-    python bench/bench_drafters.py --data-dir DATA --eagle3 DIR --json e.json   (etc.)
-    python bench/bench_drafters.py --combine d.json f.json e.json
+    dspark bench drafters --data-dir DATA --eagle3 DIR --json e.json   (etc.)
+    dspark bench drafters --combine d.json f.json e.json
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import dspark_ops
+from dspark_ops._cli_types import missing_extra
 from dspark_ops.engine import SpeculativeEngine
 from dspark_ops.models import DenseKVCache, Eagle3Drafter, LlamaModel, load_drafter, resolve_model
 from dspark_ops.train import load_samples, response_draft_vocab
@@ -269,7 +270,8 @@ def main():
     ap.add_argument("--speed", action="store_true", help="also time the engine with each drafter against plain decoding")
     ap.add_argument("--speed-prompts", type=int, default=3)
     ap.add_argument("--temperatures", type=float, nargs="*", default=[0.0, 1.0])
-    ap.add_argument("--png", default="bench/drafters_acceptance.png")
+    ap.add_argument("--png", default="drafters_acceptance.png",
+                    help="acceptance figure (bench/drafters_acceptance.png in the repository)")
     ap.add_argument("--json", default=None, help="write the raw numbers here")
     ap.add_argument("--combine", nargs="*", default=None,
                     help="only print the table and plot of earlier --json files (runs nothing)")
@@ -281,6 +283,8 @@ def main():
                          "dspark train-draft --train-on-draft-vocab, only learned those ids)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if problem := missing_extra("matplotlib", "plots", "the acceptance figure (--png)"):
+        ap.error(problem)
     if args.combine:
         results, temps = {}, None
         for f in args.combine:

@@ -19,10 +19,12 @@ by torch.sum over the same packed fp32 weights, interleaved with the calls (the 
 machine gives varies by 2x from minute to minute). Goals (issue 7): at M = 1 at least 80% of that
 bandwidth; M = 8 at most 1.3x the time of M = 1.
 
-  python bench/bench_linear.py            # full table (a few minutes; ~2.5 GB of memory)
-  python bench/bench_linear.py --quick    # SmolLM2 shapes, M in {1, 8, 16}
-  python bench/bench_linear.py --threads 1 --clock cpu
-  python bench/bench_linear.py --forward-only
+Every time is taken at 1 thread and at all of torch's threads (--threads), interleaved.
+
+  dspark bench linear            # full table (a few minutes; ~2.5 GB of memory)
+  dspark bench linear --quick    # SmolLM2 shapes, M in {1, 8, 16}
+  dspark bench linear --threads 1 --clock cpu
+  dspark bench linear --forward-only
 """
 from __future__ import annotations
 
@@ -35,24 +37,12 @@ import torch
 import torch.nn.functional as F
 
 import dspark_ops
+from dspark_ops.machine import at_threads, last_level_cache_bytes, machine_header, thread_counts
 
 SMOLLM2 = [("smollm2 qkv (issue: 3x576)", 576, 1728), ("smollm2 qkv (GQA 9/3 heads)", 576, 960),
            ("smollm2 o", 576, 576), ("smollm2 gate+up", 576, 3072), ("smollm2 down", 1536, 576),
            ("smollm2 lm head", 576, 49152)]
 QWEN3_8B = [("qwen3-8b qkv", 4096, 6144), ("qwen3-8b gate+up", 4096, 24576), ("qwen3-8b down", 12288, 4096)]
-
-
-def llc_bytes() -> int:
-    best = 0
-    for i in range(8):
-        try:
-            with open(f"/sys/devices/system/cpu/cpu0/cache/index{i}/size") as f:
-                s = f.read().strip()
-        except OSError:
-            break
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
-        best = max(best, int(s.rstrip("KMG")) * mult)
-    return best or 32 << 20
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -72,8 +62,8 @@ def timed(fn, calls: int) -> list[float]:
     return out
 
 
-def bench_shape(k, n, ms, llc, budget_s, q):
-    """{(key, M): seconds} for one shape, key = torch.float32 / torch.bfloat16 (ours), "torch" or
+def bench_shape(k, n, ms, llc, budget_s, q, threads):
+    """{(key, M, threads): seconds} for one shape, key = torch.float32 / torch.bfloat16 (ours), "torch" or
     "stream" (torch.sum over the packed fp32 weights: the streaming pass)."""
     sets = max(1, math.ceil(3 * llc / (k * n * 2)))  # bf16 copies exceed 3x LLC; fp32 ones 6x
     gen = torch.Generator().manual_seed(0)
@@ -83,7 +73,7 @@ def bench_shape(k, n, ms, llc, budget_s, q):
     for M in ms:
         x = torch.randn(M, k, generator=gen)
         calls = {"torch": 0, torch.float32: 0, torch.bfloat16: 0, "stream": 0}
-        samples = {key: [] for key in calls}
+        samples = {(key, t): [] for key in calls for t in threads}
 
         def run(key):
             i = calls[key] % sets
@@ -97,16 +87,18 @@ def bench_shape(k, n, ms, llc, budget_s, q):
         for key in calls:  # warm-up (first-touch, thread pool)
             for _ in range(min(sets, 3)):
                 run(key)
-        t_end = time.perf_counter() + budget_s
-        while time.perf_counter() < t_end or len(samples["torch"]) < 10 * sets:
-            for key in calls:
-                samples[key] += timed(lambda: run(key), sets)
-        for key, v in samples.items():
-            times[(key, M)] = statistics.median(v) if q is None else percentile(v, q)
+        t_end = time.perf_counter() + budget_s * len(threads)
+        while time.perf_counter() < t_end or len(samples[("torch", threads[0])]) < 10 * sets:
+            for t in threads:
+                with at_threads(t):
+                    for key in calls:
+                        samples[(key, t)] += timed(lambda: run(key), sets)
+        for (key, t), v in samples.items():
+            times[(key, M, t)] = statistics.median(v) if q is None else percentile(v, q)
     return times
 
 
-def bench_forward(reps: int, q) -> None:
+def bench_forward(reps: int, q, threads) -> None:
     from dspark_ops.models import DenseKVCache, LlamaConfig, LlamaModel
     from dspark_ops.models.layers import Linear
 
@@ -124,31 +116,34 @@ def bench_forward(reps: int, q) -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (1, prefix + 16), generator=gen)
     blocks = [1, 2, 4, 8, 16]
-    samples = {(name, t): [] for name in impls for t in blocks}
+    samples = {(name, n, t): [] for name in impls for n in threads for t in blocks}
     with torch.inference_mode():
         model(ids[:, :prefix], kv=kv)
         for _ in range(reps):
-            for name, fn in impls.items():
-                model.set_linear_impl(fn)
-                for t in blocks:
-                    t0 = CLOCK()
-                    model(ids[:, prefix:prefix + t], kv=kv)
-                    samples[(name, t)].append(CLOCK() - t0)
-                    kv.truncate([prefix])
+            for n in threads:
+                with at_threads(n):
+                    for name, fn in impls.items():
+                        model.set_linear_impl(fn)
+                        for t in blocks:
+                            t0 = CLOCK()
+                            model(ids[:, prefix:prefix + t], kv=kv)
+                            samples[(name, n, t)].append(CLOCK() - t0)
+                            kv.truncate([prefix])
     model.set_linear_impl(F.linear)
-    print(f"\n# SmolLM2-135M forward (fp32 activations, {reps} reps, {torch.get_num_threads()} threads)")
-    print("| linear | " + " | ".join(f"T={t} ms" for t in blocks) + " | T=8 / T=1 |")
-    print("|---|" + "---|" * (len(blocks) + 1))
+    print(f"\n# SmolLM2-135M forward (fp32 activations, {reps} reps)")
+    print("| linear | threads | " + " | ".join(f"T={t} ms" for t in blocks) + " | T=8 / T=1 |")
+    print("|---|---|" + "---|" * (len(blocks) + 1))
     for name in impls:
-        t = {b: (statistics.median(samples[(name, b)]) if q is None else percentile(samples[(name, b)], q))
-             for b in blocks}
-        print(f"| {name} | " + " | ".join(f"{t[b] * 1e3:.1f}" for b in blocks) + f" | {t[8] / t[1]:.2f} |")
+        for n in threads:
+            v = {b: samples[(name, n, b)] for b in blocks}
+            t = {b: (statistics.median(v[b]) if q is None else percentile(v[b], q)) for b in blocks}
+            print(f"| {name} | {n} | " + " | ".join(f"{t[b] * 1e3:.1f}" for b in blocks) + f" | {t[8] / t[1]:.2f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes, M in {1, 8, 16}, short timing")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", default="1,all", help="thread counts to time at (default: 1 and all of torch's)")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per (shape, M)")
     ap.add_argument("--ms", default="", help="comma-separated block heights (default 1,2,4,8,16)")
     ap.add_argument("--only", default="", help="layers whose name contains this text")
@@ -159,50 +154,53 @@ def main() -> None:
     ap.add_argument("--stat", default="p20", choices=["p20", "median"], help="statistic over calls")
     args = ap.parse_args()
     global CLOCK
+    threads = thread_counts(args.threads)
     if args.clock == "cpu":
-        if args.threads != 1:
+        if threads != [1]:
             ap.error("--clock cpu needs --threads 1 (it measures the calling thread only)")
         CLOCK = time.thread_time
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ms = [int(m) for m in args.ms.split(",")] if args.ms else ([1, 8, 16] if args.quick else [1, 2, 4, 8, 16])
     ms = sorted(set(ms) | {1, 8})  # the goals need M = 1 and 8
     shapes = [s for s in (SMOLLM2 if args.quick else SMOLLM2 + QWEN3_8B) if args.only in s[0]]
     budget = args.budget if args.budget is not None else (0.15 if args.quick else 0.4)
     q = 0.2 if args.stat == "p20" else None
-    llc = llc_bytes()
-    info = dspark_ops.build_info()
+    llc = last_level_cache_bytes()
     load = open("/proc/loadavg").read().split()[0]
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, cpu_isa {info['cpu_isa']}, "
-          f"LLC {llc >> 20} MiB, load average {load}, {args.clock} clock, statistic {args.stat}")
+    print(machine_header())
+    print(f"# load average {load}, {args.clock} clock, statistic {args.stat}")
     if args.forward_only:
-        bench_forward(5 if args.quick else 15, q)
+        bench_forward(5 if args.quick else 15, q, threads)
         return
-    results = {(name, k, n): bench_shape(k, n, ms, llc, budget, q) for name, k, n in shapes}
-    print("| layer | in->out | M | weights | ours ms | torch fp32 ms | speedup | GB/s | stream GB/s | % stream "
-          "| t / t(M=1) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    results = {(name, k, n): bench_shape(k, n, ms, llc, budget, q, threads) for name, k, n in shapes}
+    print("| layer | in->out | M | weights | threads | ours ms | torch fp32 ms | speedup | GB/s | stream GB/s "
+          "| % stream | t / t(M=1) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     goals = {dt: ([], []) for dt in (torch.float32, torch.bfloat16)}
+    top = threads[-1]
     for (name, k, n), t in results.items():
         for M in ms:
-            stream = k * n * 4 / t[("stream", M)]
             for dt in (torch.float32, torch.bfloat16):
-                bw = k * n * dt.itemsize / t[(dt, M)]
-                print(f"| {name} | {k}->{n} | {M} | {str(dt)[6:]} | {t[(dt, M)] * 1e3:.3f} | "
-                      f"{t[('torch', M)] * 1e3:.3f} | {t[('torch', M)] / t[(dt, M)]:.2f}x | {bw / 1e9:.1f} | "
-                      f"{stream / 1e9:.1f} | {100 * bw / stream:.0f}% | {t[(dt, M)] / t[(dt, 1)]:.2f} |")
-                # Goals over layers whose weights exceed 2 MiB (smaller ones mostly measure call overhead).
+                for th in threads:
+                    stream = k * n * 4 / t[("stream", M, th)]
+                    ours, theirs = t[(dt, M, th)], t[("torch", M, th)]
+                    bw = k * n * dt.itemsize / ours
+                    print(f"| {name} | {k}->{n} | {M} | {str(dt)[6:]} | {th} | {ours * 1e3:.3f} | "
+                          f"{theirs * 1e3:.3f} | {theirs / ours:.2f}x | {bw / 1e9:.1f} | {stream / 1e9:.1f} | "
+                          f"{100 * bw / stream:.0f}% | {ours / t[(dt, 1, th)]:.2f} |")
+                # Goals at all threads, over layers whose weights exceed 2 MiB (smaller ones mostly measure
+                # call overhead).
                 if k * n * dt.itemsize >= 2 << 20:
+                    bw = k * n * dt.itemsize / t[(dt, M, top)]
                     if M == 1:
-                        goals[dt][0].append(bw / stream)
+                        goals[dt][0].append(bw / (k * n * 4 / t[("stream", M, top)]))
                     if M == 8:
-                        goals[dt][1].append(t[(dt, 8)] / t[(dt, 1)])
-    print("\n# goals (layers with weights > 2 MiB)")
+                        goals[dt][1].append(t[(dt, 8, top)] / t[(dt, 1, top)])
+    print(f"\n# goals at {top} threads (layers with weights > 2 MiB)")
     for dt, (bw1, r8) in goals.items():
         print(f"{str(dt)[6:]}: M=1 bandwidth {100 * min(bw1):.0f}%..{100 * max(bw1):.0f}% of streaming "
               f"(goal >= 80%): {'PASS' if min(bw1) >= 0.8 else 'FAIL'}; M=8 / M=1 time "
               f"{min(r8):.2f}..{max(r8):.2f} (goal <= 1.3): {'PASS' if max(r8) <= 1.3 else 'FAIL'}")
-    bench_forward(5 if args.quick else 15, q)
+    bench_forward(5 if args.quick else 15, q, threads)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ context {512, 4096}, block 8, bf16, page size 16, shuffled pages.
 GPU (when CUDA is available): both CUDA paths (SIMT and tensor-core, forced
 through DSPARK_ATTENTION_IMPL), their time and achieved bandwidth (K/V bytes
 read / time) against the device's copy bandwidth, and FlashInfer's
-BatchPrefillWithPagedKVCacheWrapper on the same shapes if importable.
+BatchPrefillWithPagedKVCacheWrapper on the same shapes if importable. --json PATH
+writes the GPU rows, the device and its clocks (dspark_ops/bench/_record.py).
 
-    python bench/bench_attention.py            # full CPU table (about a minute)
-    python bench/bench_attention.py --quick    # B = 8, context 4096 only
-    python bench/bench_attention.py --gpu      # GPU table only
-    python bench/bench_attention.py --threads 1 --cpu-time   # steadiest on a shared machine
+CPU times are taken at 1 thread and at all of torch's threads (--threads), interleaved.
+
+    dspark bench attention            # full CPU table (about a minute)
+    dspark bench attention --quick    # B = 8, context 4096 only
+    dspark bench attention --gpu      # GPU table only
+    dspark bench attention --threads 1 --cpu-time   # steadiest on a shared machine
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 import dspark_ops
+from dspark_ops.machine import at_threads, machine_header, thread_counts
+from ._record import Recorder, add_json_argument
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "qwen3-8b": (32, 8, 128)}
 PAGE_SIZE = 16
@@ -46,16 +51,19 @@ def timeit(fn, *, repeat: int, sync=lambda: None) -> float:
 CLOCK = time.perf_counter  # --cpu-time: time.process_time (CPU time of all threads: immune to waiting)
 
 
-def interleaved(fns, repeat: int) -> list[float]:
-    """Best time of each function, the functions taking turns (after one warm-up call each)."""
+def interleaved(fns, repeat: int, threads: list[int]) -> dict[tuple[int, int], float]:
+    """{(function index, threads): best time}, the functions and thread counts taking turns (after one
+    warm-up call each)."""
     for fn in fns:
         fn()
-    best = [float("inf")] * len(fns)
+    best = {(i, n): float("inf") for i in range(len(fns)) for n in threads}
     for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            t0 = CLOCK()
-            fn()
-            best[i] = min(best[i], CLOCK() - t0)
+        for n in threads:
+            with at_threads(n):
+                for i, fn in enumerate(fns):
+                    t0 = CLOCK()
+                    fn()
+                    best[(i, n)] = min(best[(i, n)], CLOCK() - t0)
     return best
 
 
@@ -90,11 +98,10 @@ def kv_bytes(k_cache, B, ctx) -> int:
     return 2 * B * ctx * Hkv * D * k_cache.element_size()
 
 
-def cpu_table(cases, repeat, block):
-    print(f"threads: {torch.get_num_threads()}, cpu isa: {dspark_ops.build_info()['cpu_isa']}, bf16, "
-          f"page size {PAGE_SIZE}, block {block}, clock: {CLOCK.__name__}")
-    print("| model | B | ctx | op ms | gather+SDPA ms | speed-up | KV copy floor ms | op/floor | op GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def cpu_table(cases, repeat, block, threads):
+    print(f"bf16, page size {PAGE_SIZE}, block {block}, clock: {CLOCK.__name__}")
+    print("| model | B | ctx | threads | op ms | gather+SDPA ms | speed-up | KV copy floor ms | op/floor | op GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, B, ctx in cases:
         Hq, Hkv, D = SHAPES[name]
         q, kc, vc, pt, sl, cu = make(Hq, Hkv, D, B, ctx, block)
@@ -105,12 +112,14 @@ def cpu_table(cases, repeat, block):
         flat = torch.empty(kv_bytes(kc, B, ctx), dtype=torch.uint8)
         dst = torch.empty_like(flat)
         # Interleaved, best of `repeat` each: load from other tenants of the machine hits all three alike.
-        op, base, floor = interleaved([lambda: dspark_ops.draft_block_attention(q, kc, vc, pt, sl, cu),
-                                       lambda: gather_sdpa(q, kc, vc, pt, ctx, block),
-                                       lambda: dst.copy_(flat)], repeat)
+        t = interleaved([lambda: dspark_ops.draft_block_attention(q, kc, vc, pt, sl, cu),
+                         lambda: gather_sdpa(q, kc, vc, pt, ctx, block),
+                         lambda: dst.copy_(flat)], repeat, threads)
         flops = 4 * B * block * Hq * ctx * D  # QK^T and PV, 2 flops per multiply-add
-        print(f"| {name} | {B} | {ctx} | {op * 1e3:.2f} | {base * 1e3:.2f} | {base / op:.2f}x | "
-              f"{floor * 1e3:.2f} | {op / floor:.1f} | {flops / op / 1e9:.0f} |", flush=True)
+        for n in threads:
+            op, base, floor = t[(0, n)], t[(1, n)], t[(2, n)]
+            print(f"| {name} | {B} | {ctx} | {n} | {op * 1e3:.2f} | {base * 1e3:.2f} | {base / op:.2f}x | "
+                  f"{floor * 1e3:.2f} | {op / floor:.1f} | {flops / op / 1e9:.0f} |", flush=True)
 
 
 def flashinfer_runner(q, kc, vc, pt, sl, cu, block):
@@ -141,7 +150,7 @@ def with_impl(impl, fn):
     return run
 
 
-def gpu_table(cases, repeat, block):
+def gpu_table(cases, repeat, block, rec=None):
     sync = torch.cuda.synchronize
     big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(big)
@@ -177,6 +186,11 @@ def gpu_table(cases, repeat, block):
                 fi_cols = f"{fi} | -"
             print(f"| {name} | {B} | {ctx} | {simt * 1e6:.1f} | {tc_cols} | {100 * nbytes / simt / 1e9 / copy_bw:.0f}% | "
                   f"{fi_cols} |", flush=True)
+            if rec is not None:
+                rec.add("gpu", model=name, B=B, ctx=ctx, block=block, kv_bytes=nbytes, copy_GBps=copy_bw,
+                        simt_us=simt * 1e6, simt_kv_GBps=nbytes / simt / 1e9,
+                        tc_us=tc * 1e6 if tc_built else None, tc_kv_GBps=nbytes / tc / 1e9 if tc_built else None,
+                        flashinfer_us=ft * 1e6 if callable(fi) else fi)
     finally:
         if saved is None:
             os.environ.pop("DSPARK_ATTENTION_IMPL", None)
@@ -189,12 +203,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="B = 8, context 4096 only, few repeats")
     ap.add_argument("--gpu", action="store_true", help="GPU table only")
     ap.add_argument("--block", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    ap.add_argument("--threads", default="1,all", help="CPU thread counts to time at (default: 1 and all)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="CPU time instead of wall time (with --threads 1: robust on a shared machine)")
+    add_json_argument(ap)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = thread_counts(args.threads)
+    print(machine_header())
     if args.cpu_time:
         global CLOCK
         CLOCK = time.process_time
@@ -207,12 +222,12 @@ def main():
             # --quick adds one large bandwidth-bound case (2 GB of K/V) to the two B = 8, ctx 4096 ones.
             gpu_cases = (cases + [("qwen3-8b", 32, 16384)] if args.quick
                          else cases + [(name, B, 16384) for name in SHAPES for B in (8, 64)])
-            gpu_table(gpu_cases, 20, args.block)
+            gpu_table(gpu_cases, 20, args.block, Recorder(args.json, "bench_attention"))
         else:
             print("no GPU visible")
         if args.gpu:
             return
-    cpu_table(cases, repeat, args.block)
+    cpu_table(cases, repeat, args.block, threads)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ in one run: plain decoding, always drafting, and draft_max_batch="auto". Prints 
 decode time per step of each next to the step costs auto profiled (on frozen slots, which attend
 to no context), so the gap between the two is visible.
 
-    python bench/bench_context.py --batch 8 --context 1000
-    python bench/bench_context.py --batch 1 --context 1500
+    dspark bench context --batch 8 --context 1000
+    dspark bench context --batch 1 --context 1500
 """
 from __future__ import annotations
 

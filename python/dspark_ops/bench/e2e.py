@@ -10,33 +10,36 @@ tokens, temperature 0, fp32:
     EAGLE-3-style drafter when a checkpoint is given (--eagle); a drafter that
     has a draft vocabulary runs a second time proposing every id ("every id").
 Reports tokens/s, tau (tokens per target step) and whether the greedy output
-equals plain decoding, and writes a bar chart (PNG) next to RESULTS.md.
+equals plain decoding, on CPU at 1 thread and at all of torch's threads
+(--threads), and with --plot writes a bar chart (PNG).
 
 On a GPU (--device cuda, bf16 by default) the same engines run with CUDA
 graphs off and on, and each row adds the fraction of the decode time the
 device sits idle (torch.profiler: 1 - union of kernel/copy intervals / their
 span, in a second, profiled run). Without the model files (a machine with no
 network) --random-weights builds SmolLM2-135M's shape with random weights and
-random prompts: speeds and idle fractions hold, tau does not.
+random prompts: speeds and idle fractions hold, tau does not. --json PATH (on a
+GPU) writes the rows, the device and its clocks (dspark_ops/bench/_record.py).
 
-    python bench/bench_e2e.py --quick          # batch 1, 2 prompts, 48 tokens
-    python bench/bench_e2e.py                  # batch 1 and 8, 128 tokens
-    python bench/bench_e2e.py --eagle /path/to/eagle3/drafter
-    python bench/bench_e2e.py --batches 8 --repeat 5 --draft-max-batch 4   # plain steps past batch 4
-    python bench/bench_e2e.py --repeat 3 --draft-max-batch auto   # draft where the step costs say it pays
-    python bench/bench_e2e.py --device cuda --quick --random-weights
+    dspark bench e2e --quick          # batch 1, 2 prompts, 48 tokens
+    dspark bench e2e                  # batch 1 and 8, 128 tokens
+    dspark bench e2e --eagle /path/to/eagle3/drafter
+    dspark bench e2e --batches 8 --repeat 5 --draft-max-batch 4   # plain steps past batch 4
+    dspark bench e2e --repeat 3 --draft-max-batch auto   # draft where the step costs say it pays
+    dspark bench e2e --device cuda --quick --random-weights
 """
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 
+from ._record import Recorder, add_json_argument
 from dspark_ops.engine import SpeculativeEngine
-from dspark_ops.generate import parse_draft_max_batch, shipped_drafter
+from dspark_ops.generate import load_target as load_target_model, parse_draft_max_batch, shipped_drafter
+from dspark_ops.machine import at_threads, machine_header, thread_counts
 from dspark_ops.models import (LlamaConfig, LlamaModel, TextTokenizer, build_drafter_from_target, load_drafter,
                                resolve_model)
 
@@ -170,7 +173,7 @@ def load_target(args, dtype):
         return target, prompts, [], None
     path = resolve_model("smollm2-135m")
     tok = TextTokenizer(path)
-    target = LlamaModel.from_pretrained(path, dtype=dtype, device=args.device)
+    target = load_target_model(path, dtype, args.device)
     prompts = [tok.encode_chat(p) for p in PROMPTS[:count]]
     return target, prompts, [tok.eos_token_id, tok.tokenizer.token_to_id("<|im_end|>")], path
 
@@ -202,7 +205,7 @@ def engines_at(drafters, batch):
             if not isinstance(limit := kw.get("draft_max_batch"), int) or limit < batch]
 
 
-def gpu_main(args, target, prompts, stop, n, batches):
+def gpu_main(args, target, prompts, stop, n, batches, rec=None):
     """Plain and speculative engines with CUDA graphs off and on; tokens/s, tau, device idle fraction."""
     drafters = load_drafters(args, target)
     print(f"{torch.cuda.get_device_name()}, {n} new tokens, T=0, {str(target.dtype).removeprefix('torch.')}, "
@@ -219,6 +222,11 @@ def gpu_main(args, target, prompts, stop, n, batches):
                 idle = "n/a" if idle is None else f"{100 * idle:.1f}%"
                 print(f"| dspark engine, {name} | {batch} | {'on' if graphs else 'off'} | {tps:.1f} | "
                       f"{tps / base:.2f}x | {tau:.2f} | {idle} | {outs == plain} |", flush=True)
+                if rec is not None:
+                    rec.add("engine", system=name, batch=batch, cuda_graphs=graphs, new_tokens=n,
+                            dtype=str(target.dtype).removeprefix("torch."), random_weights=args.random_weights,
+                            tokens_per_s=tps, vs_plain_graphs_off=tps / base, tau=tau, device_idle=idle,
+                            greedy_equals_plain=outs == plain)
 
 
 def main():
@@ -226,7 +234,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--forward-cost", action="store_true", help="only the target forward time by block size")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA (bfloat16 on CPU: "
+                    "bf16 weights computed in fp32)")
     ap.add_argument("--eagle", default=None, help="an EAGLE-3-style drafter folder to include")
     ap.add_argument("--random-weights", action="store_true",
                     help="SmolLM2-135M's shape with random weights and random prompts (no model files needed)")
@@ -235,46 +244,68 @@ def main():
                          "or where the profiled step costs say drafting pays (auto, at every batch)")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="CPU batch sizes (default: 1 and 8)")
     ap.add_argument("--repeat", type=int, default=1, help="CPU: best tokens/s of this many runs per engine")
-    ap.add_argument("--plot", default=str(Path(__file__).with_name("e2e_smollm2.png")))
+    ap.add_argument("--threads", default="1,all", help="CPU thread counts to run at (default: 1 and all)")
+    ap.add_argument("--plot", default=None, help="write a bar chart of the all-thread CPU rows to this PNG")
+    add_json_argument(ap)
     args = ap.parse_args()
+    threads = thread_counts(args.threads)
     n = 48 if args.quick else 128
     batches = args.batches or ([1] if args.quick else [1, 8])
     cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("no GPU visible")
+        return
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     target, prompts, stop, path = load_target(args, dtype)
     if args.forward_cost:
         return forward_cost(target)
     if cuda:
-        return gpu_main(args, target, prompts, stop, n, [1, 4] if args.quick else [1, 8])
+        return gpu_main(args, target, prompts, stop, n, [1, 4] if args.quick else [1, 8],
+                        Recorder(args.json, "bench_e2e"))
     drafters = load_drafters(args, target)
-    print(f"threads {torch.get_num_threads()}, {n} new tokens, T=0, {str(dtype).removeprefix('torch.')}, "
-          f"{len(prompts)} prompts")
-    print("| system | batch | tok/s | vs plain engine | tau | greedy == plain |")
-    print("|---|---|---|---|---|---|")
+    print(machine_header())
+    print(f"{n} new tokens, T=0, {str(dtype).removeprefix('torch.')}, {len(prompts)} prompts; ratios against the "
+          f"plain engine at the same batch and thread count")
+    print("| system | batch | threads | tok/s | vs plain engine | tau | greedy == plain |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for batch in batches:
-        plain, plain_tps, _, _ = best_run(args.repeat, target, None, prompts, n, batch, stop)
-        if batch == 1 and path is not None:
-            try:
-                hf, hf_tps = run_transformers(path, prompts, n, stop, assisted=False)
-                print(f"| transformers generate | 1 | {hf_tps:.1f} | {hf_tps / plain_tps:.2f}x | 1.00 | "
-                      f"{hf == plain} |", flush=True)
-                rows.append(("transformers", hf_tps))
-                hfa, hfa_tps = run_transformers(path, prompts, n, stop, assisted=True)
-                print(f"| transformers prompt-lookup | 1 | {hfa_tps:.1f} | {hfa_tps / plain_tps:.2f}x | - | "
-                      f"{hfa == plain} |", flush=True)
-                rows.append(("transformers\nprompt-lookup", hfa_tps))
-            except ImportError:
-                print("| transformers | - | not installed | | | |")
-        print(f"| dspark engine, plain | {batch} | {plain_tps:.1f} | 1.00x | 1.00 | True |", flush=True)
-        rows.append((f"engine plain\nb={batch}", plain_tps))
-        for name, drafter, kw in engines_at(drafters, batch):
-            outs, tps, tau, engine = best_run(args.repeat, target, drafter, prompts, n, batch, stop, **kw)
-            if "draft_max_batch" in kw:
-                name += f" ({engine.stats.drafting_steps} of {engine.stats.steps} steps drafted)"
-            print(f"| dspark engine, {name} | {batch} | {tps:.1f} | {tps / plain_tps:.2f}x | {tau:.2f} | "
-                  f"{outs == plain} |", flush=True)
-            rows.append((f"{name}\nb={batch}", tps))
+        for th in threads:
+            with at_threads(th):
+                rows += cpu_rows(args, target, drafters, prompts, stop, n, batch, th, path, plot=th == threads[-1])
+    if args.plot:
+        plot(rows, args.plot, n, threads[-1])
+
+
+def cpu_rows(args, target, drafters, prompts, stop, n, batch, th, path, plot):
+    """Prints one batch size's rows at the current thread count; returns (label, tok/s) for the plot."""
+    rows = []
+    plain, plain_tps, _, _ = best_run(args.repeat, target, None, prompts, n, batch, stop)
+    if batch == 1 and path is not None:
+        try:
+            hf, hf_tps = run_transformers(path, prompts, n, stop, assisted=False)
+            print(f"| transformers generate | 1 | {th} | {hf_tps:.1f} | {hf_tps / plain_tps:.2f}x | 1.00 | "
+                  f"{hf == plain} |", flush=True)
+            rows.append(("transformers", hf_tps))
+            hfa, hfa_tps = run_transformers(path, prompts, n, stop, assisted=True)
+            print(f"| transformers prompt-lookup | 1 | {th} | {hfa_tps:.1f} | {hfa_tps / plain_tps:.2f}x | - | "
+                  f"{hfa == plain} |", flush=True)
+            rows.append(("transformers\nprompt-lookup", hfa_tps))
+        except ImportError:
+            print("| transformers | - | - | not installed | | | |")
+    print(f"| dspark engine, plain | {batch} | {th} | {plain_tps:.1f} | 1.00x | 1.00 | True |", flush=True)
+    rows.append((f"engine plain\nb={batch}", plain_tps))
+    for name, drafter, kw in engines_at(drafters, batch):
+        outs, tps, tau, engine = best_run(args.repeat, target, drafter, prompts, n, batch, stop, **kw)
+        if "draft_max_batch" in kw:
+            name += f" ({engine.stats.drafting_steps} of {engine.stats.steps} steps drafted)"
+        print(f"| dspark engine, {name} | {batch} | {th} | {tps:.1f} | {tps / plain_tps:.2f}x | {tau:.2f} | "
+              f"{outs == plain} |", flush=True)
+        rows.append((f"{name}\nb={batch}", tps))
+    return rows if plot else []
+
+
+def plot(rows, path, n, threads):
     try:
         import matplotlib
 
@@ -285,10 +316,10 @@ def main():
         ax.bar(range(len(rows)), [r[1] for r in rows])
         ax.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
         ax.set_ylabel("tokens / s")
-        ax.set_title(f"SmolLM2-135M, CPU ({torch.get_num_threads()} threads), T=0, {n} new tokens")
+        ax.set_title(f"SmolLM2-135M, CPU ({threads} threads), T=0, {n} new tokens")
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"plot: {args.plot}")
+        fig.savefig(path, dpi=120)
+        print(f"plot: {path}")
     except ImportError:
         pass
 
