@@ -204,7 +204,8 @@ def _calibrate(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> "Parser":
+    """The `dspark` argument parser (every command, its options and their types)."""
     parser = Parser(prog="dspark", description="DSpark speculative decoding kernels and tools")
     sub = parser.add_subparsers(dest="command", required=True)
     i = sub.add_parser("info", help="version, compiled backends, threads, linear kernel plan, visible GPU")
@@ -320,10 +321,21 @@ def main(argv: list[str] | None = None) -> int:
     from .generate import add_parser as add_generate
 
     add_generate(sub)
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed and checked arguments of a `dspark` command line (bad ones: one line on stderr, exit 2)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     problem = args.check(args) if hasattr(args, "check") else None
     if problem:
         parser.exit(2, f"dspark {args.command}: error: {problem}\n")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     try:
         code = args.func(args)
         sys.stdout.flush()
