@@ -94,7 +94,7 @@ def run_worker(python: Path, worker: str, job: dict, threads: int) -> dict:
 
 
 def gguf_of(folder: Path, outtype: str) -> Path:
-    from .llamacpp import convert_hf_to_gguf
+    from ._llamacpp import convert_hf_to_gguf
 
     try:
         return Path(convert_hf_to_gguf(folder, outtype=outtype))
