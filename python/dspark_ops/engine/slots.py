@@ -83,12 +83,6 @@ class SlotState:
             t.copy_(saved[name])
 
 
-def slot_mapping(pages: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
-    """KV slots (page * page_size + offset) of ``positions`` [B, T] in each row's pages [B, W]: int64 [B, T]."""
-    page = pages.gather(1, torch.div(positions, page_size, rounding_mode="floor")).to(torch.int64)
-    return page * page_size + positions % page_size
-
-
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list on the device without blocking the host on CUDA (pinned staging copy)."""
     t = torch.tensor(values, dtype=dtype)
