@@ -12,6 +12,7 @@ from dspark_ops.models import (DenseKVCache, DSparkConfig, DSparkDrafter, Eagle3
 import model_reference
 import verify_law
 from dspark_ops.models.llama import slots_state_dict
+from dspark_ops.proposers import Proposer, register_proposer
 from randomness import CHI2_MIN_PVALUE, SequentialChi2, fresh_seed
 
 
@@ -358,6 +359,49 @@ def test_mismatched_drafter_is_rejected():
         SpeculativeEngine(target, random_drafter(target, 0, rank=0, confidence=False), scheduler="sync")
 
 
+class RepeatDrafter:
+    """A drafting method from outside the package: every draft repeats the anchor (one-hot drafts)."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+
+
+class RepeatProposer(Proposer):
+    def __init__(self, target, drafter: RepeatDrafter, *, block_size: int | None, draft_vocab: bool):
+        self.block_size = block_size or drafter.block_size
+
+    def propose(self, s):
+        drafts = s.anchor.to(torch.int32).unsqueeze(1).expand(-1, self.block_size).contiguous()
+        return drafts, None, None   # verify takes None as one-hot draft distributions
+
+
+@pytest.mark.parametrize("graph_path", [False, True])
+def test_a_drafting_method_plugs_in_without_touching_the_engine(graph_path):
+    """A Proposer registered for its drafter class drives the engine like the built-in ones: greedy output
+    equals the target's own (drafts accepted in part, with_oracle_drafts), sampled output follows the
+    target's law (sampled_law_test), every step drafts, and every page comes back."""
+    register_proposer(RepeatDrafter, RepeatProposer)
+    seed = fresh_seed()
+    target, reference = (tiny_target(seed, vocab=8, layers=2, scale=0.1) for _ in range(2))
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 8, (n,), generator=gen).tolist() for n in (5, 2, 9)]
+    want = [plain_greedy(target, p, 20) for p in prompts]
+    engine = SpeculativeEngine(target, RepeatDrafter(4), max_batch=4, max_tokens=256)
+    if graph_path:
+        graph_path_on_cpu(engine)
+    with_oracle_drafts(engine, dict(enumerate(prompts)), dict(enumerate(want)), seed)
+    assert engine.generate(prompts, 20) == want, f"seed {seed}"
+    assert accepted(engine) > 0 and engine.stats.drafting_steps == engine.stats.steps > 0, f"seed {seed}"
+    assert engine.target_cache.num_free_pages == engine.target_cache.num_pages - graph_path   # the padding page
+    engine = SpeculativeEngine(target, RepeatDrafter(3), max_batch=128, max_tokens=128 * 24)
+    if graph_path:
+        graph_path_on_cpu(engine)
+    for chi in sampled_law_test(engine, reference, 128, 16, seed):
+        assert chi.pvalue() > CHI2_MIN_PVALUE, f"seed {seed}: p = {chi.pvalue()}"
+    with pytest.raises(TypeError, match="drafter must be one of DSparkDrafter, Eagle3Drafter"):
+        SpeculativeEngine(target, object())
+
+
 CUDA_SPS = torch.tensor([0.0] + [100.0 / (1 + 0.05 * b) for b in range(1, 40)])
 # Speculative and plain bf16 decoding run the target over different row counts (a verify block against one
 # row), so their GEMMs round differently and two logits within a few bf16 roundings of each other may swap
@@ -609,7 +653,7 @@ def graph_path_on_cpu(engine: SpeculativeEngine) -> SpeculativeEngine:
     engine.fixed_shapes, engine._lag, engine.cuda_graphs = True, 1, True
     engine.policy.fixed_shapes = True
     if not engine._pad_pages:
-        engine._pad_pages = engine._reserve_pad_pages(engine.slots.target_pages.shape[1])
+        engine._pad_pages = engine.pages.padding()
         engine.slots.freeze(0, engine._pad_pages)
 
     def capture(B, drafting):

@@ -32,6 +32,22 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
 
+def checked_prompt(prompt, params: SamplingParams, vocab_size: int) -> list[int]:
+    """``prompt`` as a list of ints, once it and ``params`` are valid for a vocabulary of ``vocab_size`` ids
+    (else ValueError naming what is wrong)."""
+    params.check()
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("prompt is empty")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids must lie in [0, {vocab_size}), got {bad[0]}")
+    bad = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"stop_token_ids must lie in [0, {vocab_size}), got {bad[0]}")
+    return prompt
+
+
 @dataclasses.dataclass
 class RequestStats:
     rounds: int = 0                 # decode steps the request took part in (prefill excluded)

@@ -75,6 +75,32 @@ class SlotState:
         for name, row in pad_pages.items():
             tensors[name][first:] = row
 
+    def join(self, first: torch.Tensor, context: torch.Tensor, remaining: torch.Tensor,
+             sampling: dict[str, torch.Tensor], target_pages: torch.Tensor) -> None:
+        """Requests that just joined (these slots): their first token is the anchor, ``context`` tokens are
+        cached, their sampling parameters and pages; nothing is known yet of their confidences."""
+        self.anchor.copy_(first)
+        self.start.copy_(context)
+        self.offset.fill_(1)
+        self.remaining.copy_(remaining)
+        for name, value in sampling.items():
+            getattr(self, name).copy_(value)
+        self.target_pages.copy_(target_pages)
+        if self.conf_prev is not None:
+            self.conf_prev.fill_(1.0)
+            self.conf_old.fill_(1.0)
+
+    def push_confidence(self, confidence: torch.Tensor | None) -> None:
+        """A step's confidences become the last step's, and those the step before's (async scheduler);
+        None (a plain step): nothing known, as for a request that just joined."""
+        if self.conf_prev is None:
+            return
+        self.conf_old.copy_(self.conf_prev)
+        if confidence is None:
+            self.conf_prev.fill_(1.0)
+        else:
+            self.conf_prev.copy_(confidence)
+
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {name: t.clone() for name, t in self.tensors().items()}
 

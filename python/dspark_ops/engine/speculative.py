@@ -47,36 +47,37 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from .. import kv_rollback, plan_capacity, profile_sps, schedule_verify_lengths, verify
-from ..kv_cache import OutOfPagesError, PagedKVCache, position_slots
+from .. import kv_rollback, plan_capacity, schedule_verify_lengths, verify
+from ..kv_cache import OutOfPagesError, position_slots
 from ..linear_plan import pack_linear_layers
 from ..models.attention import PagedAttention
 from ..models.llama import LlamaModel
 from ..proposers import PromptBatch, VerifyBlock, make_proposer
-from .draft_policy import DraftPolicy, check_draft_max_batch, check_step_costs, time_step_costs
+from .draft_policy import DraftPolicy, check_draft_max_batch
+from .frontend import BatchFrontEnd
 from .graphs import StepGraphs
-from .requests import EngineStats, Request, SamplingParams
+from .pages import KVPages
+from .profiles import step_costs, verify_sps
+from .requests import EngineStats, Request, SamplingParams, checked_prompt
 from .results import ResultQueue, apply_step, record_acceptance
 from .slots import SlotState, to_device
 
 SCHEDULERS = ("fixed", "sync", "async")
-_PAD_REQUEST = -(2**40)      # KV pages that padding slots (CUDA-graph buckets, the step-cost profile) write into
 
 
-class SpeculativeEngine:
+class SpeculativeEngine(BatchFrontEnd):
     """Continuous-batching generation with an optional drafter (see the module docstring).
 
     Args:
       target: the target :class:`LlamaModel` (eval mode).
-      drafter: a :class:`DSparkDrafter` bound to ``target`` (Markov head of any
-        rank; rank 0 is DFlash), an :class:`Eagle3Drafter` bound to ``target``,
-        or None for plain decoding.
+      drafter: a drafter bound to ``target``: a :class:`DSparkDrafter` (Markov head of any rank; rank 0
+        is DFlash), an :class:`Eagle3Drafter`, any drafter class registered with
+        ``dspark_ops.proposers.register_proposer``, or None for plain decoding.
       block_size: drafted tokens per step (default: the drafter's block size / ttt_length).
       scheduler: "fixed" (verify every draft), "sync" (DSpark Algorithm 1, lossless
         early stop) or "async" (capacity from confidences two steps old, then the
@@ -95,20 +96,15 @@ class SpeculativeEngine:
         (``dspark_ops.draft_vocab``; lossless either way). False: every id.
       draft_max_batch: draft only while at most this many requests run (their batch bucket
         under CUDA graphs); a larger batch decodes plainly, and the drafter still reads every
-        verified token, so drafting resumes where the batch shrinks. For hardware where verifying
-        extra rows at a large batch costs more than the drafts save (as vLLM's
-        speculative_disable_by_batch_size). "auto": before each step, draft only if a drafting
-        step is expected to emit more tokens per second than a plain one, from the profiled step
-        costs (``step_cost_table``) and the tokens per step and verified drafts that recent
-        drafting steps achieved (see :meth:`_drafting_pays`; the first step drafts, and so does
-        one after a run of plain steps, to keep measuring: 16, or as many as keep these drafting
-        steps under 2% of the plain steps' time). None: always draft.
+        verified token, so drafting resumes where the batch shrinks (as vLLM's
+        speculative_disable_by_batch_size). "auto": draft when a drafting step is expected to emit
+        more tokens per second than a plain one, from the step costs and what recent drafting steps
+        achieved (:mod:`dspark_ops.engine.draft_policy`). None: always draft.
       step_cost_table: [max_batch + 1, 2] seconds of a plain and of a drafting step over B
-        requests (row B; rows of other batch sizes are ignored under CUDA graphs, which use their
-        bucket's row); profiled at the first decode step when None and draft_max_batch="auto", and
-        then, on CPU, scaled by what the engine's steps really cost (a running mean per kind of
-        step: the profile attends to no context). A table passed here (such as a stored
-        ``engine.step_cost_table``) is used as it is, which makes the choices reproducible.
+        requests (row B; under CUDA graphs each bucket's row); profiled at the first decode step when
+        None and draft_max_batch="auto", and then, on CPU, scaled by what the engine's steps really
+        cost. A table passed here (such as a stored ``engine.step_cost_table``) is used as it is, which
+        makes the choices reproducible.
     """
 
     def __init__(self, target: LlamaModel, drafter=None, *, block_size: int | None = None, scheduler: str = "fixed",
@@ -130,15 +126,11 @@ class SpeculativeEngine:
         self._lag = 0 if self.device.type == "cpu" else 1
         # Padding slots (graph buckets, and the frozen slots the step costs are profiled on) write into pad pages.
         pads = self.cuda_graphs or draft_max_batch == "auto"
-        width = self._make_caches(max_tokens, page_size, pads)
-        if packed_linear is None:
-            packed_linear = self.device.type == "cpu" and target.dtype == torch.float32
+        self.pages = KVPages(target, self.proposer, max_batch=max_batch, max_tokens=max_tokens, page_size=page_size,
+                             pads=pads)
+        self.target_cache, self.drafter_cache = self.pages.target, self.proposer.cache
         # The kernel each CPU projection runs (packed small-block or torch's), per shape and row count.
-        self.linear_plans: dict[str, dict] = {}
-        if packed_linear:
-            self.linear_plans["target"] = pack_linear_layers(target).summary()
-            if drafter is not None:
-                self.linear_plans["drafter"] = self.proposer.pack_linear()
+        self.linear_plans = _pack_linear(target, self.proposer, packed_linear)
         self.waiting: list[Request] = []
         self.running: list[Request] = []            # in slot order
         self.finished: dict[int, Request] = {}
@@ -151,9 +143,10 @@ class SpeculativeEngine:
         if sps_table is None and (scheduler != "fixed" or (draft_max_batch == "auto" and not self.fixed_shapes)):
             self.sps_table = self.profile_sps()
         self._sps = None if self.sps_table is None else self.sps_table.to(self.device, torch.float64)
-        self.slots = SlotState.allocate(max_batch, width, async_conf=self.block_size if scheduler == "async" else 0,
+        self.slots = SlotState.allocate(max_batch, self.pages.pages_per_request,
+                                        async_conf=self.block_size if scheduler == "async" else 0,
                                         draft=self.proposer.slot_state(max_batch), device=self.device)
-        self._pad_pages = self._reserve_pad_pages(width) if pads else {}
+        self._pad_pages = self.pages.padding() if pads else {}
         self.policy = DraftPolicy(draft_max_batch, has_drafter=drafter is not None, max_batch=max_batch,
                                   fixed_shapes=self.fixed_shapes, step_cost_table=step_cost_table,
                                   sps=None if self.sps_table is None else self.sps_table.to(torch.float64).tolist())
@@ -171,25 +164,6 @@ class SpeculativeEngine:
         if cuda_graphs and target.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, the target is on {target.device}")
 
-    def _make_caches(self, max_tokens: int, page_size: int, pads: bool) -> int:
-        """The target's and the drafting strategy's paged KV caches; returns the pages per request."""
-        # K/V rows a decode step may write past a request's context: its verify block or its draft block.
-        self._step_rows = max(self.block_size + 1, self.proposer.cache_rows)
-        pages_per_request = math.ceil((max_tokens + self._step_rows) / page_size)
-        num_pages = pages_per_request + self.max_batch + (math.ceil(self._step_rows / page_size) if pads else 0)
-        layers, heads, dim = self.target.kv_cache_shape()
-        self.target_cache = PagedKVCache(layers, num_pages, page_size, heads, dim, self.target.dtype, self.device,
-                                         max_pages_per_request=pages_per_request)
-        self.proposer.setup_cache(num_pages, page_size, pages_per_request)
-        self.drafter_cache = self.proposer.cache
-        return pages_per_request
-
-    def _reserve_pad_pages(self, width: int) -> dict[str, torch.Tensor]:
-        """KV pages for the padding slots: a page-table row per page table of the slot state."""
-        self.target_cache.reserve(_PAD_REQUEST, self._step_rows)
-        pads = {"target_pages": self.target_cache.page_table([_PAD_REQUEST], width=width)[0]}
-        return pads | self.proposer.reserve_padding(_PAD_REQUEST, self._step_rows)
-
     @property
     def step_cost_table(self) -> torch.Tensor | None:
         """[max_batch + 1, 2] seconds of a plain and of a drafting step (draft_max_batch="auto")."""
@@ -200,30 +174,15 @@ class SpeculativeEngine:
     def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None) -> int:
         """Queue a request (token ids); returns its id. Bad input raises before anything is queued."""
         params = params or SamplingParams()
-        params.check()
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError("prompt is empty")
-        vocab = self.target.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must lie in [0, {vocab}), got {bad[0]}")
-        bad = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids must lie in [0, {vocab}), got {bad[0]}")
-        capacity = self.target_cache.max_pages_per_request * self.target_cache.page_size
-        if self._lifetime_tokens(len(prompt), params) > capacity:
+        prompt = checked_prompt(prompt, params, self.target.config.vocab_size)
+        capacity = self.pages.capacity
+        if self.pages.lifetime_tokens(len(prompt), params.max_new_tokens) > capacity:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) does not fit "
                              f"the KV cache ({capacity} tokens): raise max_tokens")
         req = Request(self._next_id, prompt, params)
         self._next_id += 1
         self.waiting.append(req)
         return req.id
-
-    def _lifetime_tokens(self, prompt_len: int, params: SamplingParams) -> int:
-        """KV positions a request reserves when it joins: its context can reach prompt + max_new_tokens - 1,
-        and a step writes _step_rows rows from there."""
-        return prompt_len + params.max_new_tokens - 1 + self._step_rows
 
     @property
     def has_work(self) -> bool:
@@ -262,14 +221,9 @@ class SpeculativeEngine:
         admitted = []
         while self.waiting and len(self.running) + len(admitted) < self.max_batch:
             req = self.waiting[0]
-            n = self._lifetime_tokens(len(req.prompt), req.params)
             try:
-                req.prefill_slots = self.target_cache.reserve(req.id, n)[:len(req.prompt)]
-                try:
-                    req.drafter_slots = self.proposer.reserve(req.id, n, len(req.prompt))
-                except OutOfPagesError:
-                    self.target_cache.free(req.id)
-                    raise
+                req.prefill_slots, req.drafter_slots = self.pages.reserve(req.id, len(req.prompt),
+                                                                          req.params.max_new_tokens)
             except OutOfPagesError:
                 if self.running or admitted:  # pages come back as requests finish
                     break
@@ -298,16 +252,8 @@ class SpeculativeEngine:
         first = tokens[:, 0].to(torch.long)
         s = self.slots.span(len(self.running), len(self.running) + len(batch))
         self.proposer.prefill(s, prompts, out, first, [r.drafter_slots for r in batch])
-        s.anchor.copy_(first)
-        s.start.copy_(prompts.seq_lens)
-        s.offset.fill_(1)
-        s.remaining.copy_(to_device([r.params.max_new_tokens - 1 for r in batch], torch.int32, dev))
-        for name, value in params.items():
-            getattr(s, name).copy_(value)
-        s.target_pages.copy_(target_pages)
-        if s.conf_prev is not None:
-            s.conf_prev.fill_(1.0)
-            s.conf_old.fill_(1.0)
+        s.join(first, prompts.seq_lens, to_device([r.params.max_new_tokens - 1 for r in batch], torch.int32, dev),
+               params, target_pages)
         for req in batch:
             req.prefill_slots = req.drafter_slots = None
         self.running.extend(batch)
@@ -348,14 +294,15 @@ class SpeculativeEngine:
             drafts, draft_probs, confidence = self._draft(s) if G else \
                 (torch.empty(B, 0, dtype=torch.int32, device=self.device), None, None)
         with self._phase("schedule_s"):
-            lengths = self._schedule(s, confidence, max_len) if G else max_len
+            lengths = _verify_lengths(self.scheduler, confidence, max_len, self._sps, s.conf_old) if G else max_len
         with self._phase("verify_s"):
             # rows past a request's scheduled length are forwarded only at fixed shapes, and never accepted
             block = VerifyBlock.build(s.start, lengths, G + 1, fixed_shapes=self.fixed_shapes)
             logits, out = self._forward_block(s, block, drafts)
-            tokens, num_accepted = verify(logits, drafts, draft_probs, draft_index=self.proposer.draft_index(draft_probs),
-                                          num_draft=lengths, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                          min_p=s.min_p, seed=s.seed, offset=s.offset)
+            tokens, num_accepted = verify(logits, drafts, draft_probs, num_draft=lengths,
+                                          draft_index=self.proposer.draft_index(draft_probs),
+                                          temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                                          seed=s.seed, offset=s.offset)
             self._rollback(s, block, out, tokens, num_accepted, confidence)
         pad = tokens.new_full((B, self.block_size - G), -1)   # a plain step's row is as wide as a drafting one's
         return torch.cat((tokens, pad, num_accepted.unsqueeze(1), lengths.unsqueeze(1)), 1)
@@ -364,15 +311,6 @@ class SpeculativeEngine:
         """(drafts [B, G] int32, draft distributions [B, G, V] (or over the draft vocabulary: verify reads them
         through the strategy's ``draft_index``), confidences [B, G] or None)."""
         return self.proposer.propose(s)
-
-    def _schedule(self, s: SlotState, confidence, max_len) -> torch.Tensor:
-        if self.scheduler == "fixed" or confidence is None:
-            return max_len
-        if self.scheduler == "sync":
-            return schedule_verify_lengths(confidence, self._sps, mode="sync", max_len=max_len)
-        # async: capacity planned from the confidences two steps old (1 for a request that joined since)
-        capacity = plan_capacity(s.conf_old, self._sps, max_len=max_len)
-        return schedule_verify_lengths(confidence, self._sps, mode="async", capacity=capacity, max_len=max_len)
 
     def _forward_block(self, s: SlotState, block: VerifyBlock, drafts: torch.Tensor):
         """The target over every slot's verify block [anchor, drafts]: (logits [B, G1, V], the forward)."""
@@ -396,22 +334,11 @@ class SpeculativeEngine:
         s.start.copy_(block.seq_lens)
         s.offset.add_(live.to(torch.long))
         s.remaining.sub_(kept)
-        if s.conf_prev is not None:
-            s.conf_old.copy_(s.conf_prev)
-            if confidence is None:   # a plain step: nothing known, as for a request that just joined
-                s.conf_prev.fill_(1.0)
-            else:
-                s.conf_prev.copy_(confidence)
+        s.push_confidence(confidence)
 
-    @contextlib.contextmanager
     def _phase(self, name: str):
-        """Time a phase of an eager CPU step (on CUDA the host only launches work: nothing to time)."""
-        if self.device.type != "cpu":
-            yield
-            return
-        t0 = time.perf_counter()
-        yield
-        setattr(self.stats, name, getattr(self.stats, name) + time.perf_counter() - t0)
+        """Time a phase of an eager CPU step into ``stats.<name>`` (on CUDA the host only launches work)."""
+        return _timed(self.stats, name) if self.device.type == "cpu" else contextlib.nullcontext()
 
     # ---- results -------------------------------------------------------------------------------------------------
 
@@ -435,97 +362,20 @@ class SpeculativeEngine:
         self.slots.freeze(len(keep), self._pad_pages)
         for req in self.running:
             if req.finished:
-                self.target_cache.free(req.id)
-                self.proposer.free(req.id)
+                self.pages.free(req.id)
                 self.finished[req.id] = req
         self.running = [self.running[b] for b in keep]
 
     # ---- profiles ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def profile_sps(self, *, context: int = 128, warmup: int = 1, iters: int = 3) -> torch.Tensor:
-        """Target steps/s for verify batches of B = 0..max_batch*(G+1) tokens (blocks of G+1 over dummy requests)."""
-        G1 = self.block_size + 1
-        dev = self.device
-        dummy = [-(i + 1) for i in range(self.max_batch)]
-        self.target_cache.reserve_batch(dummy, [context] * self.max_batch)
+        """Target steps/s for verify batches of B = 0..max_batch*(G+1) tokens (:func:`.profiles.verify_sps`)."""
+        return verify_sps(self, context=context, warmup=warmup, iters=iters)
 
-        def step(B: int):
-            counts = [min(G1, B - i * G1) for i in range(math.ceil(B / G1))]
-            reqs = dummy[:len(counts)]
-            slots = self.target_cache.reserve_batch(reqs, counts)
-            cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=dev)
-            positions = torch.cat([context + torch.arange(c, device=dev) for c in counts])
-            backend = PagedAttention(self.target_cache.layer_caches(), slot_mapping=slots,
-                                     page_table=self.target_cache.page_table(reqs),
-                                     seq_lens=self.target_cache.seq_lens(reqs), cu_q_lens=cu, causal=True)
-            self.target(torch.zeros(B, dtype=torch.long, device=dev), positions, kv=backend,
-                        hidden_layers=self.hidden_layers)
-            self.target_cache.rollback(reqs, [0] * len(reqs))
-
-        try:
-            return profile_sps(step, self.max_batch * G1, device=dev, warmup=warmup, iters=iters)
-        finally:
-            for r in dummy:
-                self.target_cache.free(r)
-
-    @torch.no_grad()
     def profile_step_costs(self, *, warmup: int = 1, iters: int = 5) -> torch.Tensor:
         """Seconds of a plain and of a drafting decode step over B = 1..max_batch slots: [max_batch + 1, 2]
-        float64, row B (under CUDA graphs each bucket is timed and its rows share its figures).
-
-        The steps run on frozen slots (every slot made padding, restored afterwards), so they cost what a
-        real step does except that they verify the anchor alone when run eagerly (the draft policy adds the
-        verify rows from the SPS table) and attend to no context (on CPU the policy scales them by what the
-        engine's steps measure). The slot state and the phase timers are left as they were."""
-        if self.drafter is None:
-            raise ValueError("profile_step_costs needs a drafter")
-        if not self._pad_pages:
-            raise RuntimeError("the engine reserved no padding pages (draft_max_batch='auto' or cuda_graphs)")
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        saved = self.slots.snapshot()
-        timers = {k: getattr(self.stats, k) for k in ("draft_s", "schedule_s", "verify_s")}
-        self.slots.freeze(0, self._pad_pages)
-        try:
-            table = time_step_costs(self._run_step, self.max_batch, bucket=self._bucket if self.cuda_graphs else None,
-                                    sync=sync, warmup=warmup, iters=iters)
-        finally:
-            self.slots.restore(saved)
-            for k, v in timers.items():
-                setattr(self.stats, k, v)
-        return check_step_costs(table, self.max_batch)
-
-    # ---- convenience -----------------------------------------------------------------------------------------------
-
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
-                 stop_token_ids: Iterable[int] = ()) -> list[list[int]]:
-        """Generate for every prompt (request i uses seed + i); returns the new token ids of each."""
-        ids = self._submit(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids)
-        while self.has_work:
-            self.step()
-        return [self.finished[i].output for i in ids]
-
-    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, *, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
-               stop_token_ids: Iterable[int] = ()) -> Iterator[tuple[int, list[int]]]:
-        """Like :meth:`generate`, yielding (prompt index, new tokens) as steps complete."""
-        ids = self._submit(prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids)
-        index = {rid: i for i, rid in enumerate(ids)}
-        while self.has_work:
-            for rid, toks in self.step().items():
-                if rid in index and toks:
-                    yield index[rid], toks
-
-    def _submit(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids) -> list[int]:
-        stop = tuple(int(t) for t in stop_token_ids)
-        params = [SamplingParams(max_new_tokens, temperature, top_k, top_p, min_p, seed + i, stop)
-                  for i in range(len(prompts))]
-        for p, prompt in zip(params, prompts):  # validate all before queueing any
-            p.check()
-            if len(prompt) == 0:
-                raise ValueError("prompt is empty")
-        return [self.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        float64, row B (:func:`.profiles.step_costs`); the slot state and the phase timers stay as they were."""
+        return step_costs(self, warmup=warmup, iters=iters)
 
 
 def _prompt_batch(batch: list[Request], device) -> PromptBatch:
@@ -547,3 +397,32 @@ def _sampling_tensors(batch: list[Request], device) -> dict[str, torch.Tensor]:
             "top_p": to_device([q.top_p for q in p], torch.float32, device),
             "min_p": to_device([q.min_p for q in p], torch.float32, device),
             "seed": to_device([q.seed for q in p], torch.int64, device)}
+
+
+@contextlib.contextmanager
+def _timed(stats: EngineStats, name: str):
+    t0 = time.perf_counter()
+    yield
+    setattr(stats, name, getattr(stats, name) + time.perf_counter() - t0)
+
+
+def _pack_linear(target: LlamaModel, proposer, packed_linear: bool | None) -> dict[str, dict]:
+    """Route CPU fp32 projections through ``dspark_ops.linear`` (default: on CPU); the plans by model."""
+    if packed_linear is None:
+        packed_linear = target.device.type == "cpu" and target.dtype == torch.float32
+    if not packed_linear:
+        return {}
+    plans = {"target": pack_linear_layers(target).summary()}
+    drafter_plan = proposer.pack_linear()
+    return plans if drafter_plan is None else plans | {"drafter": drafter_plan}
+
+
+def _verify_lengths(scheduler: str, confidence, max_len, sps, conf_old) -> torch.Tensor:
+    """How many drafts each request verifies (see the ``scheduler`` argument)."""
+    if scheduler == "fixed" or confidence is None:
+        return max_len
+    if scheduler == "sync":
+        return schedule_verify_lengths(confidence, sps, mode="sync", max_len=max_len)
+    # async: capacity planned from the confidences two steps old (1 for a request that joined since)
+    capacity = plan_capacity(conf_old, sps, max_len=max_len)
+    return schedule_verify_lengths(confidence, sps, mode="async", capacity=capacity, max_len=max_len)

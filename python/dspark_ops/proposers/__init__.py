@@ -17,7 +17,8 @@ _REGISTRY: dict[type, type[Proposer]] = {DSparkDrafter: DSparkProposer, Eagle3Dr
 
 
 def register_proposer(drafter_class: type, proposer_class: type[Proposer]) -> None:
-    """Drive drafters of ``drafter_class`` with ``proposer_class(target, drafter, block_size=, draft_vocab=)``."""
+    """Drive drafters of ``drafter_class`` with ``proposer_class(target, drafter, block_size=, draft_vocab=)``
+    (``block_size``: None for the drafter's own; ``draft_vocab``: whether to use its draft vocabulary)."""
     if not (isinstance(proposer_class, type) and issubclass(proposer_class, Proposer)):
         raise TypeError(f"proposer_class must be a Proposer subclass, got {proposer_class!r}")
     _REGISTRY[drafter_class] = proposer_class
@@ -31,9 +32,6 @@ def make_proposer(target, drafter, *, block_size: int | None = None, draft_vocab
     if proposer_class is None:
         names = ", ".join(cls.__name__ for cls in _REGISTRY)
         raise TypeError(f"drafter must be one of {names} or None, got {type(drafter).__name__}")
-    drafter.config.validate_against(target.config)
-    if drafter.target is not target:
-        raise ValueError("the drafter is bound to a different target model")
     return proposer_class(target, drafter, block_size=block_size, draft_vocab=draft_vocab)
 
 

@@ -133,6 +133,9 @@ class DrafterProposer(Proposer):
 
     def __init__(self, target: "LlamaModel", drafter, *, block_size: int, native_block_size: int,
                  draft_vocab: bool, carries_hidden: bool):
+        drafter.config.validate_against(target.config)
+        if drafter.target is not target:
+            raise ValueError("the drafter is bound to a different target model")
         if not 1 <= block_size <= min(15, native_block_size):
             raise ValueError(f"block_size must be in [1, {min(15, native_block_size)}] for this drafter, "
                              f"got {block_size}")
