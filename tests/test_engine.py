@@ -12,6 +12,7 @@ from dspark_ops.models import (DenseKVCache, DSparkConfig, DSparkDrafter, Eagle3
 import model_reference
 import verify_law
 from dspark_ops.models.llama import slots_state_dict
+from dspark_ops.proposers import Proposer, register_proposer
 from randomness import CHI2_MIN_PVALUE, SequentialChi2, fresh_seed
 
 
@@ -190,9 +191,9 @@ def test_greedy_equals_target_greedy_batch1(kind):
     assert drafter is None or accepted(engine) > 0, f"seed {seed}: no draft was accepted"
     assert engine.target_cache.num_free_pages == engine.target_cache.num_pages
     if kind == "dspark_bf16_valued":   # bf16-valued weights are kept (exactly) in bf16: half the bytes to stream
-        assert all(w.dtype == torch.bfloat16 for w in engine._markov)
+        assert all(w.dtype == torch.bfloat16 for w in engine.proposer.markov)
     elif kind == "dspark_random":
-        assert all(w.dtype == torch.float32 for w in engine._markov)
+        assert all(w.dtype == torch.float32 for w in engine.proposer.markov)
 
 
 @pytest.mark.parametrize("scheduler", ["fixed", "sync", "async"])
@@ -356,6 +357,49 @@ def test_mismatched_drafter_is_rejected():
             random_drafter(other, 0, rank=0, confidence=False).config, target))
     with pytest.raises(ValueError, match="confidence head"):
         SpeculativeEngine(target, random_drafter(target, 0, rank=0, confidence=False), scheduler="sync")
+
+
+class RepeatDrafter:
+    """A drafting method from outside the package: every draft repeats the anchor (one-hot drafts)."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+
+
+class RepeatProposer(Proposer):
+    def __init__(self, target, drafter: RepeatDrafter, *, block_size: int | None, draft_vocab: bool):
+        self.block_size = block_size or drafter.block_size
+
+    def propose(self, s):
+        drafts = s.anchor.to(torch.int32).unsqueeze(1).expand(-1, self.block_size).contiguous()
+        return drafts, None, None   # verify takes None as one-hot draft distributions
+
+
+@pytest.mark.parametrize("graph_path", [False, True])
+def test_a_drafting_method_plugs_in_without_touching_the_engine(graph_path):
+    """A Proposer registered for its drafter class drives the engine like the built-in ones: greedy output
+    equals the target's own (drafts accepted in part, with_oracle_drafts), sampled output follows the
+    target's law (sampled_law_test), every step drafts, and every page comes back."""
+    register_proposer(RepeatDrafter, RepeatProposer)
+    seed = fresh_seed()
+    target, reference = (tiny_target(seed, vocab=8, layers=2, scale=0.1) for _ in range(2))
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 8, (n,), generator=gen).tolist() for n in (5, 2, 9)]
+    want = [plain_greedy(target, p, 20) for p in prompts]
+    engine = SpeculativeEngine(target, RepeatDrafter(4), max_batch=4, max_tokens=256)
+    if graph_path:
+        graph_path_on_cpu(engine)
+    with_oracle_drafts(engine, dict(enumerate(prompts)), dict(enumerate(want)), seed)
+    assert engine.generate(prompts, 20) == want, f"seed {seed}"
+    assert accepted(engine) > 0 and engine.stats.drafting_steps == engine.stats.steps > 0, f"seed {seed}"
+    assert engine.target_cache.num_free_pages == engine.target_cache.num_pages - graph_path   # the padding page
+    engine = SpeculativeEngine(target, RepeatDrafter(3), max_batch=128, max_tokens=128 * 24)
+    if graph_path:
+        graph_path_on_cpu(engine)
+    for chi in sampled_law_test(engine, reference, 128, 16, seed):
+        assert chi.pvalue() > CHI2_MIN_PVALUE, f"seed {seed}: p = {chi.pvalue()}"
+    with pytest.raises(TypeError, match="drafter must be one of DSparkDrafter, Eagle3Drafter"):
+        SpeculativeEngine(target, object())
 
 
 CUDA_SPS = torch.tensor([0.0] + [100.0 / (1 + 0.05 * b) for b in range(1, 40)])
@@ -580,169 +624,6 @@ def test_draft_max_batch_decodes_plainly_past_it_and_drafts_from_the_whole_conte
         SpeculativeEngine(target, None, draft_max_batch=2)
 
 
-def _costs(max_batch: int, plain: float, drafting) -> torch.Tensor:
-    """A step_cost_table: ``plain`` seconds for a plain step, drafting(B) for a drafting one."""
-    table = torch.zeros(max_batch + 1, 2, dtype=torch.float64)
-    for B in range(1, max_batch + 1):
-        table[B] = torch.tensor([plain, drafting(B)])
-    return table
-
-
-def test_auto_draft_max_batch_weighs_the_step_costs_against_recent_acceptance():
-    """The rule by hand: draft when tau * plain_s > drafting_s (+ the SPS cost of the verified draft rows
-    when steps run eagerly); tau and the verified drafts are plain means over the first drafting steps,
-    then a 32-step exponential window. Before any drafting step, and after a run of plain steps (16, or as
-    many as keep those drafting steps within 2% of the plain time), the engine drafts to measure."""
-    seed = fresh_seed()
-    target = tiny_target(seed)
-    drafter = random_drafter(target, seed, rank=4, confidence=True, block=4)
-    sps = torch.tensor([0.0] + [100.0] * 40)      # verify rows cost nothing extra: the table decides alone
-    engine = SpeculativeEngine(target, drafter, max_batch=4, draft_max_batch="auto", sps_table=sps,
-                               step_cost_table=_costs(4, 1.0, lambda B: 2.0))
-    assert engine._drafts(4) and not engine._drafting_pays(4)     # nothing measured yet
-    engine._observe(3.0, 4.0)
-    engine._observe(2.5, 4.0)
-    assert engine._tau == pytest.approx(2.75) and engine._drafts(1)
-    engine._observe(0.5, 4.0)       # (3 + 2.5 + 0.5) / 3 = 2: no longer more than the drafting step's 2 s
-    assert engine._tau == pytest.approx(2.0) and not engine._drafts(1)
-    engine._plain_run = 49          # a drafting step costs 1 s more than a plain one: once per 50 plain steps
-    assert not engine._drafts(1)
-    engine._plain_run = 50
-    assert engine._drafts(1)
-    engine.step_cost_table = _costs(4, 1.0, lambda B: 1.1)
-    assert engine._explore_after(1) == 16 and engine._drafts(1)
-    engine.step_cost_table = _costs(4, 1.0, lambda B: 2.0)
-    for _ in range(200):             # the window forgets the first observations
-        engine._observe(3.0, 1.0)
-    assert engine._tau == pytest.approx(3.0, rel=1e-2) and engine._verified == pytest.approx(1.0, rel=1e-2)
-    assert engine._drafting_pays(4)
-    # Eagerly, 4 * (1 + 1) verify rows at SPS 0.5 cost 1.99 s more than 4 rows at SPS 100: 3 * 1 < 2 + 1.99
-    engine._sps_host = [0.0, 100.0, 100.0, 100.0, 100.0, 100.0, 100.0, 100.0, 0.5, 0.5]
-    assert not engine._drafting_pays(4) and engine._drafting_pays(1)   # 1 * (1 + 1) = 2 rows: SPS 100
-    engine.fixed_shapes = True      # the profiled drafting step verified every row already
-    assert engine._drafting_pays(4)
-
-
-def test_auto_draft_max_batch_scales_a_profiled_table_by_the_measured_step_times():
-    """By hand: each kind of step's measured seconds over the table's (plus the verified rows' SPS cost)
-    is a running mean (plain over the first steps, then a 32-step window) that scales that kind's cost."""
-    seed = fresh_seed()
-    target = tiny_target(seed)
-    drafter = random_drafter(target, seed, rank=4, confidence=True, block=4)
-    engine = SpeculativeEngine(target, drafter, max_batch=4, draft_max_batch="auto",
-                               sps_table=torch.tensor([0.0] + [100.0] * 40), step_cost_table=_costs(4, 1.0, lambda B: 2.0))
-    engine._observe(1.5, 1.0)
-    assert engine._step_costs(2) == (1.0, 2.0) and not engine._drafting_pays(2)
-    engine._observe_cost(2, False, 2.0)
-    engine._observe_cost(2, False, 4.0)       # plain steps run 3x the table
-    engine._observe_cost(2, True, 4.0)        # drafting steps 2x
-    assert engine._step_costs(2) == pytest.approx((3.0, 4.0)) and engine._step_costs(2, scaled=False) == (1.0, 2.0)
-    assert engine._drafting_pays(2)           # 1.5 * 3 > 4, where the table alone said 1.5 * 1 < 2
-    assert engine._explore_after(2) == 17     # (4 / 3 - 1) / 2%
-    for _ in range(200):                      # the window forgets: drafting steps now cost 4x the table
-        engine._observe_cost(2, True, 8.0)
-    assert engine._cost_scale[1] == pytest.approx(4.0, rel=1e-2) and not engine._drafting_pays(2)
-
-
-def test_auto_draft_max_batch_learns_what_its_steps_cost_on_cpu():
-    """A profiled table that understates both steps, the drafting one ten times more (as a profile at no
-    context understates steps over a long one), is corrected by the steps' measured times: a random
-    drafter then drafts only to keep measuring, and the greedy output equals plain decoding. A table
-    passed in is used as it is (reproducible choices)."""
-    seed = fresh_seed()
-    target = tiny_target(seed)
-    drafter = random_drafter(target, seed, rank=4, confidence=True, block=4)
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, 95, (n,), generator=gen).tolist() for n in (6, 11)]
-    misleading = _costs(2, 1e-6, lambda B: 1e-7)
-    learning = SpeculativeEngine(target, drafter, max_batch=2, max_tokens=512, draft_max_batch="auto",
-                                 sps_table=torch.tensor([0.0] + [100.0] * 40))
-    learning.profile_step_costs = lambda: misleading.clone()
-    assert learning.generate(prompts, 100) == [plain_greedy(target, p, 100) for p in prompts], f"seed {seed}"
-    assert learning._learn_costs and min(learning._cost_seen) > 0 and min(learning._cost_scale) > 10
-    assert learning.stats.drafting_steps <= learning.stats.steps // 8, f"seed {seed}: {learning.stats}"
-    fixed = SpeculativeEngine(target, drafter, max_batch=2, max_tokens=512, draft_max_batch="auto",
-                              sps_table=torch.tensor([0.0] + [100.0] * 40), step_cost_table=misleading)
-    fixed.generate(prompts, 20)
-    assert not fixed._learn_costs and fixed._cost_scale == [1.0, 1.0]
-    assert fixed.stats.drafting_steps == fixed.stats.steps
-
-
-@pytest.mark.parametrize("kind", ["eagle", "dspark_sync"])
-def test_auto_draft_max_batch_stops_drafting_once_acceptance_does_not_pay(kind):
-    """With drafting steps costing twice a plain one, a random drafter (tokens per step well under 2) drafts in
-    the first step, then decodes plainly except for one drafting step after every 50 plain ones (it keeps
-    measuring at 2% of the plain time); greedy output equals plain decoding."""
-    seed = fresh_seed()
-    target = tiny_target(seed)
-    if kind == "eagle":
-        drafter, scheduler = eagle_drafter(target, seed, block=4), "fixed"
-    else:
-        drafter, scheduler = random_drafter(target, seed, rank=4, confidence=True, block=4), "sync"
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, 95, (n,), generator=gen).tolist() for n in (7, 12, 3)]
-    engine = SpeculativeEngine(target, drafter, scheduler=scheduler, max_batch=3, max_tokens=256,
-                               sps_table=torch.tensor([0.0] + [100.0] * 40), draft_max_batch="auto",
-                               step_cost_table=_costs(3, 1.0, lambda B: 2.0))
-    launched, launch = [], engine._run_step
-
-    def recording(B, drafting):
-        launched.append(drafting)
-        return launch(B, drafting)
-
-    engine._run_step = recording
-    out = engine.generate(prompts, max_new_tokens=120)
-    assert out == [plain_greedy(target, p, 120) for p in prompts], f"seed {seed}"
-    plain_runs = [len(r) for r in "".join("d" if d else "p" for d in launched).split("d")]
-    assert launched[0] and max(plain_runs) <= 50 and 50 in plain_runs[:-1], f"seed {seed}: {launched}"
-    assert engine.stats.drafting_steps == sum(launched) <= len(launched) // 8, f"seed {seed}: {launched}"
-
-
-def test_auto_draft_max_batch_profiles_the_step_costs_without_a_trace():
-    """The profile (at the first decode step) times plain and drafting steps for every batch size on frozen
-    slots; it changes neither the slots nor the tokens: an engine profiled again in mid-run gives the same
-    sampled output as one that was not. Bad arguments are refused."""
-    seed = fresh_seed()
-    target = tiny_target(seed)
-    drafter = random_drafter(target, seed, rank=4, confidence=True, block=4)
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, 95, (n,), generator=gen).tolist() for n in (5, 9)]
-    profiled = SpeculativeEngine(target, drafter, max_batch=2, max_tokens=256, draft_max_batch="auto")
-    assert profiled.step_cost_table is None
-    assert profiled.generate(prompts, 12) == [plain_greedy(target, p, 12) for p in prompts], f"seed {seed}"
-    table = profiled.step_cost_table
-    assert table.shape == (3, 2) and bool((table[1:] > 0).all()) and bool(table.isfinite().all())
-
-    def run(profile_midway: bool):
-        engine = SpeculativeEngine(target, drafter, max_batch=2, max_tokens=256, draft_max_batch="auto",
-                                   sps_table=torch.tensor([0.0] + [100.0] * 40),
-                                   step_cost_table=_costs(2, 1.0, lambda B: 1e-3))   # always drafts
-        ids = [engine.add_request(p, SamplingParams(max_new_tokens=16, temperature=1.0, seed=3 + i))
-               for i, p in enumerate(prompts)]
-        engine.step()
-        engine.step()
-        if profile_midway:
-            before = engine.slots.snapshot()
-            engine.profile_step_costs()
-            assert all(torch.equal(before[k], v) for k, v in engine.slots.snapshot().items())
-        while engine.has_work:
-            engine.step()
-        return [engine.finished[i].output for i in ids], engine.stats.drafting_steps
-
-    assert run(True) == run(False), f"seed {seed}"
-    for bad in (0, "always", 2.5):
-        with pytest.raises(ValueError, match="draft_max_batch"):
-            SpeculativeEngine(target, drafter, draft_max_batch=bad)
-    with pytest.raises(ValueError, match="draft_max_batch"):
-        SpeculativeEngine(target, None, draft_max_batch="auto")
-    with pytest.raises(ValueError, match="step_cost_table"):
-        SpeculativeEngine(target, drafter, step_cost_table=_costs(8, 1.0, lambda B: 1.0))
-    for bad in (_costs(4, 1.0, lambda B: 1.0), _costs(8, 1.0, lambda B: float("nan")), _costs(8, 0.0, lambda B: 1)):
-        with pytest.raises(ValueError, match="step_cost_table"):
-            SpeculativeEngine(target, drafter, draft_max_batch="auto", step_cost_table=bad,
-                              sps_table=torch.tensor([0.0] + [100.0] * 80))
-
-
 def _run_joining(engine: SpeculativeEngine, prompts, budgets, temperature: float) -> list[list[int]]:
     """Two requests first, the rest join after two steps (the batch bucket changes as they come and go)."""
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=n, temperature=temperature, seed=7 + i))
@@ -770,16 +651,17 @@ class _ReplayEagerly:
 def graph_path_on_cpu(engine: SpeculativeEngine) -> SpeculativeEngine:
     """Run the CUDA-graph code path on CPU: fixed-shape blocks, padded buckets, results read one step late."""
     engine.fixed_shapes, engine._lag, engine.cuda_graphs = True, 1, True
-    if engine._pad_pages[0] is None:
-        engine._pad_pages = engine._reserve_pad_pages()
-        engine.slots.freeze(0, *engine._pad_pages)
+    engine.policy.fixed_shapes = True
+    if not engine._pad_pages:
+        engine._pad_pages = engine.pages.padding()
+        engine.slots.freeze(0, engine._pad_pages)
 
     def capture(B, drafting):
-        engine._warm_up(B, drafting)   # as the real capture does: must leave no trace
+        engine.graphs.warm_up(B, drafting)   # as the real capture does: must leave no trace
         graph = _ReplayEagerly(engine, B, drafting)
         return graph, graph.packed
 
-    engine._capture = capture
+    engine.graphs.capture = capture
     return engine
 
 
@@ -831,7 +713,7 @@ def test_graph_code_path_on_cpu(kind):
                 with_oracle_drafts(e, dict(enumerate(prompts)), dict(enumerate(want)), seed)
         out = _run_joining(graphed, prompts, budgets, temperature)
         assert out == _run_joining(eager, prompts, budgets, temperature), f"seed {seed}, T {temperature}"
-        assert {b for b, _ in graphed._graphs} <= {1, 2, 4} and len(graphed._graphs) >= 2
+        assert {b for b, _ in graphed.graphs.graphs} <= {1, 2, 4} and len(graphed.graphs.graphs) >= 2
         pad = graphed.target_cache.num_pages - graphed.target_cache.num_free_pages
         assert pad == 1, "only the padding page stays reserved"
         if temperature == 0.0:
@@ -865,7 +747,7 @@ def test_cuda_graph_replay_equals_eager(kind):
         out = _run_joining(graphed, prompts, budgets, temperature)
         eager = _run_joining(engine(drafter, False), prompts, budgets, temperature)
         assert out == eager, f"seed {seed}, T {temperature}"
-        assert {b for b, _ in graphed._graphs} <= {1, 2, 4}
+        assert {b for b, _ in graphed.graphs.graphs} <= {1, 2, 4}
         assert graphed.target_cache.num_free_pages == graphed.target_cache.num_pages - 1   # the padding page
         if temperature == 0.0:
             assert out == plain, f"seed {seed}"

@@ -273,3 +273,10 @@ class PagedKVCache:
         if r not in self._pages:
             raise KeyError(f"unknown request {r}")
         return r
+
+
+def position_slots(page_table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """KV slots (page * page_size + offset) of ``positions`` [B, T] in each row's pages ``page_table`` [B, W]:
+    int64 [B, T], on the device (no host round trip: usable inside a captured CUDA graph)."""
+    page = page_table.gather(1, torch.div(positions, page_size, rounding_mode="floor")).to(torch.int64)
+    return page * page_size + positions % page_size
