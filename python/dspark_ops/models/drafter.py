@@ -279,6 +279,10 @@ class _Drafter(nn.Module):
         tensors = slots_state_dict(self.slots(standard))
         vocab = self.draft_vocab
         draft_space = standard and getattr(self.config, "markov_w2_draft_vocab_only", False)
+        if standard and getattr(self.config, "markov_w1_draft_vocab_only", False):
+            # Trained with one W1 row for every id outside the draft vocabulary: written whole, as looked up.
+            w1 = "markov_head.markov_w1.weight"
+            tensors[w1] = tensors[w1].index_select(0, vocab.shared_row_ids().to(tensors[w1].device))
         if draft_space:   # the standard reduced vocabulary: draft id i is target id vocab.ids[i]
             cfg["draft_vocab_size"] = len(vocab)
             tensors.update(fmt.d2t_t2d(vocab.ids, self.config.backbone.vocab_size))
