@@ -304,13 +304,11 @@ class _Drafter(nn.Module):
         if (Path(path) / "mask_embedding.pt").exists():
             raise NotImplementedError(f"{path}: mask_embedding.pt (a mask embedding of its own) is not supported")
         config = cls.config_class.from_dict(layout.config)
+        config.validate_against(target.config)   # the config's mismatches first: they say more than the tensors'
         files = weight_files(path)
         vocab_size = target.config.vocab_size
         special = fmt.read_special_tensors(files)
         if layout.draft_vocab_size is not None:   # reduced draft vocabulary: d2t, LM-head rows, W2 in draft space
-            if config.backbone.vocab_size != vocab_size:
-                raise ValueError(f"drafter vocab_size {config.backbone.vocab_size} does not match the target's "
-                                 f"{vocab_size}")
             vocab = DraftVocab(fmt.draft_vocab_ids(special, layout.draft_vocab_size, vocab_size), vocab_size)
             if fmt.LM_HEAD not in special:
                 raise KeyError(f"{path}: draft_vocab_size {len(vocab)} < vocab_size {vocab_size} but the checkpoint "
