@@ -596,7 +596,7 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, smollm2_folder):
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "ECE of prefix survival, calibrated, out of sample:" in res.stdout
-    calibrated = json.loads((drafter_dir / "config.json").read_text())
+    calibrated = json.loads((drafter_dir / "config.json").read_text())["dspark_ops"]   # the standard layout's extras
     assert len(calibrated["confidence_temperatures"]) == len(calibrated["confidence_offsets"]) == 7
     # A second layer warm-started from that drafter, stored with W2 for the draft vocabulary only.
     deeper = cmd[:cmd.index("--out") + 1] + [str(tmp_path / "run2")] + cmd[cmd.index("--out") + 2:]
@@ -624,7 +624,9 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, smollm2_folder):
     assert json.loads((tmp_path / "run3" / "drafter" / "training.json").read_text())["train_config"]["draft_vocab"] == 300
     with safe_open(str(tmp_path / "run3" / "drafter" / "model.safetensors"), "pt") as f:
         assert list(f.get_slice("markov_head.markov_w2.weight").get_shape()) == [300, 8]
-        assert list(f.get_slice("markov_head.markov_w1.weight").get_shape()) == [301, 8]
+        # The standard layout (Qwen3-style layers, the default) stores W1 whole, every outside id with the shared row.
+        assert list(f.get_slice("markov_head.markov_w1.weight").get_shape()) == [49152, 8]
+        assert list(f.get_slice("d2t").get_shape()) == [300]
     res = subprocess.run(on_vocab + ["--markov-w1-draft-vocab-only"], capture_output=True, text=True, timeout=300,
                          env=env)
     assert res.returncode == 2 and "markov_w1_draft_vocab_only needs" in res.stderr
