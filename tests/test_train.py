@@ -214,16 +214,19 @@ def test_dspark_with_kl_distillation_trains_on_the_soft_cross_entropy(tmp_path):
     assert last < 0.9 * first, (seed, first, last)
 
 
-def test_markov_rows_outside_the_draft_vocabulary_train_tied_and_are_stored_once(tmp_path):
+@pytest.mark.parametrize("layer_style", ["qwen3", "llama"])
+def test_markov_rows_outside_the_draft_vocabulary_train_tied_and_are_stored_once(tmp_path, layer_style):
     """--markov-w1-draft-vocab-only: ids outside the K drawable ones train one shared W1 row, the file holds
-    K + 1 rows, and the loaded drafter scores every previous token as training did."""
+    K + 1 rows (our earlier layout, Llama-style layers) or every row as looked up (the standard layout), and the
+    loaded drafter scores every previous token as training did."""
     from safetensors import safe_open
     seed = fresh_seed()
     target = tiny_target(seed)
     samples = random_samples(seed)
     with pytest.raises(ValueError, match="markov_w1_draft_vocab_only"):
         tiny_cfg("dspark", markov_w1_draft_vocab_only=True)              # needs a draft vocabulary
-    cfg = tiny_cfg("dspark", seed=seed % 1000, max_steps=10, draft_vocab=40, markov_w1_draft_vocab_only=True)
+    cfg = tiny_cfg("dspark", seed=seed % 1000, max_steps=10, draft_vocab=40, markov_w1_draft_vocab_only=True,
+                   layer_style=layer_style)
     trainer = Trainer(cfg, target, build_drafter(cfg, target), samples, tmp_path, progress=False)
     d, vocab = trainer.drafter, trainer.draft_vocab
     shared = int(vocab.order[40])
@@ -237,7 +240,7 @@ def test_markov_rows_outside_the_draft_vocabulary_train_tied_and_are_stored_once
     assert not torch.equal(d.markov_w1[shared], w1_before[shared])
     d.save_pretrained(tmp_path / "drafter")
     with safe_open(str(tmp_path / "drafter" / "model.safetensors"), framework="pt") as f:
-        assert list(f.get_slice("markov_head.markov_w1.weight").get_shape()) == [41, 8]
+        assert list(f.get_slice("markov_head.markov_w1.weight").get_shape()) == [41 if layer_style == "llama" else 96, 8]
     loaded = load_drafter(tmp_path / "drafter", target, dtype="float32")
     assert loaded.config.markov_w1_draft_vocab_only
     g = torch.Generator().manual_seed(seed)
@@ -400,7 +403,7 @@ def test_calibrate_drafter_through_the_engine_writes_the_calibration(tmp_path):
     report = calibrate_drafter(tmp_path / "d", drafter, prompts, max_new_tokens=24, seed=seed)
     assert report["mean_ece_after"] <= report["mean_ece_before"] + 1e-12
     assert len(report["ece_out_of_sample"]) == len(report["ece_floor_out_of_sample"]) == 4 and report["num_blocks"] >= 6
-    stored = json.loads((tmp_path / "d" / "config.json").read_text())
+    stored = json.loads((tmp_path / "d" / "config.json").read_text())["dspark_ops"]   # the standard layout's extras
     assert len(report["temperatures"]) == 4
     assert stored["confidence_temperatures"] == pytest.approx(report["temperatures"])
     assert stored["confidence_offsets"] == pytest.approx(report["offsets"]) and len(report["offsets"]) == 4
@@ -410,7 +413,7 @@ def test_calibrate_drafter_through_the_engine_writes_the_calibration(tmp_path):
     # Temperatures only (the paper's STS): no offsets stored.
     report = calibrate_drafter(tmp_path / "d", drafter, prompts, offsets=False, max_new_tokens=24, seed=seed)
     assert report["offsets"] is None
-    assert "confidence_offsets" not in json.loads((tmp_path / "d" / "config.json").read_text())
+    assert "confidence_offsets" not in json.loads((tmp_path / "d" / "config.json").read_text())["dspark_ops"]
 
 
 def test_engine_applies_the_calibration(tmp_path):
@@ -593,7 +596,7 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, smollm2_folder):
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "ECE of prefix survival, calibrated, out of sample:" in res.stdout
-    calibrated = json.loads((drafter_dir / "config.json").read_text())
+    calibrated = json.loads((drafter_dir / "config.json").read_text())["dspark_ops"]   # the standard layout's extras
     assert len(calibrated["confidence_temperatures"]) == len(calibrated["confidence_offsets"]) == 7
     # A second layer warm-started from that drafter, stored with W2 for the draft vocabulary only.
     deeper = cmd[:cmd.index("--out") + 1] + [str(tmp_path / "run2")] + cmd[cmd.index("--out") + 2:]
@@ -621,7 +624,9 @@ def test_cli_end_to_end_on_a_tiny_target(tmp_path, smollm2_folder):
     assert json.loads((tmp_path / "run3" / "drafter" / "training.json").read_text())["train_config"]["draft_vocab"] == 300
     with safe_open(str(tmp_path / "run3" / "drafter" / "model.safetensors"), "pt") as f:
         assert list(f.get_slice("markov_head.markov_w2.weight").get_shape()) == [300, 8]
-        assert list(f.get_slice("markov_head.markov_w1.weight").get_shape()) == [301, 8]
+        # The standard layout (Qwen3-style layers, the default) stores W1 whole, every outside id with the shared row.
+        assert list(f.get_slice("markov_head.markov_w1.weight").get_shape()) == [49152, 8]
+        assert list(f.get_slice("d2t").get_shape()) == [300]
     res = subprocess.run(on_vocab + ["--markov-w1-draft-vocab-only"], capture_output=True, text=True, timeout=300,
                          env=env)
     assert res.returncode == 2 and "markov_w1_draft_vocab_only needs" in res.stderr

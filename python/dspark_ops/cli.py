@@ -92,7 +92,8 @@ def _train_config(args):
 
     from .train import TrainConfig
 
-    return TrainConfig(variant=args.variant, num_layers=args.num_layers, block_size=args.block_size,
+    return TrainConfig(variant=args.variant, num_layers=args.num_layers, layer_style=args.layer_style,
+                       block_size=args.block_size,
                        markov_rank=args.markov_rank if args.variant == "dspark" else 0,
                        target_layer_ids=args.target_layers,
                        draft_vocab=args.draft_vocab if args.train_on_draft_vocab else 0,
@@ -253,6 +254,10 @@ def build_parser() -> "Parser":
                         "default: recompute them online")
     m = t.add_argument_group("drafter")
     m.add_argument("--num-layers", type=positive_int, default=1)
+    m.add_argument("--layer-style", choices=["qwen3", "llama"], default="qwen3",
+                   help="qwen3: drafter layers with per-head q/k RMSNorm, saved in the standard DSpark format that "
+                        "vLLM, SGLang and llama.cpp read (docs/drafter-format.md); llama: without q/k norm, as the "
+                        "drafters trained before it (our own format)")
     m.add_argument("--block-size", type=positive_int, default=7)
     m.add_argument("--markov-rank", type=nonnegative_int, default=64, help="Markov head rank (dspark variant)")
     m.add_argument("--target-layers", type=nonnegative_int, nargs="*", default=None,

@@ -21,12 +21,13 @@ the projected context of the last verified position, ``ctx[p-1]``, through its
 own RMSNorm: the prediction starts from the target's latest state in the
 residual stream (as EAGLE-3's does) instead of having to find it by attention.
 
-Checkpoints are a config.json plus a model.safetensors whose tensor names are
-those of DeepSpec's published drafters (``fc``, ``hidden_norm``,
+Checkpoints are a config.json plus a model.safetensors with the tensor names
+of DeepSpec's published drafters (``fc``, ``hidden_norm``,
 ``layers.i.self_attn.q_proj`` ..., ``markov_head.markov_w1/markov_w2``,
-``confidence_head.proj``), so DeepSpec checkpoints (Qwen3DSparkModel,
-Qwen3Eagle3Model, vanilla Markov head) load directly; their copies of the
-target embedding and LM head are checked against the target and dropped.
+``confidence_head.proj``). Which layouts load and which one is written
+(the standard one, that vLLM and llama.cpp read, for Qwen3-style layers) is
+``dspark_ops.drafter_format``'s business; copies of the target embedding and
+LM head are checked against the target and dropped.
 """
 from __future__ import annotations
 
@@ -37,16 +38,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import drafter_format as fmt
 from ..draft_vocab import FILE as DRAFT_VOCAB_FILE, DraftVocab
 from .attention import DenseKVCache, MaskedAttention
 from .layers import DecoderLayer, Linear, LinearImpl, RMSNorm, RotaryEmbedding, init_normal_
 from .llama import (LlamaConfig, LlamaModel, check_positions, check_token_ids, layer_slots, resolve_attention,
-                    slots_state_dict, stored_dtype)
+                    slots_state_dict)
 from .weights import Slot, load_slots, parse_dtype, read_config, save_safetensors, weight_files
 
-DSPARK_ARCHITECTURES = ("DSparkDrafter", "Qwen3DSparkModel")
-EAGLE3_ARCHITECTURES = ("Eagle3Drafter", "Qwen3Eagle3Model")
-_SHARED_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+DSPARK_ARCHITECTURES = fmt.DSPARK_ARCHITECTURES
+EAGLE3_ARCHITECTURES = fmt.EAGLE3_ARCHITECTURES
 
 
 def _require(d: dict, keys, what: str) -> None:
@@ -55,14 +56,14 @@ def _require(d: dict, keys, what: str) -> None:
         raise ValueError(f"{what} config lacks {missing}")
 
 
-def _validate_common(backbone: LlamaConfig, layer_ids: list[int], num_target_layers: int,
+def _validate_common(backbone: LlamaConfig, layer_ids: list[int], num_target_layers: int | None,
                      target: LlamaConfig, what: str) -> None:
     """The checks every drafter needs before it can share a target's embedding, LM head and hidden states."""
     if backbone.hidden_size != target.hidden_size:
         raise ValueError(f"{what} hidden_size {backbone.hidden_size} does not match the target's {target.hidden_size}")
     if backbone.vocab_size != target.vocab_size:
         raise ValueError(f"{what} vocab_size {backbone.vocab_size} does not match the target's {target.vocab_size}")
-    if num_target_layers != target.num_hidden_layers:
+    if num_target_layers is not None and num_target_layers != target.num_hidden_layers:
         raise ValueError(f"{what} was built for a target with {num_target_layers} layers; "
                          f"this target has {target.num_hidden_layers}")
     if not layer_ids:
@@ -74,11 +75,15 @@ def _validate_common(backbone: LlamaConfig, layer_ids: list[int], num_target_lay
         raise ValueError(f"{what} target_layer_ids must be strictly increasing, got {layer_ids}")
 
 
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
+
+
 @dataclass
 class DSparkConfig:
     backbone: LlamaConfig          # the drafter's own layers (num_hidden_layers = drafter depth)
     target_layer_ids: list[int]
-    num_target_layers: int
+    num_target_layers: int | None  # the target's depth when known (the standard layout may omit it)
     block_size: int = 7
     mask_token_id: int = 0
     markov_rank: int = 256         # 0 = DFlash (no Markov head)
@@ -122,7 +127,23 @@ class DSparkConfig:
         if not 0 <= self.mask_token_id < target.vocab_size:
             raise ValueError(f"drafter mask_token_id {self.mask_token_id} outside the vocabulary [0, {target.vocab_size})")
 
+    @property
+    def standard_layout(self) -> bool:
+        """Saved in the standard layout (drafter_format): Qwen3-style layers, nothing only we read in the weights."""
+        return self.backbone.qk_norm and not self.block_context
+
     def to_dict(self) -> dict:
+        if self.standard_layout:
+            extras = {name: getattr(self, name) for name in ("confidence_temperatures", "confidence_offsets",
+                                                             "markov_w1_draft_vocab_only")}
+            draft_vocab_size = None   # known to the drafter (its draft vocabulary), set by save_pretrained
+            return fmt.standard_dspark_config(
+                self.backbone.to_hf(), target_layer_ids=self.target_layer_ids,
+                num_target_layers=self.num_target_layers, block_size=self.block_size,
+                mask_token_id=self.mask_token_id, markov_rank=self.markov_rank,
+                enable_confidence_head=self.enable_confidence_head,
+                confidence_head_with_markov=self.confidence_head_with_markov, draft_vocab_size=draft_vocab_size,
+                extras=extras)
         d = self.backbone.to_hf()
         d.update(architectures=["DSparkDrafter"], target_layer_ids=self.target_layer_ids,
                  num_target_layers=self.num_target_layers, block_size=self.block_size,
@@ -141,14 +162,14 @@ class DSparkConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DSparkConfig":
         """Our config.json or DeepSpec's (a copy of the target's Qwen3 config plus the drafter keys)."""
-        _require(d, ("target_layer_ids", "num_target_layers", "block_size", "mask_token_id", "markov_rank",
-                     "enable_confidence_head"), "DSpark drafter")
+        _require(d, ("target_layer_ids", "block_size", "mask_token_id", "markov_rank", "enable_confidence_head"),
+                 "DSpark drafter")
         rank = int(d["markov_rank"])
         if rank > 0 and d.get("markov_head_type", "vanilla") != "vanilla":
             raise NotImplementedError(f"markov_head_type {d['markov_head_type']!r} is not supported (only vanilla)")
         conf = bool(d["enable_confidence_head"])
         return cls(backbone=LlamaConfig.from_hf(d), target_layer_ids=d["target_layer_ids"],
-                   num_target_layers=int(d["num_target_layers"]), block_size=int(d["block_size"]),
+                   num_target_layers=_optional_int(d.get("num_target_layers")), block_size=int(d["block_size"]),
                    mask_token_id=int(d["mask_token_id"]), markov_rank=rank, enable_confidence_head=conf,
                    confidence_head_with_markov=bool(d.get("confidence_head_with_markov", False)) and conf,
                    confidence_temperatures=d.get("confidence_temperatures"),
@@ -162,7 +183,7 @@ class DSparkConfig:
 class Eagle3Config:
     backbone: LlamaConfig          # usually one layer
     target_layer_ids: list[int]    # e.g. low / mid / high layers
-    num_target_layers: int
+    num_target_layers: int | None
     ttt_length: int = 7            # draft steps unrolled in training (and drafted at inference)
 
     def __post_init__(self):
@@ -179,9 +200,10 @@ class Eagle3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Eagle3Config":
-        _require(d, ("target_layer_ids", "num_target_layers"), "EAGLE-3 drafter")
+        _require(d, ("target_layer_ids",), "EAGLE-3 drafter")
         return cls(backbone=LlamaConfig.from_hf(d), target_layer_ids=d["target_layer_ids"],
-                   num_target_layers=int(d["num_target_layers"]), ttt_length=int(d.get("ttt_length", 7)))
+                   num_target_layers=_optional_int(d.get("num_target_layers")),
+                   ttt_length=int(d.get("ttt_length", 7)))
 
 
 @dataclass
@@ -241,42 +263,71 @@ class _Drafter(nn.Module):
             raise ValueError(f"target features must have last dimension {want} "
                              f"({len(self.config.target_layer_ids)} layers x hidden size), got {features.shape[-1]}")
 
-    def slots(self) -> dict[str, Slot]:
+    def slots(self, standard: bool = False) -> dict[str, Slot]:
+        """Stored tensor name -> parameter, in the standard layout or our earlier one (drafter_format)."""
         raise NotImplementedError
 
     def save_pretrained(self, path) -> None:
-        """config.json + model.safetensors (DeepSpec tensor names, without the shared embedding and LM head)."""
+        """config.json + model.safetensors without the shared embedding and LM head: the standard layout for
+        Qwen3-style DSpark drafters (with the draft vocabulary's d2t / t2d / LM-head rows when W2 is stored
+        in draft-id space), our earlier one otherwise (drafter_format)."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_dict()
         cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        standard = getattr(self.config, "standard_layout", False)
+        tensors = slots_state_dict(self.slots(standard))
+        vocab = self.draft_vocab
+        draft_space = standard and getattr(self.config, "markov_w2_draft_vocab_only", False)
+        if standard and getattr(self.config, "markov_w1_draft_vocab_only", False):
+            # Trained with one W1 row for every id outside the draft vocabulary: written whole, as looked up.
+            w1 = "markov_head.markov_w1.weight"
+            tensors[w1] = tensors[w1].index_select(0, vocab.shared_row_ids().to(tensors[w1].device))
+        if draft_space:   # the standard reduced vocabulary: draft id i is target id vocab.ids[i]
+            cfg["draft_vocab_size"] = len(vocab)
+            tensors.update(fmt.d2t_t2d(vocab.ids, self.config.backbone.vocab_size))
+            tensors[fmt.LM_HEAD] = vocab.lm_head(self.target.lm_head_weight.detach()).to(self.dtype)
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-        save_safetensors(slots_state_dict(self.slots()), folder / "model.safetensors")
+        save_safetensors(tensors, folder / "model.safetensors")
         (folder / DRAFT_VOCAB_FILE).unlink(missing_ok=True)
-        if self.draft_vocab is not None:
-            self.draft_vocab.save(folder)
+        if vocab is not None and not draft_space:
+            vocab.save(folder)
 
     @classmethod
     def from_pretrained(cls, path, target: LlamaModel, *, dtype=None, device=None):
-        d = read_config(path)
-        arch = (d.get("architectures") or ["?"])[0]
-        if arch not in cls.architectures:
-            raise ValueError(f"{path}: architecture {arch!r} is not a {cls.__name__} "
-                             f"(expected one of {', '.join(cls.architectures)})")
-        config = cls.config_class.from_dict(d)
+        if not isinstance(target, LlamaModel):
+            raise TypeError(f"target must be a LlamaModel, got {type(target).__name__}")
+        layout = fmt.read_layout(read_config(path), target.config.num_hidden_layers)
+        if layout.kind != cls.kind:
+            raise ValueError(f"{path}: architecture {read_config(path)['architectures'][0]!r} is not a "
+                             f"{cls.__name__} (expected one of {', '.join(cls.architectures)})")
+        if (Path(path) / "mask_embedding.pt").exists():
+            raise NotImplementedError(f"{path}: mask_embedding.pt (a mask embedding of its own) is not supported")
+        config = cls.config_class.from_dict(layout.config)
+        config.validate_against(target.config)   # the config's mismatches first: they say more than the tensors'
         files = weight_files(path)
-        dtype = parse_dtype(dtype) or stored_dtype(files, "fc.weight")
+        vocab_size = target.config.vocab_size
+        special = fmt.read_special_tensors(files)
+        if layout.draft_vocab_size is not None:   # reduced draft vocabulary: d2t, LM-head rows, W2 in draft space
+            vocab = DraftVocab(fmt.draft_vocab_ids(special, layout.draft_vocab_size, vocab_size), vocab_size)
+            if fmt.LM_HEAD not in special:
+                raise KeyError(f"{path}: draft_vocab_size {len(vocab)} < vocab_size {vocab_size} but the checkpoint "
+                               f"has no {fmt.LM_HEAD!r} (the LM head's rows of the draft vocabulary)")
+            fmt.check_shared_copy(fmt.LM_HEAD, special[fmt.LM_HEAD], target.lm_head_weight, vocab.ids)
+            if getattr(config, "markov_rank", 0):
+                config.markov_w2_draft_vocab_only = True
+        else:
+            vocab = DraftVocab.load(path, vocab_size)
+            if fmt.LM_HEAD in special:
+                fmt.check_shared_copy(fmt.LM_HEAD, special[fmt.LM_HEAD], target.lm_head_weight)
+        if fmt.EMBED in special:
+            fmt.check_shared_copy(fmt.EMBED, special[fmt.EMBED], target.embed_tokens.weight)
+        dtype = parse_dtype(dtype) or fmt.stored_dtype(files, "fc.weight")
         model = cls(config, target, device="meta", dtype=dtype)
         model.to_empty(device=device or target.device)
-        shared_shape = [target.config.vocab_size, target.config.hidden_size]
-
-        def check_shared(name, shape):
-            if name in _SHARED_TENSORS and shape != shared_shape:
-                raise ValueError(f"{name} in the drafter checkpoint has shape {shape}, the target's is {shared_shape}")
-
-        model.draft_vocab = DraftVocab.load(path, target.config.vocab_size)   # before the slots: they may index by it
-        load_slots(model.slots(), files, ignore=lambda n: n in _SHARED_TENSORS or n.endswith("rotary_emb.inv_freq"),
-                   check=check_shared)
+        model.draft_vocab = vocab   # before the slots: they may index by it
+        load_slots(model.slots(layout.standard), files, rename=fmt.tensor_name,
+                   ignore=lambda n: n in fmt.SPECIAL_TENSORS or n.endswith("rotary_emb.inv_freq"))
         return model.eval()
 
 
@@ -285,6 +336,7 @@ class DSparkDrafter(_Drafter):
 
     config_class = DSparkConfig
     architectures = DSPARK_ARCHITECTURES
+    kind = "dspark"
 
     def __init__(self, config: DSparkConfig, target: LlamaModel, *, device=None, dtype=None,
                  init_std: float = 0.02, seed: int | None = None):
@@ -477,7 +529,7 @@ class DSparkDrafter(_Drafter):
 
     # ---- checkpoints
 
-    def slots(self) -> dict[str, Slot]:
+    def slots(self, standard: bool = False) -> dict[str, Slot]:
         s = {"fc.weight": Slot(self.fc.weight), "hidden_norm.weight": Slot(self.hidden_norm.weight),
              "norm.weight": Slot(self.norm.weight)}
         if self.block_context_norm is not None:
@@ -489,7 +541,8 @@ class DSparkDrafter(_Drafter):
             for name in ("markov_w1_draft_vocab_only", "markov_w2_draft_vocab_only"):
                 if getattr(self.config, name) and vocab is None:
                     raise ValueError(f"{name} is set but the drafter has no draft vocabulary ({DRAFT_VOCAB_FILE})")
-            w1_rows = vocab.order[:len(vocab) + 1] if self.config.markov_w1_draft_vocab_only else None
+            # The standard layout stores W1 whole: other readers look any previous token up in it.
+            w1_rows = vocab.order[:len(vocab) + 1] if self.config.markov_w1_draft_vocab_only and not standard else None
             s["markov_head.markov_w1.weight"] = Slot(self.markov_w1, index=w1_rows, index_shares_last=True)
             # DeepSpec stores W2 as a Linear(r -> V) weight, [V, r].
             w2_cols = vocab.ids if self.config.markov_w2_draft_vocab_only else None
@@ -524,6 +577,7 @@ class Eagle3Drafter(_Drafter):
 
     config_class = Eagle3Config
     architectures = EAGLE3_ARCHITECTURES
+    kind = "eagle3"
 
     def __init__(self, config: Eagle3Config, target: LlamaModel, *, device=None, dtype=None,
                  init_std: float = 0.02, seed: int | None = None):
@@ -567,7 +621,7 @@ class Eagle3Drafter(_Drafter):
         """No confidence head: the engine's confidence schedulers need a DSpark drafter."""
         return None
 
-    def slots(self) -> dict[str, Slot]:
+    def slots(self, standard: bool = False) -> dict[str, Slot]:
         s = {"fc.weight": Slot(self.fc.weight), "norm.weight": Slot(self.norm.weight)}
         for i, layer in enumerate(self.layers):
             s.update(layer_slots(layer, f"layers.{i}."))
@@ -576,13 +630,13 @@ class Eagle3Drafter(_Drafter):
 
 
 def load_drafter(path, target: LlamaModel, *, dtype=None, device=None) -> DSparkDrafter | Eagle3Drafter:
-    """Load a drafter folder (ours or DeepSpec's), choosing the class from config.json's architectures."""
-    arch = (read_config(path).get("architectures") or ["?"])[0]
-    for cls in (DSparkDrafter, Eagle3Drafter):
-        if arch in cls.architectures:
-            return cls.from_pretrained(path, target, dtype=dtype, device=device)
-    raise ValueError(f"{path}: unknown drafter architecture {arch!r} (supported: "
-                     f"{', '.join(DSPARK_ARCHITECTURES + EAGLE3_ARCHITECTURES)})")
+    """Load a drafter folder (any layout of drafter_format), choosing the class from config.json's architectures."""
+    try:
+        kind, _ = fmt.drafter_kind(read_config(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    cls = DSparkDrafter if kind == "dspark" else Eagle3Drafter
+    return cls.from_pretrained(path, target, dtype=dtype, device=device)
 
 
 def build_drafter_from_target(target: LlamaModel, *, num_layers: int = 1, block_size: int = 7,

@@ -81,34 +81,39 @@ class Slot:
 
 
 def load_slots(slots: dict[str, Slot], files: list[Path], *, ignore: Callable[[str], bool] = lambda n: False,
-               check: Callable[[str, list[int]], None] | None = None) -> None:
+               check: Callable[[str, list[int]], None] | None = None,
+               rename: Callable[[str], str] = lambda n: n) -> None:
     """Stream every tensor of ``files`` into its slot; every slot must be filled exactly once.
 
-    Names not in ``slots`` are errors unless ``ignore(name)``; ``check(name,
-    shape)`` may validate the shapes of ignored tensors (e.g. a drafter's copy
-    of the target embedding) without reading them.
+    A stored name goes to slot ``rename(name)`` (another layout's names). Names
+    not in ``slots`` are errors unless ``ignore(name)``; ``check(name, shape)``
+    may validate the shapes of ignored tensors (e.g. a drafter's copy of the
+    target embedding) without reading them.
     """
     from safetensors import safe_open
 
     filled, unexpected = set(), []
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for stored in f.keys():
+                name = rename(stored)
                 slot = slots.get(name)
                 if slot is None:
                     if ignore(name):
                         if check is not None:
-                            check(name, list(f.get_slice(name).get_shape()))
+                            check(name, list(f.get_slice(stored).get_shape()))
                     else:
-                        unexpected.append(name)
+                        unexpected.append(stored)
                     continue
-                t = f.get_tensor(name)
+                if name in filled:
+                    raise ValueError(f"tensor {name!r} is stored twice (as {stored!r} in {file.name} and before)")
+                t = f.get_tensor(stored)
                 dst = slot.param if slot.rows is None else slot.param[slot.rows]
                 if slot.transpose:
                     dst = dst.t()      # a view in the stored layout: writes go through to the parameter
                 want = list(dst.shape) if slot.index is None else [slot.index.numel(), *dst.shape[1:]]
                 if list(t.shape) != want:
-                    raise ValueError(f"tensor {name!r} in {file.name} has shape {list(t.shape)}, "
+                    raise ValueError(f"tensor {stored!r} in {file.name} has shape {list(t.shape)}, "
                                      f"the model expects {want}")
                 with torch.no_grad():
                     if slot.index is None:

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from ..calibrate import calibration_report, sequential_calibration
+from ..drafter_format import EXTRAS_KEY
 from ..engine import SpeculativeEngine
 from ..models.drafter import DSparkDrafter
 
@@ -121,11 +122,13 @@ def calibrate_drafter(drafter_dir, drafter: DSparkDrafter, prompts: Sequence[Seq
         cfg = json.loads(file.read_text())
         G = cfg["block_size"]
         # Positions past the calibrated block length (a shorter engine block) keep temperature 1, offset 0.
-        cfg["confidence_temperatures"] = report["temperatures"] + [1.0] * (G - len(temps))
-        cfg.pop("confidence_offsets", None)
+        # The standard layout keeps our keys under drafter_format.EXTRAS_KEY, our earlier one flat.
+        ours = cfg.setdefault(EXTRAS_KEY, {}) if EXTRAS_KEY in cfg or "dflash_config" in cfg else cfg
+        ours["confidence_temperatures"] = report["temperatures"] + [1.0] * (G - len(temps))
+        ours.pop("confidence_offsets", None)
         if offsets:
-            cfg["confidence_offsets"] = report["offsets"] + [0.0] * (G - len(offs))
+            ours["confidence_offsets"] = report["offsets"] + [0.0] * (G - len(offs))
         file.write_text(json.dumps(cfg, indent=2))
-        drafter.config.confidence_temperatures = cfg["confidence_temperatures"]
-        drafter.config.confidence_offsets = cfg.get("confidence_offsets")
+        drafter.config.confidence_temperatures = ours["confidence_temperatures"]
+        drafter.config.confidence_offsets = ours.get("confidence_offsets")
     return report

@@ -66,6 +66,9 @@ from .features import TargetFeatures
 from .losses import DFLASH_WEIGHTS, DSPARK_KL_WEIGHTS, DSPARK_WEIGHTS, EAGLE3_WEIGHTS, drafter_losses
 
 VARIANTS = ("dspark", "dflash", "eagle3")
+# qwen3: per-head q/k RMSNorm, no attention biases (what vLLM's qwen3_dspark and llama.cpp's DFlash / DSpark
+# graph run); llama: the same without q/k norm (drafters trained before the standard format).
+LAYER_STYLES = ("qwen3", "llama")
 
 
 def default_target_layers(num_layers: int, count: int = 5) -> list[int]:
@@ -78,6 +81,7 @@ def default_target_layers(num_layers: int, count: int = 5) -> list[int]:
 class TrainConfig:
     variant: str = "dspark"
     num_layers: int = 1
+    layer_style: str = "qwen3"                     # LAYER_STYLES
     block_size: int = 7
     markov_rank: int = 64
     target_layer_ids: list[int] | None = None     # None: default_target_layers(target depth)
@@ -101,6 +105,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.layer_style not in LAYER_STYLES:
+            raise ValueError(f"layer_style must be one of {LAYER_STYLES}, got {self.layer_style!r}")
         for name in ("num_layers", "block_size", "batch_size", "anchors_per_seq", "max_steps", "log_every",
                      "save_every"):
             if int(getattr(self, name)) < 1:
@@ -123,7 +129,9 @@ def build_drafter(cfg: TrainConfig, target: LlamaModel) -> DSparkDrafter | Eagle
     """A freshly initialised drafter of ``cfg.variant`` for ``target`` (float32, the target's device)."""
     tc = target.config
     layers = cfg.target_layer_ids or default_target_layers(tc.num_hidden_layers)
-    backbone = LlamaConfig(**{**tc.__dict__, "num_hidden_layers": cfg.num_layers})
+    backbone = LlamaConfig(**{**tc.__dict__, "num_hidden_layers": cfg.num_layers, "model_type": cfg.layer_style,
+                              "qk_norm": cfg.layer_style == "qwen3", "qkv_bias": False, "o_bias": False,
+                              "mlp_bias": False})
     kwargs = dict(dtype=torch.float32, seed=cfg.seed, device=target.device)
     if cfg.variant == "eagle3":
         return Eagle3Drafter(Eagle3Config(backbone, layers, tc.num_hidden_layers, ttt_length=cfg.block_size),
@@ -531,7 +539,7 @@ class Trainer:
         if not file.is_file():
             return False
         ckpt = torch.load(file, map_location=self.target.device, weights_only=False)
-        stored = ckpt["train_config"]
+        stored = {"layer_style": "llama", **ckpt["train_config"]}   # checkpoints from before layer_style
         changed = {k: (stored.get(k), v) for k, v in asdict(self.cfg).items()
                    if k not in ("max_steps", "log_every", "save_every") and stored.get(k) != v}
         if changed:

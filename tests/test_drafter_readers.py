@@ -1,0 +1,110 @@
+"""The real readers of the standard drafter format accept what save_pretrained writes: llama.cpp's converter from
+the llama-cpp-python 0.3.36 source distribution turns a Qwen3-style drafter into GGUF, and refuses the shipped
+Llama-style one (architecture DSparkDrafter is not registered there).
+
+The sdist is fetched with pip into $DSPARK_HOME (reused when there); only the converter, its conversion
+package and its gguf-py are extracted. The converter imports sentencepiece before looking for a
+SentencePiece model, and reads the target's BPE vocabulary through transformers: those two go into a
+throwaway folder with pip, at llama.cpp's own pins, when this interpreter lacks them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dspark_ops.models import DSparkConfig, DSparkDrafter, LlamaConfig, LlamaModel
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+CONVERTER_DEPS = ["sentencepiece>=0.1.98,<0.3.0", "transformers==4.57.6"]   # requirements-convert_*.txt there
+REPO = Path(__file__).resolve().parents[1]
+HOME = Path(os.environ.get("DSPARK_HOME") or Path.home() / ".cache" / "dspark")
+
+
+def _pip(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def converter(tmp_path_factory) -> tuple[Path, dict]:
+    """(llama.cpp folder holding convert_hf_to_gguf.py, environment to run it with)."""
+    folder = HOME / "llama.cpp" / "0.3.36"
+    sdist = folder / "llama_cpp_python-0.3.36.tar.gz"
+    if not sdist.is_file():
+        got = _pip("download", "--no-deps", "--no-binary", ":all:", LLAMA_CPP_PYTHON, "-d", str(folder))
+        if got.returncode:
+            pytest.skip(f"PyPI unreachable: pip download {LLAMA_CPP_PYTHON} failed: {got.stderr[-300:]}")
+    out = tmp_path_factory.mktemp("llama.cpp")
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers()
+                   if "/vendor/llama.cpp/" in m.name and m.name.split("/vendor/llama.cpp/", 1)[1].startswith(wanted)]
+        tar.extractall(out, members=members, filter="data")
+    root = next(out.glob("*/vendor/llama.cpp"))
+    paths = [str(root / "gguf-py"), str(root)]
+    missing = [d for d, mod in zip(CONVERTER_DEPS, ("sentencepiece", "transformers"))
+               if subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True).returncode]
+    if missing:
+        deps = tmp_path_factory.mktemp("converter-deps")
+        got = _pip("install", "--quiet", "--target", str(deps), *missing)
+        if got.returncode:
+            pytest.skip(f"PyPI unreachable: pip install {missing} failed: {got.stderr[-300:]}")
+        paths.append(str(deps))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]), NO_LOCAL_GGUF="")
+    return root, env
+
+
+def smollm2_like_target(folder: Path) -> LlamaModel:
+    """A meta-device target with SmolLM2-135M's config and tokenizer files (the converter reads only those)."""
+    cfg = json.loads((REPO / "drafters" / "smollm2-135m-dspark" / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("target_layer_ids", "num_target_layers", "block_size")}
+    config = LlamaConfig.from_hf({**cfg, "num_hidden_layers": 30})
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config.to_hf()))
+    return LlamaModel(config, device="meta")
+
+
+def convert(converter, drafter_dir: Path, target_dir: Path, out: Path) -> subprocess.CompletedProcess:
+    root, env = converter
+    return subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(drafter_dir),
+                           "--target-model-dir", str(target_dir), "--outfile", str(out), "--outtype", "f32"],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_llamacpp_converts_our_qwen3_style_drafter(converter, tmp_path):
+    tokenizer = Path(HOME / "smollm2-135m" / "tokenizer.json")
+    if not tokenizer.is_file():
+        pytest.skip("the smollm2-135m tokenizer is not fetched (dspark fetch-model smollm2-135m)")
+    target_dir = tmp_path / "target"
+    target = smollm2_like_target(target_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (target_dir / name).write_bytes((tokenizer.parent / name).read_bytes())
+    backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1, "model_type": "qwen3",
+                              "qk_norm": True})
+    config = DSparkConfig(backbone, [1, 15, 29], 30, block_size=7, mask_token_id=2, markov_rank=4,
+                          enable_confidence_head=True, confidence_head_with_markov=True)
+    DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / "drafter")
+    done = convert(converter, tmp_path / "drafter", target_dir, tmp_path / "drafter.gguf")
+    assert done.returncode == 0, done.stderr[-2000:]
+    sys.path.insert(0, env_gguf := converter[1]["PYTHONPATH"].split(os.pathsep)[0])
+    try:
+        import gguf
+        reader = gguf.GGUFReader(str(tmp_path / "drafter.gguf"))
+    finally:
+        sys.path.remove(env_gguf)
+    names = {t.name for t in reader.tensors}
+    assert {"fc.weight", "blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight", "markov_w1.weight",
+            "markov_w2.weight", "conf_proj.weight"} <= names
+    fields = {k: reader.fields[k] for k in reader.fields}
+    assert int(fields["dflash.block_size"].parts[-1][0]) == 7
+    assert [int(fields["dflash.target_layers"].parts[i][0]) for i in fields["dflash.target_layers"].data] == [2, 16, 30]
+
+    # The shipped Llama-style drafter (our earlier layout) is refused: its architecture is not registered.
+    shipped = convert(converter, REPO / "drafters" / "smollm2-135m-dspark", target_dir, tmp_path / "old.gguf")
+    assert shipped.returncode != 0 and "DSparkDrafter" in shipped.stderr
