@@ -2,8 +2,8 @@
 the llama-cpp-python 0.3.36 source distribution turns a Qwen3-style drafter into GGUF, and refuses the shipped
 Llama-style one (architecture DSparkDrafter is not registered there).
 
-The sdist is fetched with pip into $DSPARK_HOME (reused when there); only the converter, its conversion
-package and its gguf-py are extracted. The converter imports sentencepiece before looking for a
+The sdist is fetched with pip into $DSPARK_HOME once and its vendored llama.cpp extracted there
+(dspark_ops.bench._llamacpp, which the peers benchmark uses too). The converter imports sentencepiece before looking for a
 SentencePiece model, and reads the target's BPE vocabulary through transformers: those two go into a
 throwaway folder with pip, at llama.cpp's own pins, when this interpreter lacks them.
 """
@@ -13,18 +13,17 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from dspark_ops.bench import _llamacpp as llamacpp
+from dspark_ops.models.fetch import dspark_home
 from dspark_ops.models import DSparkConfig, DSparkDrafter, LlamaConfig, LlamaModel
 
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 CONVERTER_DEPS = ["sentencepiece>=0.1.98,<0.3.0", "transformers==4.57.6"]   # requirements-convert_*.txt there
 REPO = Path(__file__).resolve().parents[1]
-HOME = Path(os.environ.get("DSPARK_HOME") or Path.home() / ".cache" / "dspark")
 
 
 def _pip(*args) -> subprocess.CompletedProcess:
@@ -34,19 +33,10 @@ def _pip(*args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def converter(tmp_path_factory) -> tuple[Path, dict]:
     """(llama.cpp folder holding convert_hf_to_gguf.py, environment to run it with)."""
-    folder = HOME / "llama.cpp" / "0.3.36"
-    sdist = folder / "llama_cpp_python-0.3.36.tar.gz"
-    if not sdist.is_file():
-        got = _pip("download", "--no-deps", "--no-binary", ":all:", LLAMA_CPP_PYTHON, "-d", str(folder))
-        if got.returncode:
-            pytest.skip(f"PyPI unreachable: pip download {LLAMA_CPP_PYTHON} failed: {got.stderr[-300:]}")
-    out = tmp_path_factory.mktemp("llama.cpp")
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers()
-                   if "/vendor/llama.cpp/" in m.name and m.name.split("/vendor/llama.cpp/", 1)[1].startswith(wanted)]
-        tar.extractall(out, members=members, filter="data")
-    root = next(out.glob("*/vendor/llama.cpp"))
+    try:
+        root = llamacpp.source()
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"PyPI unreachable: pip download llama-cpp-python=={llamacpp.VERSION} failed: {e.stderr[-300:]}")
     paths = [str(root / "gguf-py"), str(root)]
     missing = [d for d, mod in zip(CONVERTER_DEPS, ("sentencepiece", "transformers"))
                if subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True).returncode]
@@ -78,7 +68,7 @@ def convert(converter, drafter_dir: Path, target_dir: Path, out: Path) -> subpro
 
 
 def test_llamacpp_converts_our_qwen3_style_drafter(converter, tmp_path):
-    tokenizer = Path(HOME / "smollm2-135m" / "tokenizer.json")
+    tokenizer = dspark_home() / "smollm2-135m" / "tokenizer.json"
     if not tokenizer.is_file():
         pytest.skip("the smollm2-135m tokenizer is not fetched (dspark fetch-model smollm2-135m)")
     target_dir = tmp_path / "target"
