@@ -44,8 +44,9 @@ def qwen3_backbone(target, layers=2) -> LlamaConfig:
                           "qk_norm": True})
 
 
-def dspark_drafter(target, seed, *, rank=6, conf=True, vocab_ids=None) -> DSparkDrafter:
-    cfg = DSparkConfig(backbone=qwen3_backbone(target), target_layer_ids=[0, 2], num_target_layers=LAYERS,
+def dspark_drafter(target, seed, *, rank=6, conf=True, vocab_ids=None, qk_norm=True) -> DSparkDrafter:
+    backbone = qwen3_backbone(target) if qk_norm else LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 2})
+    cfg = DSparkConfig(backbone=backbone, target_layer_ids=[0, 2], num_target_layers=LAYERS,
                        block_size=4, mask_token_id=VOCAB - 1, markov_rank=rank, enable_confidence_head=conf,
                        confidence_head_with_markov=conf and rank > 0,
                        markov_w2_draft_vocab_only=vocab_ids is not None)
@@ -243,25 +244,27 @@ def test_what_we_write_is_the_standard_layout(tmp_path):
     assert not (tmp_path / "draft_vocab.safetensors").exists()
 
 
-def test_shipped_llama_style_drafter_loads_as_before():
-    """drafters/smollm2-135m-dspark (our earlier layout, Llama layers): the config it always had, W1 whole,
-    W2 stored for the 4096 draft ids (zero elsewhere), its draft vocabulary."""
-    from safetensors.torch import load_file
-    folder = REPO / "drafters" / "smollm2-135m-dspark"
-    cfg = json.loads((folder / "config.json").read_text())
-    target = LlamaModel(LlamaConfig.from_hf({**cfg, "num_hidden_layers": 30}), device="meta")
-    drafter = load_drafter(folder, target, device="cpu")
-    c = drafter.config
-    assert not c.backbone.qk_norm and not c.standard_layout and c.num_target_layers == 30
-    assert (c.target_layer_ids, c.block_size, c.mask_token_id, c.markov_rank) == ([1, 8, 15, 22, 29], 7, 2, 64)
-    assert c.confidence_temperatures == cfg["confidence_temperatures"] and c.markov_w2_draft_vocab_only
-    stored = load_file(str(folder / "model.safetensors"))
-    ids = load_file(str(folder / "draft_vocab.safetensors"))["ids"]
-    assert torch.equal(drafter.draft_vocab.ids, ids)
-    assert torch.equal(drafter.markov_w1, stored["markov_head.markov_w1.weight"])
-    assert torch.equal(drafter.markov_w2[:, ids], stored["markov_head.markov_w2.weight"].t())
-    assert not drafter.markov_w2.index_fill(1, ids, 0).any()
-    assert torch.equal(drafter.layers[1].self_attn.qkv_proj.weight[:576], stored["layers.1.self_attn.q_proj.weight"])
+def test_our_earlier_llama_style_layout_loads_as_before(tmp_path):
+    """Drafters written before the standard format (Llama layers, architecture DSparkDrafter, keys flat, W2 stored
+    for the draft ids only, draft_vocab.safetensors, calibration flat in config.json) keep loading and drafting."""
+    from safetensors.torch import save_file
+    seed = fresh_seed()
+    target = tiny_target(seed)
+    ref = dspark_drafter(target, seed + 1, vocab_ids=VOCAB_IDS, qk_norm=False)
+    c = ref.config
+    cfg = dict(c.backbone.to_hf(), architectures=["DSparkDrafter"], target_layer_ids=c.target_layer_ids,
+               num_target_layers=LAYERS, block_size=c.block_size, mask_token_id=c.mask_token_id,
+               markov_w2_draft_vocab_only=True, confidence_temperatures=[1.25, 0.75, 1.0, 2.0],
+               confidence_offsets=[0.1, -0.2, 0.0, 0.3], **drafter_keys(ref))
+    sd = slots_state_dict(ref.slots())
+    sd["markov_head.markov_w2.weight"] = ref.markov_w2.detach().t()[VOCAB_IDS]
+    folder = write_folder(tmp_path / "old", cfg, sd)
+    save_file({"ids": VOCAB_IDS}, str(folder / "draft_vocab.safetensors"))
+    loaded = load_drafter(folder, target)
+    assert not loaded.config.backbone.qk_norm and not loaded.config.standard_layout
+    assert loaded.config.confidence_temperatures == cfg["confidence_temperatures"]
+    assert loaded.config.confidence_offsets == cfg["confidence_offsets"]
+    assert_drafts_identically(loaded, ref, target, seed)
 
 
 # --------------------------------------------------------------------------- bad checkpoints

@@ -24,6 +24,7 @@ from dspark_ops.bench import _llamacpp as llamacpp
 from dspark_ops.bench.peers import PeerMissing, peer_python
 from dspark_ops.models.fetch import dspark_home
 from dspark_ops.models import DSparkConfig, DSparkDrafter, LlamaConfig, LlamaModel
+from dspark_ops.train import default_target_layers
 
 CONVERTER_DEPS = ["sentencepiece>=0.1.98,<0.3.0", "transformers==4.57.6"]   # requirements-convert_*.txt there
 REPO = Path(__file__).resolve().parents[1]
@@ -54,10 +55,11 @@ def converter(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def smollm2_like_target(folder: Path) -> LlamaModel:
-    """A meta-device target with SmolLM2-135M's config and tokenizer files (the converter reads only those)."""
-    cfg = json.loads((REPO / "drafters" / "smollm2-135m-dspark" / "config.json").read_text())
-    cfg = {k: v for k, v in cfg.items() if k not in ("target_layer_ids", "num_target_layers", "block_size")}
-    config = LlamaConfig.from_hf({**cfg, "num_hidden_layers": 30})
+    """A meta-device target with SmolLM2-135M-Instruct's config (the readers need no weights of it)."""
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config.to_hf()))
     return LlamaModel(config, device="meta")
@@ -70,7 +72,7 @@ def convert(converter, drafter_dir: Path, target_dir: Path, out: Path) -> subpro
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_llamacpp_converts_our_qwen3_style_drafter(converter, tmp_path):
+def test_llamacpp_converts_our_drafters(converter, tmp_path):
     tokenizer = dspark_home() / "smollm2-135m" / "tokenizer.json"
     if not tokenizer.is_file():
         pytest.skip("the smollm2-135m tokenizer is not fetched (dspark fetch-model smollm2-135m)")
@@ -80,7 +82,7 @@ def test_llamacpp_converts_our_qwen3_style_drafter(converter, tmp_path):
         (target_dir / name).write_bytes((tokenizer.parent / name).read_bytes())
     backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1, "model_type": "qwen3",
                               "qk_norm": True})
-    config = DSparkConfig(backbone, [1, 15, 29], 30, block_size=7, mask_token_id=2, markov_rank=4,
+    config = DSparkConfig(backbone, default_target_layers(30, 3), 30, block_size=7, mask_token_id=2, markov_rank=4,
                           enable_confidence_head=True, confidence_head_with_markov=True)
     DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / "drafter")
     done = convert(converter, tmp_path / "drafter", target_dir, tmp_path / "drafter.gguf")
@@ -96,11 +98,17 @@ def test_llamacpp_converts_our_qwen3_style_drafter(converter, tmp_path):
             "markov_w2.weight", "conf_proj.weight"} <= names
     fields = {k: reader.fields[k] for k in reader.fields}
     assert int(fields["dflash.block_size"].parts[-1][0]) == 7
-    assert [int(fields["dflash.target_layers"].parts[i][0]) for i in fields["dflash.target_layers"].data] == [2, 16, 30]
+    assert [int(fields["dflash.target_layers"].parts[i][0]) for i in fields["dflash.target_layers"].data] == [2, 15, 29]
 
-    # The shipped Llama-style drafter (our earlier layout) is refused: its architecture is not registered.
-    shipped = convert(converter, REPO / "drafters" / "smollm2-135m-dspark", target_dir, tmp_path / "old.gguf")
-    assert shipped.returncode != 0 and "DSparkDrafter" in shipped.stderr
+    # The shipped drafter converts too; a Llama-style one (our earlier layout) is refused: DSparkDrafter is not
+    # a registered architecture.
+    shipped = convert(converter, REPO / "drafters" / "smollm2-135m-dspark", target_dir, tmp_path / "shipped.gguf")
+    assert shipped.returncode == 0, shipped.stderr[-2000:]
+    backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1})
+    config = DSparkConfig(backbone, default_target_layers(30, 3), 30, block_size=7, mask_token_id=2, markov_rank=4)
+    DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / "llama")
+    refused = convert(converter, tmp_path / "llama", target_dir, tmp_path / "llama.gguf")
+    assert refused.returncode != 0 and "DSparkDrafter" in refused.stderr
 
 
 VLLM_SPECULATIVE_CONFIG = """
@@ -136,15 +144,45 @@ def vllm_speculative_config(python: Path, target_dir: Path, drafter_dir: Path) -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_vllm_speculative_config_accepts_our_qwen3_style_drafter(vllm_python, tmp_path):
+def test_vllm_speculative_config_accepts_our_drafters(vllm_python, tmp_path):
     target = smollm2_like_target(tmp_path / "target")
     for style, qwen3 in (("qwen3", True), ("llama", False)):
         backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1,
                                   "model_type": "qwen3" if qwen3 else "llama", "qk_norm": qwen3})
-        config = DSparkConfig(backbone, [1, 15, 29], 30, block_size=5, mask_token_id=2, markov_rank=4,
+        config = DSparkConfig(backbone, default_target_layers(30, 3), 30, block_size=5, mask_token_id=2, markov_rank=4,
                               enable_confidence_head=True, confidence_head_with_markov=True)
         DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / style)
     got = vllm_speculative_config(vllm_python, tmp_path / "target", tmp_path / "qwen3")
     assert got == {"method": "dspark", "num_speculative_tokens": 5, "architectures": ["Qwen3DSparkModel"]}, got
+    shipped = vllm_speculative_config(vllm_python, tmp_path / "target", REPO / "drafters" / "smollm2-135m-dspark")
+    assert shipped == {"method": "dspark", "num_speculative_tokens": 7, "architectures": ["Qwen3DSparkModel"]}, shipped
     refused = vllm_speculative_config(vllm_python, tmp_path / "target", tmp_path / "llama")
     assert "DSparkDrafter" in refused.get("error", ""), refused
+
+
+def test_llamacpp_serves_our_drafter_with_greedy_output_equal_to_its_target(tmp_path):
+    """llama-server (built from the same sdist) drafts with our Qwen3-style drafter (`--spec-type draft-dspark`)
+    for the real SmolLM2 target, and its greedy output equals the target's alone. Needs the llama-server that
+    `dspark bench llamacpp_dspark` builds (about 10 min on 2 cores), so it skips where that was never built."""
+    from dspark_ops.bench.llamacpp_dspark import LlamaServer
+    from dspark_ops.models import TextTokenizer, resolve_model
+
+    server = llamacpp.root() / "build-cpu-native" / "bin" / "llama-server"
+    if not server.is_file():
+        pytest.skip(f"llama-server is not built ({server}; `dspark bench llamacpp_dspark` builds it)")
+    path = resolve_model("smollm2-135m")
+    target = smollm2_like_target(tmp_path / "target")
+    backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1, "model_type": "qwen3",
+                              "qk_norm": True})
+    config = DSparkConfig(backbone, default_target_layers(30, 3), 30, block_size=7, mask_token_id=2, markov_rank=4,
+                          enable_confidence_head=True, confidence_head_with_markov=True)
+    DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / "drafter")
+    target_gguf = llamacpp.convert_hf_to_gguf(path, outtype="f32")
+    drafter_gguf = llamacpp.convert_hf_to_gguf(tmp_path / "drafter", outtype="f32", target_dir=path)
+    prompt = TextTokenizer(path).encode_chat("Explain why the sky is blue in simple terms.")
+    runs = {}
+    for name, drafter in (("alone", None), ("dspark", drafter_gguf)):
+        with LlamaServer(server, target_gguf, 2, drafter, 7, tmp_path / f"{name}.log") as s:
+            runs[name] = s.complete(prompt, 24, 0.0, seed=0)
+    assert runs["dspark"]["timings"]["draft_n"] > 0, "llama-server did not draft"
+    assert runs["dspark"]["tokens"] == runs["alone"]["tokens"] and len(runs["alone"]["tokens"]) > 0

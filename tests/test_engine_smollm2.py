@@ -65,10 +65,11 @@ def test_speculative_greedy_equals_plain(smollm2, plain_outputs, drafter_kind):
 
 
 def test_shipped_drafter_fits_the_budget_and_proposes_from_its_draft_vocabulary(smollm2):
-    """The committed drafter stays within 25 MB (bf16) and its W2 matches its draft vocabulary."""
+    """The committed drafter stays within 30 MB (bf16; the standard format adds the LM head's 4096 draft rows and
+    d2t / t2d, 5.1 MB) and its W2 matches its draft vocabulary."""
     folder = shipped_drafter("smollm2-135m")
     assert folder is not None, "drafters/smollm2-135m-dspark is committed with the repository"
-    assert (folder / "model.safetensors").stat().st_size <= 25_000_000
+    assert (folder / "model.safetensors").stat().st_size <= 30_000_000
     drafter = load_drafter(folder, smollm2[1])
     assert drafter.draft_vocab is not None
     if drafter.config.markov_w2_draft_vocab_only:

@@ -61,16 +61,16 @@ def make_engine(target, drafter, batch, **kw):
                              scheduler="sync" if confident else "fixed", **kw)
 
 
-def run_engine(target, drafter, prompts, n, batch, stop, **kw):
+def run_engine(target, drafter, prompts, n, batch, stop, temperature=0.0, **kw):
     """Tokens/s and tau of one engine over the prompts, after a warm-up on the same engine
-    (lazy initialisation, CUDA-graph capture of the batch buckets)."""
+    (lazy initialisation, CUDA-graph capture of the batch buckets); ``kw`` goes to the engine."""
     engine = make_engine(target, drafter, batch, **kw)
     engine.generate(prompts[:batch], max_new_tokens=4)
     engine.finished.clear()
     engine.stats = type(engine.stats)()
     sync()
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, max_new_tokens=n, stop_token_ids=stop)
+    outs = engine.generate(prompts, max_new_tokens=n, stop_token_ids=stop, temperature=temperature)
     sync()
     dt = time.perf_counter() - t0
     rounds = sum(r.stats.rounds for r in engine.finished.values())

@@ -72,9 +72,14 @@ LAYER_STYLES = ("qwen3", "llama")
 
 
 def default_target_layers(num_layers: int, count: int = 5) -> list[int]:
-    """``count`` layer ids spread evenly over the target's depth, the last layer included."""
-    count = min(count, num_layers)
-    return sorted({round(1 + i * (num_layers - 2) / max(count - 1, 1)) for i in range(count)})
+    """``count`` layer ids spread evenly from layer 1 to the second-to-last layer.
+
+    Not the last: llama.cpp feeds a drafter the output of target layer k as the recorded input of layer k + 1,
+    and its target graphs (Llama, Qwen3, ...) record no input past the last layer (llama-graph.cpp asserts)."""
+    last = max(num_layers - 2, 0)
+    first = min(1, last)
+    count = min(count, last - first + 1)
+    return sorted({round(first + i * (last - first) / max(count - 1, 1)) for i in range(count)})
 
 
 @dataclass
