@@ -103,17 +103,21 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos, sin [..., head_dim] for integer ``positions`` [...], computed in fp32 then cast."""
+    """cos and signed sin [..., head_dim] for integer ``positions`` [...], computed in fp32 then cast: the sin
+    of the first half negated, which is what :func:`apply_rope` multiplies its rolled input by."""
     freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    half = freqs.shape[-1]
+    sign = torch.ones(2 * half, device=emb.device)
+    sign[:half] = -1
+    return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [..., H, D] with cos/sin [..., D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [..., H, D]: x cos + [-x2, x1] sin, written as x cos + [x2, x1] [-sin1, sin2]
+    (the same products bit for bit, negation being exact) to save the negation and concatenation per call.
+    cos and signed_sin [..., D] come from :func:`rope_cos_sin`."""
+    return x * cos.unsqueeze(-2) + x.roll(x.shape[-1] // 2, -1) * signed_sin.unsqueeze(-2)
 
 
 # --------------------------------------------------------------------------- decoder layer
@@ -137,12 +141,16 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [..., Hq, D], k, v [..., Hkv, D] of the (already normed) input x [..., input_size], RoPE applied."""
-        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.qkv_proj(x)
+        v = qkv[..., self.q_size + self.kv_size:].unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.q_norm is None:     # q and k heads are adjacent in qkv: one rotation for both
+            qk = qkv[..., :self.q_size + self.kv_size].unflatten(-1, (self.num_heads + self.num_kv_heads,
+                                                                      self.head_dim))
+            q, k = apply_rope(qk, cos, sin).split((self.num_heads, self.num_kv_heads), dim=-2)
+            return q, k, v
+        q = self.q_norm(qkv[..., :self.q_size].unflatten(-1, (self.num_heads, self.head_dim)))
+        k = self.k_norm(qkv[..., self.q_size:self.q_size + self.kv_size].unflatten(-1, (self.num_kv_heads,
+                                                                                         self.head_dim)))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, backend, layer: int) -> torch.Tensor:
