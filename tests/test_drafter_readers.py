@@ -65,6 +65,17 @@ def smollm2_like_target(folder: Path) -> LlamaModel:
     return LlamaModel(config, device="meta")
 
 
+def save_drafter(target: LlamaModel, folder: Path, *, qwen3: bool = True, block_size: int = 7) -> Path:
+    """A one-layer random DSpark drafter for ``target`` (SmolLM2's shapes), written by save_pretrained: Qwen3-style
+    (the standard format) or Llama-style (our earlier layout)."""
+    backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1,
+                              "model_type": "qwen3" if qwen3 else "llama", "qk_norm": qwen3})
+    config = DSparkConfig(backbone, default_target_layers(30, 3), 30, block_size=block_size, mask_token_id=2,
+                          markov_rank=4, enable_confidence_head=True, confidence_head_with_markov=True)
+    DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(folder)
+    return folder
+
+
 def convert(converter, drafter_dir: Path, target_dir: Path, out: Path) -> subprocess.CompletedProcess:
     root, env = converter
     return subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(drafter_dir),
@@ -80,11 +91,7 @@ def test_llamacpp_converts_our_drafters(converter, tmp_path):
     target = smollm2_like_target(target_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (target_dir / name).write_bytes((tokenizer.parent / name).read_bytes())
-    backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1, "model_type": "qwen3",
-                              "qk_norm": True})
-    config = DSparkConfig(backbone, default_target_layers(30, 3), 30, block_size=7, mask_token_id=2, markov_rank=4,
-                          enable_confidence_head=True, confidence_head_with_markov=True)
-    DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / "drafter")
+    save_drafter(target, tmp_path / "drafter")
     done = convert(converter, tmp_path / "drafter", target_dir, tmp_path / "drafter.gguf")
     assert done.returncode == 0, done.stderr[-2000:]
     sys.path.insert(0, env_gguf := converter[1]["PYTHONPATH"].split(os.pathsep)[0])
@@ -104,9 +111,7 @@ def test_llamacpp_converts_our_drafters(converter, tmp_path):
     # a registered architecture.
     shipped = convert(converter, REPO / "drafters" / "smollm2-135m-dspark", target_dir, tmp_path / "shipped.gguf")
     assert shipped.returncode == 0, shipped.stderr[-2000:]
-    backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1})
-    config = DSparkConfig(backbone, default_target_layers(30, 3), 30, block_size=7, mask_token_id=2, markov_rank=4)
-    DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / "llama")
+    save_drafter(target, tmp_path / "llama", qwen3=False)
     refused = convert(converter, tmp_path / "llama", target_dir, tmp_path / "llama.gguf")
     assert refused.returncode != 0 and "DSparkDrafter" in refused.stderr
 
@@ -147,11 +152,7 @@ def vllm_speculative_config(python: Path, target_dir: Path, drafter_dir: Path) -
 def test_vllm_speculative_config_accepts_our_drafters(vllm_python, tmp_path):
     target = smollm2_like_target(tmp_path / "target")
     for style, qwen3 in (("qwen3", True), ("llama", False)):
-        backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1,
-                                  "model_type": "qwen3" if qwen3 else "llama", "qk_norm": qwen3})
-        config = DSparkConfig(backbone, default_target_layers(30, 3), 30, block_size=5, mask_token_id=2, markov_rank=4,
-                              enable_confidence_head=True, confidence_head_with_markov=True)
-        DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / style)
+        save_drafter(target, tmp_path / style, qwen3=qwen3, block_size=5)
     got = vllm_speculative_config(vllm_python, tmp_path / "target", tmp_path / "qwen3")
     assert got == {"method": "dspark", "num_speculative_tokens": 5, "architectures": ["Qwen3DSparkModel"]}, got
     shipped = vllm_speculative_config(vllm_python, tmp_path / "target", REPO / "drafters" / "smollm2-135m-dspark")
@@ -172,11 +173,7 @@ def test_llamacpp_serves_our_drafter_with_greedy_output_equal_to_its_target(tmp_
         pytest.skip(f"llama-server is not built ({server}; `dspark bench llamacpp_dspark` builds it)")
     path = resolve_model("smollm2-135m")
     target = smollm2_like_target(tmp_path / "target")
-    backbone = LlamaConfig(**{**target.config.__dict__, "num_hidden_layers": 1, "model_type": "qwen3",
-                              "qk_norm": True})
-    config = DSparkConfig(backbone, default_target_layers(30, 3), 30, block_size=7, mask_token_id=2, markov_rank=4,
-                          enable_confidence_head=True, confidence_head_with_markov=True)
-    DSparkDrafter(config, target, device="cpu", dtype=torch.bfloat16, seed=0).save_pretrained(tmp_path / "drafter")
+    save_drafter(target, tmp_path / "drafter")
     target_gguf = llamacpp.convert_hf_to_gguf(path, outtype="f32")
     drafter_gguf = llamacpp.convert_hf_to_gguf(tmp_path / "drafter", outtype="f32", target_dir=path)
     prompt = TextTokenizer(path).encode_chat("Explain why the sky is blue in simple terms.")

@@ -176,7 +176,7 @@ def run(args) -> int:
         prompts_text = args.prompt or ["Explain in three sentences why the sky is blue."]
         prompts = [tokenizer.encode(p) if args.raw else tokenizer.encode_chat(p) for p in prompts_text]
         args.prompt = prompts_text
-        stop = [t for t in {tokenizer.eos_token_id, tokenizer.tokenizer.token_to_id("<|im_end|>")} if t is not None]
+        stop = tokenizer.stop_ids
         engine = _engine_for(target, drafter, args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"dspark generate: {e}", file=sys.stderr)

@@ -175,7 +175,7 @@ def load_target(args, dtype):
     tok = TextTokenizer(path)
     target = load_target_model(path, dtype, args.device)
     prompts = [tok.encode_chat(p) for p in PROMPTS[:count]]
-    return target, prompts, [tok.eos_token_id, tok.tokenizer.token_to_id("<|im_end|>")], path
+    return target, prompts, tok.stop_ids, path
 
 
 def load_drafters(args, target):

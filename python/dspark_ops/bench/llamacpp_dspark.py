@@ -59,7 +59,7 @@ class LlamaServer:
         if drafter is not None:
             cmd += ["-md", str(drafter), "--spec-type", "draft-dspark", "--spec-draft-n-max", str(block_size),
                     "-td", str(threads), "-tbd", str(threads)]
-        self.cmd, self.log = cmd, log
+        self.cmd, self.log, self.drafts = cmd, log, drafter is not None
 
     def __enter__(self) -> "LlamaServer":
         self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
@@ -103,7 +103,7 @@ def run_llamacpp(server: LlamaServer, prompts, n, temperature):
         new += r["timings"]["predicted_n"]
         accepted += r["timings"].get("draft_n_accepted", 0)
     seconds = time.perf_counter() - t0
-    return outs, new / seconds, (llama_tau(new, accepted) if server.cmd.count("-md") else None)
+    return outs, new / seconds, (llama_tau(new, accepted) if server.drafts else None)
 
 
 def main(argv=None) -> None:
@@ -137,7 +137,7 @@ def run(args, threads: int) -> list[dict]:
         sys.exit("no drafter: pass --drafter (this install ships none)")
     tok = TextTokenizer(path)
     prompts = [tok.encode_chat(p) for p in PROMPTS[:args.prompts]]
-    stop = [t for t in (tok.eos_token_id, tok.tokenizer.token_to_id("<|im_end|>")) if t is not None]
+    stop = tok.stop_ids
     n = args.max_new_tokens
     target = load_target(path, torch.float32, "cpu")
     drafter = load_drafter(drafter_dir, target, dtype=torch.float32)

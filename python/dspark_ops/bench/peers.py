@@ -130,7 +130,7 @@ def run(args, threads: int) -> None:
     path = resolve_model("smollm2-135m")
     tok = TextTokenizer(path)
     prompts = [tok.encode_chat(p) for p in PROMPTS]
-    stop = [t for t in (tok.eos_token_id, tok.tokenizer.token_to_id("<|im_end|>")) if t is not None]
+    stop = tok.stop_ids
     n = args.max_new_tokens
     print(f"SmolLM2-135M-Instruct, {len(prompts)} chat and code prompts, {n} new tokens, greedy, {threads} threads")
     rows = []   # dicts: system, weights, batch, tok_s, outputs (or None), tau, note

@@ -27,6 +27,12 @@ class TextTokenizer:
         return None if token is None else self.tokenizer.token_to_id(token)
 
     @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a chat turn: EOS and ``<|im_end|>`` where the vocabulary has them, each once."""
+        ids = (self.eos_token_id, self.tokenizer.token_to_id("<|im_end|>"))
+        return list(dict.fromkeys(t for t in ids if t is not None))
+
+    @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
