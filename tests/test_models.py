@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dspark_ops
+import dspark_ops.reference
 import model_reference as ref
 from dspark_ops.models import (DenseKVCache, DSparkConfig, DSparkDrafter, Eagle3Config, Eagle3Drafter, LlamaConfig,
                                LlamaModel, PagedAttention, build_drafter_from_target, load_drafter)
@@ -200,19 +201,29 @@ def test_transformers_parity_qwen2(tmp_path, seed):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_norm_and_rotary_are_bit_identical_to_their_textbook_form(threads, seed):
-    """RMSNorm and the rolled, sign-folded rotary equal the explicit Hugging Face formulas bit for bit, at 1 and
-    2 threads, so greedy outputs stay those of transformers."""
+def test_norm_and_rotary_match_their_textbook_form(threads, seed):
+    """RMSNorm: the differentiable form equals the explicit Hugging Face formula bit for bit, and the fused op
+    used without autograd (sum of squares in double) stays within 4 ulp of it, at 1 and 2 threads. The rolled,
+    sign-folded rotary equals the rotate-half formula bit for bit."""
     from dspark_ops.machine import at_threads
     from dspark_ops.models.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
     gen = torch.Generator().manual_seed(seed)
-    with at_threads(threads), torch.no_grad():
+    with at_threads(threads):
         for shape in [(1, 576), (3, 5, 64), (37, 96)]:
             x = torch.randn(shape, generator=gen) * 3
             norm = RMSNorm(shape[-1], 1e-5)
-            norm.weight.copy_(1 + 0.2 * torch.randn(shape[-1], generator=gen))
+            with torch.no_grad():
+                norm.weight.copy_(1 + 0.2 * torch.randn(shape[-1], generator=gen))
             textbook = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
-            assert torch.equal(norm(x), textbook), shape
+            assert torch.equal(norm(x), textbook), shape                      # autograd on: the eager form
+            with torch.no_grad():
+                fused = norm(x)
+                assert torch.equal(fused, dspark_ops.reference.rms_norm(x, norm.weight, 1e-5)), shape
+                torch.testing.assert_close(fused, textbook, rtol=4 * 2.0 ** -23, atol=0)
+                total = x + 0.5
+                normed, summed = norm.add_forward(x, torch.full_like(x, 0.5))
+                assert torch.equal(summed, total) and torch.equal(normed, norm(total)), shape
+    with at_threads(threads), torch.no_grad():
         positions = torch.randint(0, 4096, (4, 7), generator=gen)
         inv_freq = rope_inv_freq(64, 10000.0, None)
         cos, signed_sin = rope_cos_sin(positions, inv_freq, torch.float32)

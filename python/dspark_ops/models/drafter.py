@@ -562,8 +562,8 @@ class Eagle3Layer(DecoderLayer):
 
     def forward(self, emb, h, cos, sin, backend, layer: int) -> torch.Tensor:
         x = torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
-        h = h + self.self_attn(x, cos, sin, backend, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        normed, h = self.post_attention_layernorm.add_forward(self.self_attn(x, cos, sin, backend, layer), h)
+        return h + self.mlp(normed)
 
 
 class Eagle3Drafter(_Drafter):
