@@ -204,7 +204,7 @@ def test_transformers_parity_qwen2(tmp_path, seed):
 def test_norm_and_rotary_match_their_textbook_form(threads, seed):
     """RMSNorm: the differentiable form equals the explicit Hugging Face formula bit for bit, and the fused op
     used without autograd (sum of squares in double) stays within 4 ulp of it, at 1 and 2 threads. The rolled,
-    sign-folded rotary equals the rotate-half formula bit for bit."""
+    sign-folded rotary equals the rotate-half formula bit for bit, as the one-op kernel and in the eager form."""
     from dspark_ops.machine import at_threads
     from dspark_ops.models.layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
     gen = torch.Generator().manual_seed(seed)
@@ -233,7 +233,9 @@ def test_norm_and_rotary_match_their_textbook_form(threads, seed):
         x = torch.randn(4, 7, 12, 64, generator=gen)
         rotated = torch.cat((-x[..., 32:], x[..., :32]), -1)
         textbook = x * emb.cos().unsqueeze(-2) + rotated * emb.sin().unsqueeze(-2)
-        assert torch.equal(apply_rope(x, cos, signed_sin), textbook)
+        assert torch.equal(apply_rope(x, cos, signed_sin), textbook)               # the one-op kernel
+    with at_threads(threads):
+        assert torch.equal(apply_rope(x.requires_grad_(), cos, signed_sin), textbook)  # the eager form
 
 
 # --------------------------------------------------------------------------- bad input

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..norm import rms_norm
+from ..rotary import rotary
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -61,12 +62,19 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
+def one_op_on_cpu(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether a one-op kernel (rms_norm, rotary) replaces an eager form: on CPU, where the eager form's
+    dispatches cost more than its arithmetic at decode sizes, and with no autograd through the tensors (the
+    kernels are not differentiable; training keeps the eager form). On CUDA the engine's graphs already remove
+    the per-op launch cost."""
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
+
+
 class RMSNorm(nn.Module):
     """Llama/Qwen RMSNorm: normalise in fp32, cast back, then scale (Hugging Face's rounding order).
 
-    On CPU without autograd it runs as one op (``dspark_ops.rms_norm``, sum of squares in double: within about an
-    ulp of the mean of this eager form), saving the ten-odd dispatches the eager form costs per call; on CUDA the
-    engine's graphs already remove per-op launch costs, and training needs the differentiable eager form.
+    Where :func:`one_op_on_cpu` allows, it runs as one op (``dspark_ops.rms_norm``, sum of squares in double:
+    within a few ulp of this eager form) instead of the eager form's ten-odd.
     """
 
     def __init__(self, dim: int, eps: float, *, device=None, dtype=None):
@@ -74,12 +82,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def _fused(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad
-                                                                             or self.weight.requires_grad))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused(x):
+        if one_op_on_cpu(x, self.weight):
             return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -87,7 +91,7 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add fused into the norm where :meth:`forward` is."""
-        if self._fused(x):
+        if one_op_on_cpu(x, self.weight):
             return rms_norm(x, self.weight, self.eps, residual)
         total = x + residual
         return self(total), total
@@ -136,7 +140,10 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on x [..., H, D]: x cos + [-x2, x1] sin, written as x cos + [x2, x1] [-sin1, sin2]
     (the same products bit for bit, negation being exact) to save the negation and concatenation per call.
-    cos and signed_sin [..., D] come from :func:`rope_cos_sin`."""
+    cos and signed_sin [..., D] come from :func:`rope_cos_sin`. One op (``dspark_ops.rotary``, the same bits)
+    where :func:`one_op_on_cpu` allows."""
+    if one_op_on_cpu(x, cos, signed_sin):
+        return rotary(x, cos, signed_sin)
     return x * cos.unsqueeze(-2) + x.roll(x.shape[-1] // 2, -1) * signed_sin.unsqueeze(-2)
 
 
