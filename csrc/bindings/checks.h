@@ -1,8 +1,10 @@
-// Argument checks that every op binding uses: each failure names the argument.
+// Helpers of the op bindings: argument checks (each failure names the argument)
+// and the parallel grain of the CPU row-wise ops.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <initializer_list>
 
 #include "dspark/common.h"
@@ -27,6 +29,12 @@ inline FloatCode float_code(const at::Tensor& t, const char* name) {
     case at::kHalf: return FloatCode::f16;
     default: TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
   }
+}
+
+// Items of `elems_per_item` elements each thread takes at least: below about 32K elements a parallel region
+// costs more than it saves, so a decode step's few rows run inline on the calling thread.
+inline int64_t row_op_grain(int64_t elems_per_item) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, elems_per_item));
 }
 
 }  // namespace dspark

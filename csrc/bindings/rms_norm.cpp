@@ -8,7 +8,6 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -25,9 +24,6 @@ DSPARK_DECLARE_ISA_FN(void, rms_norm_rows,
 
 namespace dspark {
 namespace {
-
-// Elements below which a parallel region costs more than it saves (a decode step's few rows run inline).
-constexpr int64_t kParallelGrainElems = 1 << 15;
 
 void check_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                 const at::Tensor& weight, double eps) {
@@ -66,8 +62,7 @@ void run(const char* op, const at::Tensor& x_in, const std::optional<at::Tensor>
   }
   if (x.is_cpu()) {
     const auto rows = DSPARK_ISA_DISPATCH(rms_norm_rows);
-    const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / P.dim);
-    at::parallel_for(0, P.rows, grain, [&](int64_t begin, int64_t end) { rows(P, begin, end); });
+    at::parallel_for(0, P.rows, row_op_grain(P.dim), [&](int64_t begin, int64_t end) { rows(P, begin, end); });
     return;
   }
 #if defined(DSPARK_WITH_CUDA)

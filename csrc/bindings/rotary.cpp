@@ -8,7 +8,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <vector>
 
 #include "checks.h"
@@ -23,8 +22,6 @@ DSPARK_DECLARE_ISA_FN(void, rotary_tokens,
 
 namespace dspark {
 namespace {
-
-constexpr int64_t kParallelGrainElems = 1 << 15;
 
 // x [..., H, D] against cos / signed_sin [..., D] with x's leading dimensions.
 void check_args(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -63,8 +60,7 @@ at::Tensor rotary_impl(const at::Tensor& x_in, const at::Tensor& cos_in, const a
   P.out = out.data_ptr();
   if (x.is_cpu()) {
     const auto tokens = DSPARK_ISA_DISPATCH(rotary_tokens);
-    const int64_t grain = std::max<int64_t>(1, kParallelGrainElems / std::max<int64_t>(1, H * D));
-    at::parallel_for(0, P.tokens, grain, [&](int64_t begin, int64_t end) { tokens(P, begin, end); });
+    at::parallel_for(0, P.tokens, row_op_grain(H * D), [&](int64_t begin, int64_t end) { tokens(P, begin, end); });
     return out;
   }
 #if defined(DSPARK_WITH_CUDA)
