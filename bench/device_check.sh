@@ -260,6 +260,7 @@ if (( BUILT )); then
   pytest_step test_scheduler 45 10 60 tests/ops/test_scheduler.py
   pytest_step test_attention 120 15 60 tests/ops/test_attention.py
   pytest_step test_linear 45 10 60 tests/ops/test_linear.py
+  pytest_step test_norm_rotary 30 10 60 tests/ops/test_norm.py tests/ops/test_rotary.py
   pytest_step test_models 60 10 60 tests/test_models.py
   pytest_step test_engine 180 30 120 tests/test_engine.py
   pytest_step test_train 90 20 90 tests/test_train.py
@@ -276,6 +277,8 @@ if (( BUILT )); then
   sanitizer_step memcheck_markov 90 30 tests/ops/test_markov_sample.py
   sanitizer_step memcheck_kv_cache 90 30 tests/ops/test_kv_cache.py
   sanitizer_step memcheck_scheduler 60 20 tests/ops/test_scheduler.py
+  sanitizer_step memcheck_norm 45 15 tests/ops/test_norm.py
+  sanitizer_step memcheck_rotary 45 15 tests/ops/test_rotary.py
 fi
 
 # ---- verdict ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "device_check.sh"
 PYTEST_STEPS = ["test_verify", "test_markov", "test_kv_cache", "test_scheduler", "test_attention", "test_linear",
-                "test_models", "test_engine", "test_train"]
+                "test_norm_rotary", "test_models", "test_engine", "test_train"]
 BENCH_STEPS = ["bench_verify", "bench_attention", "bench_drafter", "bench_e2e"]
 
 
